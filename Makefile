@@ -1,0 +1,32 @@
+# clipmask: `make demo` runs the main job, `make test` runs every test. Each target does its
+# own set-up (Python env with torch==2.11.0 for libtorch, build) first.
+SHELL := /bin/bash
+VENV := $(CURDIR)/.venv
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+export CLIPMASK_PYTHON := $(VENV)/bin/python
+BIN := target/release/clipmask
+
+.PHONY: all venv build test demo bench clean
+
+all: build
+
+venv:
+	@bash scripts/setup-venv.sh
+
+build: venv
+	cargo build --release
+
+test: venv
+	cargo build --release
+	cargo test --release -- --test-threads=1
+
+demo: build
+	bash scripts/demo.sh
+
+bench: build
+	bash scripts/bench.sh
+
+clean:
+	cargo clean

@@ -1,0 +1,83 @@
+//! Class-aware attention affinity, CAA (method.md §5): an affinity from the last blocks'
+//! attention, restricted per label to boxes around its GradCAM map, propagates each map.
+use crate::cam::min_max;
+use tch::{Kind, Tensor};
+
+/// How many final blocks' attention the affinity averages.
+pub const AFFINITY_BLOCKS: usize = 8;
+
+/// R = S @ S with S the symmetrised Sinkhorn-normalised mean attention of the given blocks,
+/// class token removed. `attentions`: (n+1, n+1) maps, the last `AFFINITY_BLOCKS` are used.
+pub fn affinity(attentions: &[Tensor]) -> Tensor {
+    let start = attentions.len().saturating_sub(AFFINITY_BLOCKS);
+    let used: Vec<Tensor> = attentions[start..].iter().map(|a| a.to_kind(Kind::Float)).collect();
+    let w = Tensor::stack(&used, 0).mean_dim(0, false, Kind::Float);
+    let n = w.size()[0];
+    let mut t = w.narrow(0, 1, n - 1).narrow(1, 1, n - 1);
+    // Three rounds: columns then rows (the reference's one + two).
+    for _ in 0..3 {
+        t = &t / t.sum_dim_intlist(0, true, Kind::Float);
+        t = &t / t.sum_dim_intlist(1, true, Kind::Float);
+    }
+    let s = (&t + t.transpose(0, 1)) / 2.0;
+    s.matmul(&s)
+}
+
+/// Box mask over the gh x gw grid for one normalised map (method.md §5): threshold
+/// uint8(255 M) > floor(thr * max), bounding box of every 8-connected region with the
+/// reference's right/bottom edge clipping, union.
+pub fn box_mask(map: &[f32], gh: usize, gw: usize, threshold: f64) -> Vec<f32> {
+    let u8map: Vec<u8> = map.iter().map(|&v| (v * 255.0) as u8).collect();
+    let max = u8map.iter().copied().max().unwrap_or(0);
+    let thr = (threshold * max as f64) as u8;
+    let fg: Vec<bool> = u8map.iter().map(|&v| v > thr).collect();
+    let mut mask = vec![0f32; gh * gw];
+    let mut seen = vec![false; gh * gw];
+    let mut stack = Vec::new();
+    for start in 0..gh * gw {
+        if !fg[start] || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        stack.push(start);
+        let (mut x0, mut x1, mut y0, mut y1) = (usize::MAX, 0, usize::MAX, 0);
+        while let Some(p) = stack.pop() {
+            let (y, x) = (p / gw, p % gw);
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+            for dy in -1i64..=1 {
+                for dx in -1i64..=1 {
+                    let (ny, nx) = (y as i64 + dy, x as i64 + dx);
+                    if ny < 0 || nx < 0 || ny >= gh as i64 || nx >= gw as i64 {
+                        continue;
+                    }
+                    let q = ny as usize * gw + nx as usize;
+                    if fg[q] && !seen[q] {
+                        seen[q] = true;
+                        stack.push(q);
+                    }
+                }
+            }
+        }
+        // cv2.boundingRect gives width = x1 - x0 + 1; the reference clips the exclusive end
+        // to w - 1 / h - 1, dropping the last column/row at the right/bottom edge.
+        let xe = (x1 + 1).min(gw - 1);
+        let ye = (y1 + 1).min(gh - 1);
+        for y in y0..ye {
+            mask[y * gw + x0..y * gw + xe.max(x0)].iter_mut().for_each(|m| *m = 1.0);
+        }
+    }
+    mask
+}
+
+/// Refined maps (K, gh, gw), min-max normalised: column-masked R applied to each map, which
+/// equals R @ (B_c ⊙ vec(M_c)).
+pub fn refine(r: &Tensor, maps: &Tensor, masks: &Tensor) -> Tensor {
+    let size = maps.size();
+    let k = size[0];
+    let m = maps.to_kind(Kind::Float).reshape([k, -1]) * masks.to_kind(Kind::Float).to_device(maps.device());
+    let refined = m.matmul(&r.transpose(0, 1));
+    min_max(&refined.reshape(size))
+}

@@ -1,0 +1,67 @@
+//! `clipmask classify`: CLIP's standard zero-shot protocol (bicubic resize of the shorter side
+//! to the model's resolution, centre crop, class-token feature, softmax over the config's
+//! classes with the model's logit scale).
+use super::ModelArgs;
+use crate::image_input::{load_rgb, to_tensor, zero_shot_crop};
+use crate::model::Clip;
+use crate::prompts::TextFeatures;
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+use tch::Kind;
+
+#[derive(clap::Args, Debug)]
+pub struct ClassifyArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// How many classes to show per image in the table.
+    #[arg(long, short = 'k', default_value_t = 5)]
+    pub top: usize,
+    /// One JSON object per line: {"image": "<path>", "probs": {"<class>": p, ...}}.
+    #[arg(long)]
+    pub json: bool,
+    /// Images to classify.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+/// Zero-shot probabilities over the config's classes, in config order.
+pub fn zero_shot(model: &Clip, text: &TextFeatures, path: &Path) -> Result<Vec<f32>> {
+    let img = load_rgb(path)?;
+    let res = model.config.input_resolution() as u32;
+    let x = to_tensor(&zero_shot_crop(&img, res)).to_device(model.device);
+    let f = model.visual.encode_standard(&x).to_kind(Kind::Float);
+    let f = &f / f.norm_scalaropt_dim(2, [-1], true);
+    let logits = f.matmul(&text.classes.to_kind(Kind::Float).transpose(0, 1)) * model.logit_scale;
+    let probs = logits.softmax(-1, Kind::Float).get(0).to_device(tch::Device::Cpu);
+    Ok(Vec::<f32>::try_from(probs)?)
+}
+
+pub fn run(args: &ClassifyArgs) -> Result<i32> {
+    let (model, cfg) = args.model.load()?;
+    let text = crate::prompts::text_features(&model, &cfg)?;
+    let names = cfg.class_names();
+    let mut failed = 0;
+    for path in &args.images {
+        let probs = match zero_shot(&model, &text, path) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {}", super::format_error(&e));
+                failed += 1;
+                continue;
+            }
+        };
+        if args.json {
+            let map: serde_json::Map<String, serde_json::Value> =
+                names.iter().zip(&probs).map(|(n, p)| (n.to_string(), serde_json::json!(p))).collect();
+            println!("{}", serde_json::json!({"image": path.display().to_string(), "probs": map}));
+        } else {
+            let mut order: Vec<usize> = (0..probs.len()).collect();
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+            println!("{}", path.display());
+            for &i in order.iter().take(args.top) {
+                println!("  {:>7.3}%  {}", probs[i] * 100.0, names[i]);
+            }
+        }
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}

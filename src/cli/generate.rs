@@ -1,0 +1,164 @@
+//! `clipmask generate`: the main job. Image-level labels in, pixel pseudo-masks out.
+use super::ModelArgs;
+use crate::datasets::{read_labels_file, read_split, read_voc_annotations, shard, work_list};
+use crate::pipeline::{generate, GenerateOptions, MapOptions};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(clap::Args, Debug)]
+#[command(after_long_help = "OUTPUTS
+  OUT/masks/<id>.png     8-bit palette PNG (config palette): 0 = background, class id = index in
+                         the config + 1, 255 = ignore. Read with numpy.array(PIL.Image.open(p)).
+  OUT/cams/<id>.npz      with --save-cams; numpy.load(p) gives `keys` (int64, 0-based class
+                         indices of the image's labels, in label order), `cams` (float32, K x H x W,
+                         CAA-refined maps at original resolution) and `raw_cams` (float32,
+                         K x H x W, GradCAM maps resized the same way).
+  OUT/overlays/<id>.jpg  with --overlays: the photo blended with its mask colours.
+  OUT/failures.jsonl     one {\"id\", \"path\", \"reason\"} per image that failed (bad file,
+                         unknown class, no labels); absent when nothing failed.
+
+Every file is written under a temporary name and renamed, so an interrupted run leaves no partial
+file; rerunning the same command skips images whose outputs exist (use --overwrite to redo).
+Exit status: 0 when every image succeeded, 1 when some failed (0 with --allow-failures),
+130 when interrupted, 2 on a fatal error before processing (bad model, config or paths).")]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Directory of images, looked up as <id>.jpg (or .jpeg/.png/...).
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Image-level labels: JSON {"<id>": ["<class>", ...]} or text lines "<id><TAB><class>,<class>".
+    #[arg(long, conflicts_with = "annotations")]
+    pub labels: Option<PathBuf>,
+    /// Image-level labels from VOC XML annotations (<id>.xml, object names).
+    #[arg(long)]
+    pub annotations: Option<PathBuf>,
+    /// Ids to process, one per line (default: every id that has labels, sorted).
+    #[arg(long)]
+    pub split: Option<PathBuf>,
+    /// Process only shard I of N (0-based, "I/N"): every N-th id starting at I, so N processes
+    /// cover the list exactly once without coordination.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+    /// Also write OUT/cams/<id>.npz with the refined and raw maps.
+    #[arg(long)]
+    pub save_cams: bool,
+    /// Also write OUT/overlays/<id>.jpg (photo blended with the mask) for viewing.
+    #[arg(long)]
+    pub overlays: bool,
+    /// Background score exponent: bg = (1 - max_c M_c)^alpha (method §6).
+    #[arg(long, default_value_t = 1.0)]
+    pub alpha: f32,
+    /// CAA box threshold as a fraction of each map's maximum (default: the config's, 0.4 VOC, 0.7 COCO).
+    #[arg(long)]
+    pub box_threshold: Option<f64>,
+    /// Longer side of the model input is capped at this many pixels (aspect kept); maps are
+    /// upsampled back to the original size.
+    #[arg(long, default_value_t = 2048)]
+    pub max_side: u32,
+    /// Keep the interpolated positional table in full precision instead of rounding it to fp16
+    /// as the reference does (moves maps by ~1e-3).
+    #[arg(long)]
+    pub exact_positions: bool,
+    /// Recompute images whose outputs already exist.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Exit 0 even when some images failed (they are still listed in failures.jsonl).
+    #[arg(long)]
+    pub allow_failures: bool,
+    /// Write the run summary (counts, seconds, per-stage seconds, peak memory) as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+}
+
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let (i, n) = s.split_once('/').with_context(|| format!("--shard {s:?}: expected I/N, e.g. 0/4"))?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().with_context(|| format!("--shard {s:?}: I is not a number"))?,
+        n.trim().parse().with_context(|| format!("--shard {s:?}: N is not a number"))?,
+    );
+    if n == 0 || i >= n {
+        bail!("--shard {s:?}: need 0 <= I < N");
+    }
+    Ok((i, n))
+}
+
+pub fn run(args: &GenerateArgs) -> Result<i32> {
+    // Everything that can fail for the whole run is checked before the model loads.
+    if !args.images.is_dir() {
+        bail!("--images {}: not a directory", args.images.display());
+    }
+    let labels: BTreeMap<String, Result<Vec<String>, String>> = match (&args.labels, &args.annotations) {
+        (Some(f), _) => read_labels_file(f)?.into_iter().map(|(k, v)| (k, Ok(v))).collect(),
+        (None, Some(d)) => read_voc_annotations(d)?,
+        (None, None) => bail!("give image-level labels with --labels FILE or --annotations DIR"),
+    };
+    let split = args.split.as_deref().map(read_split).transpose()?;
+    let shard_spec = args.shard.as_deref().map(parse_shard).transpose()?;
+    std::fs::create_dir_all(args.out.join("masks"))
+        .with_context(|| format!("cannot create output directory {}", args.out.display()))?;
+
+    let (model, cfg) = args.model.load()?;
+    let mut items = work_list(&cfg, &args.images, &labels, split.as_deref());
+    if let Some((i, n)) = shard_spec {
+        items = shard(items, i, n);
+    }
+    let mut text = crate::prompts::text_features(&model, &cfg)?;
+    let mut model = model;
+    model.text = None; // the text tower is not needed any more
+    text.classes = text.classes.to_device(model.device);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: finishing the image in flight (Ctrl-C again to quit now)");
+        });
+    }
+    let opts = GenerateOptions {
+        out: args.out.clone(),
+        maps: MapOptions {
+            box_threshold: args.box_threshold.unwrap_or(cfg.box_threshold),
+            max_side: Some(args.max_side),
+            round_pos_fp16: !args.exact_positions,
+        },
+        alpha: args.alpha,
+        save_cams: args.save_cams,
+        overlays: args.overlays,
+        overwrite: args.overwrite,
+    };
+    let s = generate(&model, &text, &cfg, items, &opts, stop)?;
+    eprintln!(
+        "{} images: {} done, {} skipped (already complete), {} failed{} in {:.1} s ({:.2} images/s)",
+        s.total,
+        s.done,
+        s.skipped,
+        s.failed,
+        if s.interrupted { ", interrupted" } else { "" },
+        s.seconds,
+        s.done as f64 / s.seconds.max(1e-9)
+    );
+    if let Some(p) = &args.summary_json {
+        let json = serde_json::to_string_pretty(&s)?;
+        crate::outputs::write_atomic(p, |w| Ok(std::io::Write::write_all(w, json.as_bytes())?))?;
+    }
+    if s.failed > 0 {
+        eprintln!("failures are listed in {}", args.out.join("failures.jsonl").display());
+    }
+    Ok(if s.interrupted {
+        130
+    } else if s.failed > 0 && !args.allow_failures {
+        1
+    } else {
+        0
+    })
+}

@@ -1,0 +1,168 @@
+//! Dataset configuration (`configs/*.json`): class names, the words the text encoder reads for
+//! each class, background words, prompt templates, the CAA box threshold and the palette.
+//! Everything a user may want to change for their own data lives here, not in code.
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// How several names for one class become one text embedding (method.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fusion {
+    /// The prompt string already holds the synonyms ("person with clothes,people,human"):
+    /// one sentence per template. CLIP-ES's default.
+    #[default]
+    Sentence,
+    /// Each alternative is encoded on its own and the embeddings are averaged.
+    Feature,
+}
+
+/// The text a class is encoded from: one string, or a list of alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PromptName {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl PromptName {
+    /// The alternatives, in order (a single string is one alternative).
+    pub fn alternatives(&self) -> Vec<&str> {
+        match self {
+            PromptName::One(s) => vec![s.as_str()],
+            PromptName::Many(v) => v.iter().map(|s| s.as_str()).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassEntry {
+    /// Name as it appears in label files and annotations.
+    pub name: String,
+    /// What the text encoder reads for it; defaults to `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<PromptName>,
+}
+
+impl ClassEntry {
+    pub fn prompt(&self) -> PromptName {
+        self.prompt.clone().unwrap_or_else(|| PromptName::One(self.name.clone()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    pub name: String,
+    /// Foreground classes; class id in label maps = index + 1 (0 is background).
+    pub classes: Vec<ClassEntry>,
+    /// Words that compete with the labels in the softmax (method.md §3–4).
+    pub background_words: Vec<String>,
+    /// Templates with one `{}` each; embeddings are averaged over templates.
+    pub templates: Vec<String>,
+    #[serde(default)]
+    pub fusion: Fusion,
+    /// CAA box threshold as a fraction of the map maximum (method.md §5): 0.4 VOC, 0.7 COCO.
+    pub box_threshold: f64,
+    /// RGB colours for label ids 0..; ids past the end get black, 255 gets white.
+    #[serde(default)]
+    pub palette: Vec<[u8; 3]>,
+}
+
+impl DatasetConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let cfg: DatasetConfig = serde_json::from_str(&text)
+            .with_context(|| format!("invalid config {}", path.display()))?;
+        cfg.validate().with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Resolves `voc12` / `coco14` to the shipped configs, anything else is a path.
+    pub fn resolve(spec: &str) -> Result<Self> {
+        let p = PathBuf::from(spec);
+        if p.exists() || spec.contains('/') || spec.ends_with(".json") {
+            return Self::load(&p);
+        }
+        let shipped = shipped_config_dir().join(format!("{spec}.json"));
+        if shipped.exists() {
+            return Self::load(&shipped);
+        }
+        bail!("config '{spec}' is neither a file nor a shipped config (voc12, coco14)")
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.classes.is_empty() {
+            bail!("`classes` is empty");
+        }
+        if self.classes.len() > 254 {
+            bail!("{} classes: label PNGs hold at most 254 (ids 1..254; 255 is ignore)", self.classes.len());
+        }
+        if self.background_words.is_empty() {
+            bail!("`background_words` is empty");
+        }
+        if self.templates.is_empty() {
+            bail!("`templates` is empty");
+        }
+        for t in &self.templates {
+            if t.matches("{}").count() != 1 {
+                bail!("template {t:?} must contain exactly one `{{}}`");
+            }
+        }
+        let mut seen = HashSet::new();
+        for c in &self.classes {
+            if c.name.trim().is_empty() {
+                bail!("a class has an empty name");
+            }
+            if !seen.insert(c.name.as_str()) {
+                bail!("duplicate class name {:?}", c.name);
+            }
+            let alts = c.prompt();
+            if alts.alternatives().is_empty() || alts.alternatives().iter().any(|a| a.trim().is_empty()) {
+                bail!("class {:?} has an empty prompt name", c.name);
+            }
+        }
+        let mut seen = HashSet::new();
+        for w in &self.background_words {
+            if !seen.insert(w.as_str()) {
+                bail!("duplicate background word {w:?}");
+            }
+        }
+        if !(0.0..1.0).contains(&self.box_threshold) {
+            bail!("`box_threshold` must be in [0, 1), got {}", self.box_threshold);
+        }
+        Ok(())
+    }
+
+    pub fn class_names(&self) -> Vec<&str> {
+        self.classes.iter().map(|c| c.name.as_str()).collect()
+    }
+
+    /// 0-based index of a class name.
+    pub fn class_index(&self, name: &str) -> Option<usize> {
+        self.classes.iter().position(|c| c.name == name)
+    }
+
+    /// 768-byte PNG palette: config colours, then black; 255 is white (ignore).
+    pub fn png_palette(&self) -> Vec<u8> {
+        let mut pal = vec![0u8; 256 * 3];
+        for (i, c) in self.palette.iter().take(256).enumerate() {
+            pal[i * 3..i * 3 + 3].copy_from_slice(c);
+        }
+        if self.palette.len() < 256 {
+            pal[255 * 3..].copy_from_slice(&[255, 255, 255]);
+        }
+        pal
+    }
+}
+
+/// `configs/` of the installed crate: next to the binary's source tree, or CLIPMASK_CONFIGS.
+pub fn shipped_config_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("CLIPMASK_CONFIGS") {
+        return PathBuf::from(dir);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs")
+}

@@ -1,0 +1,183 @@
+//! Image input (method.md §1): decoding to RGB, Pillow-exact bicubic resizing, CLIP
+//! normalisation, and the two input geometries (CLIP-ES's patch-multiple resize and CLIP's
+//! zero-shot resize + centre crop).
+use anyhow::{bail, Context, Result};
+use image::RgbImage;
+use std::path::Path;
+use tch::Tensor;
+
+pub const MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+/// Decodes any supported image (grayscale, 16-bit, alpha, palette, CMYK JPEG) to 8-bit RGB in
+/// stored pixel orientation (EXIF rotation is not applied: VOC and COCO masks are stored
+/// unrotated).
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    if meta.len() == 0 {
+        bail!("image {} is empty (0 bytes)", path.display());
+    }
+    let reader = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    let mut reader = reader;
+    reader.no_limits();
+    let img = reader.decode().with_context(|| format!("cannot decode image {}", path.display()))?;
+    Ok(img.to_rgb8())
+}
+
+// Pillow's fixed-point resampling (libImaging/Resample.c): coefficients in double, rounded to
+// 22-bit fixed point, one horizontal then one vertical pass, each clipped to u8. Reproducing it
+// exactly keeps the model input bit-identical to the reference's PIL-based preprocessing.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic(x: f64) -> f64 {
+    let a = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+/// Per output index: first input index and fixed-point weights.
+fn coefficients(in_size: usize, out_size: usize) -> (Vec<usize>, Vec<Vec<i32>>) {
+    let support_unit = 2.0;
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = support_unit * filterscale;
+    let mut starts = Vec::with_capacity(out_size);
+    let mut weights = Vec::with_capacity(out_size);
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let n = xmax.saturating_sub(xmin);
+        let mut k: Vec<f64> = (0..n).map(|x| bicubic((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
+        let ww: f64 = k.iter().sum();
+        if ww != 0.0 {
+            for v in &mut k {
+                *v /= ww;
+            }
+        }
+        let fixed = k
+            .iter()
+            .map(|&v| {
+                let s = v * (1u32 << PRECISION_BITS) as f64;
+                if v < 0.0 { (-0.5 + s) as i32 } else { (0.5 + s) as i32 }
+            })
+            .collect();
+        starts.push(xmin);
+        weights.push(fixed);
+    }
+    (starts, weights)
+}
+
+#[inline]
+fn clip8(v: i64) -> u8 {
+    let v = v >> PRECISION_BITS;
+    v.clamp(0, 255) as u8
+}
+
+/// Bicubic resize identical to Pillow's `Image.resize((w, h), BICUBIC)` for RGB images.
+pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (iw, ih) = (img.width() as usize, img.height() as usize);
+    let (ow, oh) = (width as usize, height as usize);
+    let src = img.as_raw();
+    let round = 1i64 << (PRECISION_BITS - 1);
+    // Horizontal pass (skipped when the width does not change, as Pillow does).
+    let horiz: Vec<u8> = if ow != iw {
+        let (starts, weights) = coefficients(iw, ow);
+        let mut out = vec![0u8; ow * ih * 3];
+        for y in 0..ih {
+            let row = &src[y * iw * 3..(y + 1) * iw * 3];
+            let orow = &mut out[y * ow * 3..(y + 1) * ow * 3];
+            for x in 0..ow {
+                let (s, k) = (starts[x], &weights[x]);
+                let mut acc = [round; 3];
+                for (i, &w) in k.iter().enumerate() {
+                    let p = &row[(s + i) * 3..(s + i) * 3 + 3];
+                    for c in 0..3 {
+                        acc[c] += p[c] as i64 * w as i64;
+                    }
+                }
+                for c in 0..3 {
+                    orow[x * 3 + c] = clip8(acc[c]);
+                }
+            }
+        }
+        out
+    } else {
+        src.to_vec()
+    };
+    // Vertical pass.
+    let data = if oh != ih {
+        let (starts, weights) = coefficients(ih, oh);
+        let mut out = vec![0u8; ow * oh * 3];
+        let stride = ow * 3;
+        for y in 0..oh {
+            let (s, k) = (starts[y], &weights[y]);
+            let orow = &mut out[y * stride..(y + 1) * stride];
+            for (x, o) in orow.iter_mut().enumerate() {
+                let mut acc = round;
+                for (i, &w) in k.iter().enumerate() {
+                    acc += horiz[(s + i) * stride + x] as i64 * w as i64;
+                }
+                *o = clip8(acc);
+            }
+        }
+        out
+    } else {
+        horiz
+    };
+    RgbImage::from_raw(width, height, data).expect("buffer size matches")
+}
+
+/// (1, 3, H, W) float tensor: /255 then CLIP mean/std, in f32 as torchvision does.
+pub fn to_tensor(img: &RgbImage) -> Tensor {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut planar = vec![0f32; 3 * w * h];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            planar[c * w * h + i] = (p.0[c] as f32 / 255.0 - MEAN[c]) / STD[c];
+        }
+    }
+    Tensor::from_slice(&planar).reshape([1, 3, h as i64, w as i64])
+}
+
+/// Model input size for CLIP-ES (method.md §1): each side rounded up to a multiple of the
+/// patch. `max_side` first caps the longer side (aspect ratio kept) for very large images.
+pub fn clipes_size(width: u32, height: u32, patch: u32, max_side: Option<u32>) -> (u32, u32) {
+    let (mut w, mut h) = (width as f64, height as f64);
+    if let Some(m) = max_side {
+        let long = w.max(h);
+        if long > m as f64 {
+            let s = m as f64 / long;
+            w = (w * s).round().max(1.0);
+            h = (h * s).round().max(1.0);
+        }
+    }
+    let up = |v: f64| ((v / patch as f64).ceil() as u32).max(1) * patch;
+    (up(w), up(h))
+}
+
+/// CLIP's zero-shot preprocessing: bicubic resize of the shorter side to `res` (torchvision's
+/// rounding), then a centre crop of res x res.
+pub fn zero_shot_crop(img: &RgbImage, res: u32) -> RgbImage {
+    let (w, h) = (img.width(), img.height());
+    let (nw, nh) = if w <= h {
+        (res, (res as f64 * h as f64 / w as f64) as u32)
+    } else {
+        ((res as f64 * w as f64 / h as f64) as u32, res)
+    };
+    let resized = if (nw, nh) == (w, h) { img.clone() } else { resize_bicubic(img, nw, nh) };
+    // torchvision: int(round((size - crop) / 2)), Python's round half to even.
+    let top = ((nh - res) as f64 / 2.0).round_ties_even() as u32;
+    let left = ((nw - res) as f64 / 2.0).round_ties_even() as u32;
+    image::imageops::crop_imm(&resized, left, top, res, res).to_image()
+}

@@ -1,0 +1,23 @@
+//! clipmask: pixel pseudo-masks from image-level labels with a frozen CLIP ViT (CLIP-ES).
+//!
+//! Data flow (see [`pipeline::generate`]): [`model`] loads CLIP, [`prompts`] turns the
+//! [`config`] into text features, [`image_input`] prepares each image, [`vit`] runs the vision
+//! tower, [`cam`] computes softmax-GradCAM, [`affinity`] refines with attention, [`crf`]
+//! optionally sharpens, [`outputs`] writes masks and maps. [`eval`] scores label maps.
+pub mod affinity;
+pub mod cam;
+pub mod cli;
+pub mod config;
+pub mod crf;
+pub mod datasets;
+pub mod device;
+pub mod download;
+pub mod eval;
+pub mod image_input;
+pub mod model;
+pub mod outputs;
+pub mod pipeline;
+pub mod prompts;
+pub mod text;
+pub mod transformer;
+pub mod vit;

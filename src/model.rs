@@ -1,0 +1,200 @@
+//! Loading CLIP ViT checkpoints: OpenAI's TorchScript archives as released and safetensors
+//! files with the same parameter names. The architecture is read off tensor shapes.
+use crate::download;
+use crate::text::TextTransformer;
+use crate::vit::VisionTransformer;
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Parameters by OpenAI name, already on the target device and in the target precision.
+pub struct Weights {
+    tensors: HashMap<String, Tensor>,
+    kind: Kind,
+    device: Device,
+    source: PathBuf,
+}
+
+impl Weights {
+    /// Reads every tensor of a checkpoint onto the CPU, keeping its stored precision.
+    pub fn read(path: &Path) -> Result<HashMap<String, Tensor>> {
+        let meta = std::fs::metadata(path).with_context(|| format!("cannot read model {}", path.display()))?;
+        if meta.len() == 0 {
+            bail!("model {} is empty (0 bytes): expected a CLIP ViT checkpoint", path.display());
+        }
+        let is_safetensors = path.extension().is_some_and(|e| e == "safetensors") || {
+            // safetensors starts with an 8-byte little-endian header length then '{'.
+            let mut head = [0u8; 9];
+            use std::io::Read;
+            std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && head[8] == b'{'
+        };
+        let list = if is_safetensors {
+            Tensor::read_safetensors(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "model {} is not a readable safetensors file ({}): expected a CLIP ViT checkpoint",
+                    path.display(),
+                    first_line(&e.to_string())
+                )
+            })?
+        } else {
+            let module = tch::CModule::load_on_device(path, Device::Cpu).map_err(|e| {
+                anyhow::anyhow!(
+                    "model {} is not a readable TorchScript archive ({}): expected an OpenAI CLIP ViT \
+                     checkpoint (.pt) or a .safetensors file",
+                    path.display(),
+                    first_line(&e.to_string())
+                )
+            })?;
+            module.named_parameters().map_err(|e| {
+                anyhow::anyhow!("cannot list parameters of {}: {}", path.display(), first_line(&e.to_string()))
+            })?
+        };
+        Ok(list.into_iter().collect())
+    }
+
+    pub fn new(tensors: HashMap<String, Tensor>, kind: Kind, device: Device, source: &Path) -> Self {
+        Self { tensors, kind, device, source: source.to_path_buf() }
+    }
+
+    fn raw(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).with_context(|| {
+            format!("{}: missing parameter `{name}` (not a CLIP ViT checkpoint?)", self.source.display())
+        })
+    }
+
+    /// A parameter in the model's precision on the model's device.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        self.get_kind(name, self.kind)
+    }
+
+    pub fn get_kind(&self, name: &str, kind: Kind) -> Result<Tensor> {
+        Ok(self.raw(name)?.to_device(self.device).to_kind(kind).detach())
+    }
+
+    pub fn shape(&self, name: &str) -> Result<Vec<i64>> {
+        Ok(self.raw(name)?.size())
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    fn count_blocks(&self, prefix: &str) -> i64 {
+        let mut n = 0;
+        while self.tensors.contains_key(&format!("{prefix}.{n}.attn.in_proj_weight")) {
+            n += 1;
+        }
+        n
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_string()
+}
+
+/// Architecture of a CLIP ViT, inferred from parameter shapes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ClipConfig {
+    pub vision_width: i64,
+    pub vision_layers: i64,
+    pub vision_heads: i64,
+    pub patch: i64,
+    /// Side of the pretrained positional grid (14 for ViT-B/16 at 224 px).
+    pub grid: i64,
+    pub embed_dim: i64,
+    pub text_width: i64,
+    pub text_layers: i64,
+    pub text_heads: i64,
+    pub context_length: i64,
+    pub vocab_size: i64,
+}
+
+impl ClipConfig {
+    pub fn input_resolution(&self) -> i64 {
+        self.patch * self.grid
+    }
+
+    pub fn infer(w: &Weights) -> Result<Self> {
+        let src = w.source.display().to_string();
+        if w.tensors.contains_key("visual.layer1.0.conv1.weight") || w.tensors.contains_key("visual.attnpool.positional_embedding") {
+            bail!("{src} is a ResNet CLIP; clipmask needs a ViT CLIP (ViT-B/16, ViT-B/32, ViT-L/14, ...)");
+        }
+        if !w.tensors.contains_key("visual.conv1.weight") || !w.tensors.contains_key("visual.proj") {
+            bail!(
+                "{src} is not a CLIP ViT checkpoint: expected OpenAI parameter names such as \
+                 visual.conv1.weight, visual.proj and visual.transformer.resblocks.N.*"
+            );
+        }
+        let conv = w.shape("visual.conv1.weight")?;
+        if conv.len() != 4 || conv[1] != 3 || conv[2] != conv[3] {
+            bail!("{src}: visual.conv1.weight has shape {conv:?}, expected [width, 3, patch, patch]");
+        }
+        let (vision_width, patch) = (conv[0], conv[2]);
+        let pos = w.shape("visual.positional_embedding")?;
+        let grid = ((pos[0] - 1) as f64).sqrt().round() as i64;
+        if grid * grid + 1 != pos[0] {
+            bail!("{src}: visual.positional_embedding has {} rows, expected G*G+1", pos[0]);
+        }
+        let proj = w.shape("visual.proj")?;
+        let tok = w.shape("token_embedding.weight")?;
+        let tpos = w.shape("positional_embedding")?;
+        let vision_layers = w.count_blocks("visual.transformer.resblocks");
+        let text_layers = w.count_blocks("transformer.resblocks");
+        if vision_layers == 0 || text_layers == 0 {
+            bail!("{src}: no transformer blocks found (visual.transformer.resblocks.N / transformer.resblocks.N)");
+        }
+        let text_width = tok[1];
+        Ok(Self {
+            vision_width,
+            vision_layers,
+            vision_heads: (vision_width / 64).max(1),
+            patch,
+            grid,
+            embed_dim: proj[1],
+            text_width,
+            text_layers,
+            text_heads: (text_width / 64).max(1),
+            context_length: tpos[0],
+            vocab_size: tok[0],
+        })
+    }
+}
+
+/// A loaded CLIP: the vision tower, the text tower (dropped once text features are cached,
+/// to save memory) and the logit scale.
+pub struct Clip {
+    pub config: ClipConfig,
+    pub visual: VisionTransformer,
+    pub text: Option<TextTransformer>,
+    /// exp(logit_scale): 100 for OpenAI weights.
+    pub logit_scale: f64,
+    pub device: Device,
+    pub kind: Kind,
+    /// SHA-256 of the checkpoint file, hex; keys the text-feature cache.
+    pub digest: String,
+    pub path: PathBuf,
+}
+
+impl Clip {
+    /// `spec` is a path or a released name such as `ViT-B/16` (see [`download::resolve`]).
+    pub fn load(spec: &str, device: Device, kind: Kind) -> Result<Self> {
+        let path = download::resolve(spec)?;
+        Self::load_path(&path, device, kind)
+    }
+
+    pub fn load_path(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let digest = download::sha256_file(path)?;
+        let tensors = Weights::read(path)?;
+        let w = Weights::new(tensors, kind, device, path);
+        let config = ClipConfig::infer(&w)?;
+        let visual = VisionTransformer::new(&w, &config).with_context(|| format!("loading {}", path.display()))?;
+        let text = TextTransformer::new(&w, &config).with_context(|| format!("loading {}", path.display()))?;
+        let logit_scale = w.get_kind("logit_scale", Kind::Double)?.exp().double_value(&[]);
+        Ok(Self { config, visual, text: Some(text), logit_scale, device, kind, digest, path: path.to_path_buf() })
+    }
+}

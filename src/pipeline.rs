@@ -1,0 +1,373 @@
+//! The main job, top to bottom: image -> model input -> vision trunk -> softmax-GradCAM ->
+//! CAA -> maps at original size -> labels -> files. [`compute_maps`] is one image;
+//! [`generate`] runs a dataset with decoding and writing overlapped with the model.
+use crate::affinity::{affinity, box_mask, refine};
+use crate::cam::grad_cam;
+use crate::config::DatasetConfig;
+use crate::datasets::Item;
+use crate::image_input::{clipes_size, load_rgb, resize_bicubic, to_tensor};
+use crate::model::Clip;
+use crate::outputs::{output_path, write_label_png, write_overlay, CamArchive};
+use crate::prompts::TextFeatures;
+use anyhow::{Context, Result};
+use image::RgbImage;
+use ndarray::Array3;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use tch::{Kind, Tensor};
+
+/// Settings of the map computation that change numbers.
+#[derive(Debug, Clone)]
+pub struct MapOptions {
+    /// CAA box threshold (method.md §5).
+    pub box_threshold: f64,
+    /// Cap on the longer side of the model input; maps are upsampled back to the original.
+    pub max_side: Option<u32>,
+    /// Round the interpolated positional table to fp16 as the reference does (method.md §1).
+    pub round_pos_fp16: bool,
+}
+
+/// Maps of one image at its original resolution.
+pub struct ImageMaps {
+    /// 0-based class indices, label order.
+    pub keys: Vec<usize>,
+    /// GradCAM maps (K, H, W), resized from the grid.
+    pub raw: Array3<f32>,
+    /// CAA-refined maps (K, H, W).
+    pub refined: Array3<f32>,
+    /// Softmax over labels + background words (diagnostics).
+    pub probs: Vec<f32>,
+    /// Seconds spent in each model-side stage for this image.
+    pub times: StageTimes,
+}
+
+/// Where the time goes, in seconds (summed over images for a run). On CUDA the stages are
+/// asynchronous, so only their sum is meaningful there.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct StageTimes {
+    pub decode: f64,
+    pub forward: f64,
+    pub backward: f64,
+    pub caa: f64,
+    pub write: f64,
+}
+
+impl StageTimes {
+    fn add(&mut self, o: &StageTimes) {
+        self.decode += o.decode;
+        self.forward += o.forward;
+        self.backward += o.backward;
+        self.caa += o.caa;
+        self.write += o.write;
+    }
+}
+
+/// The model-side input of an image: the resized, normalised tensor and its grid.
+pub struct Prepared {
+    pub input: Tensor,
+    pub gh: i64,
+    pub gw: i64,
+    pub width: i64,
+    pub height: i64,
+}
+
+/// method.md §1: resize to patch multiples (Pillow bicubic), normalise.
+pub fn prepare(img: &RgbImage, patch: i64, max_side: Option<u32>) -> Prepared {
+    let (w, h) = (img.width(), img.height());
+    let (iw, ih) = clipes_size(w, h, patch as u32, max_side);
+    let input = if (iw, ih) == (w, h) { to_tensor(img) } else { to_tensor(&resize_bicubic(img, iw, ih)) };
+    Prepared { input, gh: ih as i64 / patch, gw: iw as i64 / patch, width: w as i64, height: h as i64 }
+}
+
+/// method.md §2, §4, §5 for one prepared image.
+pub fn compute_maps(model: &Clip, text: &TextFeatures, p: &Prepared, labels: &[usize], opts: &MapOptions) -> Result<ImageMaps> {
+    let vit = &model.visual;
+    let device = model.device;
+    let k = labels.len();
+    let mut times = StageTimes::default();
+    let t0 = Instant::now();
+    let pos = vit.positional(p.gh, p.gw, opts.round_pos_fp16).to_device(device);
+    let x = {
+        let _g = tch::no_grad_guard();
+        vit.embed(&p.input.to_device(device), &pos)
+    };
+    let trunk = vit.trunk(x, vit.layers() - 1);
+    let idx: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+    let idx = Tensor::from_slice(&idx).to_device(text.classes.device());
+    let candidates = Tensor::cat(&[text.classes.index_select(0, &idx), text.background.shallow_clone()], 0).to_device(device);
+    times.forward = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let cam = grad_cam(model, &trunk.tokens, &candidates, k, p.gh, p.gw);
+    times.backward = t1.elapsed().as_secs_f64();
+    let t2 = Instant::now();
+
+    let _g = tch::no_grad_guard();
+    let mut attentions: Vec<Tensor> = trunk.attentions.iter().map(|a| a.get(0)).collect();
+    attentions.push(cam.last_attention.shallow_clone());
+    let r = affinity(&attentions);
+
+    let (gh, gw) = (p.gh as usize, p.gw as usize);
+    let raw_cpu: Vec<f32> = Vec::<f32>::try_from(cam.maps.to_device(tch::Device::Cpu).reshape([-1]))?;
+    let mut masks = Vec::with_capacity(k * gh * gw);
+    for c in 0..k {
+        masks.extend(box_mask(&raw_cpu[c * gh * gw..(c + 1) * gh * gw], gh, gw, opts.box_threshold));
+    }
+    let masks = Tensor::from_slice(&masks).reshape([k as i64, (gh * gw) as i64]);
+    let refined = refine(&r, &cam.maps, &masks);
+
+    let raw = upsample(&cam.maps, p.height, p.width)?;
+    let refined = upsample(&refined, p.height, p.width)?;
+    let probs = Vec::<f32>::try_from(cam.probs.to_device(tch::Device::Cpu))?;
+    times.caa = t2.elapsed().as_secs_f64();
+    Ok(ImageMaps { keys: labels.to_vec(), raw, refined, probs, times })
+}
+
+/// Bilinear resize with half-pixel centres (cv2.resize INTER_LINEAR), (K,h,w) -> (K,H,W).
+fn upsample(maps: &Tensor, height: i64, width: i64) -> Result<Array3<f32>> {
+    let k = maps.size()[0];
+    let up = maps.to_kind(Kind::Float).unsqueeze(0).upsample_bilinear2d([height, width], false, None, None);
+    let v = Vec::<f32>::try_from(up.to_device(tch::Device::Cpu).reshape([-1]))?;
+    Ok(Array3::from_shape_vec((k as usize, height as usize, width as usize), v)?)
+}
+
+/// Options of a `generate` run.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub out: PathBuf,
+    pub maps: MapOptions,
+    /// Background exponent for labels without CRF (method.md §6).
+    pub alpha: f32,
+    pub save_cams: bool,
+    pub overlays: bool,
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Summary {
+    pub total: usize,
+    pub done: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    pub interrupted: bool,
+    pub seconds: f64,
+    /// Stage times summed over images (stages overlap, so they can exceed `seconds`).
+    pub stages: StageTimes,
+    /// Peak resident memory of the process, MiB (Linux).
+    pub peak_rss_mib: Option<f64>,
+}
+
+#[derive(serde::Serialize)]
+struct Failure<'a> {
+    id: &'a str,
+    path: String,
+    reason: String,
+}
+
+/// What the decode stage hands to the model stage.
+struct Decoded {
+    item: Item,
+    image: Result<(RgbImage, Prepared), String>,
+    seconds: f64,
+}
+
+fn is_complete(item: &Item, opts: &GenerateOptions) -> bool {
+    output_path(&opts.out, "masks", &item.id, "png").exists()
+        && (!opts.save_cams || output_path(&opts.out, "cams", &item.id, "npz").exists())
+        && (!opts.overlays || output_path(&opts.out, "overlays", &item.id, "jpg").exists())
+}
+
+/// Runs the whole dataset: decode (parallel, ahead of the model) -> maps (model thread) ->
+/// labels and files (writer thread). A bad image is recorded in `OUT/failures.jsonl` and
+/// skipped; `stop` (Ctrl-C) ends the run after the image in flight.
+pub fn generate(
+    model: &Clip,
+    text: &TextFeatures,
+    cfg: &DatasetConfig,
+    items: Vec<Item>,
+    opts: &GenerateOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<Summary> {
+    std::fs::create_dir_all(opts.out.join("masks"))
+        .with_context(|| format!("cannot create output directory {}", opts.out.display()))?;
+    let start = Instant::now();
+    let total = items.len();
+    let (todo, done_before): (Vec<Item>, Vec<Item>) =
+        items.into_iter().partition(|it| opts.overwrite || !is_complete(it, opts));
+    let mut summary = Summary { total, skipped: done_before.len(), ..Default::default() };
+    let mut failures: Vec<(Item, String)> = Vec::new();
+
+    let bar = progress_bar(todo.len() as u64);
+    let patch = model.visual.patch;
+    let max_side = opts.maps.max_side;
+
+    // Stage 1: decode + resize ahead of the model, a few images at a time, on rayon.
+    let (dec_tx, dec_rx) = mpsc::sync_channel::<Decoded>(8);
+    let stop_dec = stop.clone();
+    let decoder = std::thread::spawn(move || {
+        use rayon::prelude::*;
+        for chunk in todo.chunks(4) {
+            if stop_dec.load(Ordering::SeqCst) {
+                break;
+            }
+            let decoded: Vec<Decoded> = chunk
+                .par_iter()
+                .map(|item| {
+                    let t = Instant::now();
+                    let image = match &item.labels {
+                        Err(e) => Err(e.clone()),
+                        Ok(_) => load_rgb(&item.path)
+                            .map(|img| {
+                                let p = prepare(&img, patch, max_side);
+                                (img, p)
+                            })
+                            .map_err(|e| format!("{e:#}")),
+                    };
+                    Decoded { item: item.clone(), image, seconds: t.elapsed().as_secs_f64() }
+                })
+                .collect();
+            for d in decoded {
+                if dec_tx.send(d).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+
+    // Stage 3: labels and files, off the model thread.
+    let (out_tx, out_rx) = mpsc::sync_channel::<(Item, RgbImage, ImageMaps)>(4);
+    let (res_tx, res_rx) = mpsc::channel::<(Item, Result<f64, String>)>();
+    let wopts = opts.clone();
+    let palette = cfg.png_palette();
+    let writer = std::thread::spawn(move || {
+        for (item, img, maps) in out_rx {
+            let t = Instant::now();
+            let r = write_outputs(&item, &img, &maps, &wopts, &palette)
+                .map(|_| t.elapsed().as_secs_f64())
+                .map_err(|e| format!("{e:#}"));
+            if res_tx.send((item, r)).is_err() {
+                return;
+            }
+        }
+    });
+
+    let mut last_line = Instant::now();
+    let handle_result = |summary: &mut Summary, failures: &mut Vec<(Item, String)>, item: Item, r: Result<f64, String>| {
+        match r {
+            Ok(write_s) => {
+                summary.done += 1;
+                summary.stages.write += write_s;
+            }
+            Err(e) => {
+                summary.failed += 1;
+                failures.push((item, e));
+            }
+        }
+    };
+
+    // Stage 2: the model, on this thread.
+    for d in dec_rx.iter() {
+        if stop.load(Ordering::SeqCst) {
+            summary.interrupted = true;
+            break;
+        }
+        let Decoded { item, image, seconds } = d;
+        summary.stages.decode += seconds;
+        let computed = image.and_then(|(img, prepared)| {
+            let labels = item.labels.clone()?;
+            compute_maps(model, text, &prepared, &labels, &opts.maps)
+                .map(|m| (img, m))
+                .map_err(|e| format!("{e:#}"))
+        });
+        match computed {
+            Ok((img, maps)) => {
+                summary.stages.add(&maps.times);
+                if out_tx.send((item, img, maps)).is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                bar.inc(1);
+                handle_result(&mut summary, &mut failures, item, Err(e));
+            }
+        }
+        while let Ok((item, r)) = res_rx.try_recv() {
+            bar.inc(1);
+            handle_result(&mut summary, &mut failures, item, r);
+        }
+        if bar.is_hidden() && last_line.elapsed() > Duration::from_secs(10) {
+            eprintln!("{} / {} images, {:.2} images/s", bar.position(), bar.length().unwrap_or(0), bar.position() as f64 / start.elapsed().as_secs_f64());
+            last_line = Instant::now();
+        }
+    }
+    if stop.load(Ordering::SeqCst) {
+        summary.interrupted = true;
+    }
+    drop(dec_rx);
+    drop(out_tx);
+    let _ = decoder.join();
+    let _ = writer.join();
+    for (item, r) in res_rx.try_iter() {
+        bar.inc(1);
+        handle_result(&mut summary, &mut failures, item, r);
+    }
+    bar.finish_and_clear();
+    write_failures(opts, &failures)?;
+    summary.seconds = start.elapsed().as_secs_f64();
+    summary.peak_rss_mib = peak_rss_mib();
+    Ok(summary)
+}
+
+fn write_outputs(item: &Item, img: &RgbImage, maps: &ImageMaps, opts: &GenerateOptions, palette: &[u8]) -> Result<()> {
+    let keys: Vec<i64> = maps.keys.iter().map(|&k| k as i64).collect();
+    let labels = crate::eval::labels_from_cams(&maps.refined, &keys, opts.alpha);
+    let (w, h) = (img.width(), img.height());
+    // Maps and overlays first, the mask last: the mask's presence marks the image complete.
+    if opts.save_cams {
+        let archive = CamArchive { keys: keys.clone(), cams: maps.refined.clone(), raw_cams: maps.raw.clone() };
+        archive.write(&output_path(&opts.out, "cams", &item.id, "npz"))?;
+    }
+    if opts.overlays {
+        write_overlay(&output_path(&opts.out, "overlays", &item.id, "jpg"), img, &labels, palette, 0.55)?;
+    }
+    write_label_png(&output_path(&opts.out, "masks", &item.id, "png"), &labels, w, h, palette)
+}
+
+fn write_failures(opts: &GenerateOptions, failures: &[(Item, String)]) -> Result<()> {
+    let path = opts.out.join("failures.jsonl");
+    if failures.is_empty() {
+        let _ = std::fs::remove_file(&path);
+        return Ok(());
+    }
+    crate::outputs::write_atomic(&path, |w| {
+        use std::io::Write;
+        for (item, reason) in failures {
+            let f = Failure { id: &item.id, path: item.path.display().to_string(), reason: reason.clone() };
+            writeln!(w, "{}", serde_json::to_string(&f)?)?;
+        }
+        Ok(())
+    })
+}
+
+pub fn progress_bar(len: u64) -> indicatif::ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(len)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// VmHWM from /proc/self/status.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

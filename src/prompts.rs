@@ -1,0 +1,161 @@
+//! Prompts and text features (method.md §3): template x class sentences, CLIP's BPE
+//! tokenisation, encoding, per-template normalisation and averaging, and a disk cache keyed by
+//! model digest and prompt text.
+use crate::config::{DatasetConfig, Fusion};
+use crate::model::Clip;
+use anyhow::{bail, Context, Result};
+use instant_clip_tokenizer::{Token, Tokenizer};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use tch::{Kind, Tensor};
+
+fn tokenizer() -> &'static Tokenizer {
+    static T: OnceLock<Tokenizer> = OnceLock::new();
+    T.get_or_init(Tokenizer::new)
+}
+
+/// Token ids for one text: SOT, BPE tokens, EOT, zero padding to `context` (OpenAI's
+/// `clip.tokenize`). Whitespace is collapsed and text lowercased as OpenAI's cleaner does.
+pub fn tokenize(text: &str, context: usize) -> Result<Vec<i64>> {
+    let t = tokenizer();
+    let clean = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut toks: Vec<Token> = vec![t.start_of_text()];
+    t.encode(&clean, &mut toks);
+    toks.push(t.end_of_text());
+    if toks.len() > context {
+        bail!("prompt {text:?} is {} tokens long, more than the context length {context}", toks.len());
+    }
+    let mut ids: Vec<i64> = toks.iter().map(|t| t.to_u16() as i64).collect();
+    ids.resize(context, 0);
+    Ok(ids)
+}
+
+/// The sentences encoded for one name: one per (alternative, template). With sentence fusion the
+/// name is one alternative holding all synonyms.
+pub fn sentences_for(alternatives: &[&str], templates: &[String]) -> Vec<String> {
+    alternatives.iter().flat_map(|a| templates.iter().map(move |t| t.replacen("{}", a, 1))).collect()
+}
+
+/// The sentences of every class for the given templates, with the config's fusion mode.
+pub fn class_sentences(cfg: &DatasetConfig, templates: &[String]) -> Vec<(String, Vec<String>)> {
+    cfg.classes
+        .iter()
+        .map(|c| {
+            let prompt = c.prompt();
+            let alts = match cfg.fusion {
+                Fusion::Sentence => vec![prompt.alternatives().join(",")],
+                Fusion::Feature => prompt.alternatives().iter().map(|s| s.to_string()).collect(),
+            };
+            let alts: Vec<&str> = alts.iter().map(|s| s.as_str()).collect();
+            (c.name.clone(), sentences_for(&alts, templates))
+        })
+        .collect()
+}
+
+/// Everything the text encoder reads for a config: (label, sentences) for every class, then
+/// for every background word.
+pub fn all_sentences(cfg: &DatasetConfig) -> (Vec<(String, Vec<String>)>, Vec<(String, Vec<String>)>) {
+    let classes = class_sentences(cfg, &cfg.templates);
+    let bg = cfg
+        .background_words
+        .iter()
+        .map(|w| (w.clone(), sentences_for(&[w.as_str()], &cfg.templates)))
+        .collect();
+    (classes, bg)
+}
+
+/// Text features for the classes (C, E) and the background words (M, E), L2-normalised.
+pub struct TextFeatures {
+    pub classes: Tensor,
+    pub background: Tensor,
+}
+
+fn l2norm(x: &Tensor) -> Tensor {
+    x / x.norm_scalaropt_dim(2, [-1], true)
+}
+
+/// Encodes groups of sentences: each group's embeddings are normalised, averaged, normalised
+/// again (method.md §3). Returns (groups, E) in fp32 on the CPU.
+pub fn encode_groups(model: &Clip, groups: &[Vec<String>]) -> Result<Tensor> {
+    let text = model.text.as_ref().context("the text tower was already dropped")?;
+    let ctx = text.context_length as usize;
+    let mut out = Vec::with_capacity(groups.len());
+    for group in groups {
+        let ids: Vec<i64> = group.iter().map(|s| tokenize(s, ctx)).collect::<Result<Vec<_>>>()?.concat();
+        let tokens = Tensor::from_slice(&ids).reshape([group.len() as i64, ctx as i64]);
+        let feats = l2norm(&text.encode(&tokens).to_kind(Kind::Float));
+        out.push(l2norm(&feats.mean_dim(0, false, Kind::Float)).to_device(tch::Device::Cpu));
+    }
+    Ok(Tensor::stack(&out, 0))
+}
+
+/// Text features of a config, from the cache when present.
+pub fn text_features(model: &Clip, cfg: &DatasetConfig) -> Result<TextFeatures> {
+    let (classes, bg) = all_sentences(cfg);
+    let key = cache_key(model, &classes, &bg);
+    let path = crate::download::cache_dir().join("text").join(format!("{key}.safetensors"));
+    if let Ok(list) = Tensor::read_safetensors(&path) {
+        let get = |n: &str| list.iter().find(|(k, _)| k == n).map(|(_, t)| t.shallow_clone());
+        if let (Some(c), Some(b)) = (get("classes"), get("background")) {
+            return Ok(TextFeatures { classes: c.to_device(model.device), background: b.to_device(model.device) });
+        }
+    }
+    let c = encode_groups(model, &classes.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>())?;
+    let b = encode_groups(model, &bg.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>())?;
+    // Best effort: a read-only cache only costs recomputation.
+    let _ = write_cache(&path, &c, &b);
+    Ok(TextFeatures { classes: c.to_device(model.device), background: b.to_device(model.device) })
+}
+
+fn write_cache(path: &std::path::Path, c: &Tensor, b: &Tensor) -> Result<()> {
+    let dir = path.parent().context("cache path has no parent")?;
+    std::fs::create_dir_all(dir)?;
+    let tmp: PathBuf = dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    Tensor::write_safetensors(&[("classes", c), ("background", b)], &tmp)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn cache_key(model: &Clip, classes: &[(String, Vec<String>)], bg: &[(String, Vec<String>)]) -> String {
+    let mut h = Sha256::new();
+    h.update(model.digest.as_bytes());
+    h.update(format!("{:?}", model.kind).as_bytes());
+    for (_, s) in classes.iter().chain([("--background--".to_string(), vec![])].iter()).chain(bg.iter()) {
+        for t in s {
+            h.update(t.as_bytes());
+            h.update([0u8]);
+        }
+        h.update([1u8]);
+    }
+    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sharpness of one template (method.md §7): over images with at least two ground-truth
+/// classes, the zero-shot softmax scores (over all dataset classes) of the image's own classes
+/// have dispersion variance / mean (population variance); the template's sharpness is the mean
+/// of that over those images. Lower is better. Returns (sharpness, images used).
+pub fn sharpness(scores: &[Vec<f32>], classes: &[Vec<usize>]) -> (f64, usize) {
+    let mut total = 0.0;
+    let mut n = 0;
+    for (s, gt) in scores.iter().zip(classes) {
+        if gt.len() < 2 {
+            continue;
+        }
+        let v: Vec<f64> = gt.iter().map(|&c| s[c] as f64).collect();
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        total += var / mean.max(1e-12);
+        n += 1;
+    }
+    (if n > 0 { total / n as f64 } else { f64::NAN }, n)
+}
+
+/// Zero-shot softmax scores of each image feature (N, E; normalised) against class features
+/// (C, E) with the model's logit scale.
+pub fn zero_shot_scores(model: &Clip, image_features: &Tensor, classes: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let logits = image_features.to_kind(Kind::Float).matmul(&classes.to_kind(Kind::Float).transpose(0, 1)) * model.logit_scale;
+    let probs = logits.softmax(-1, Kind::Float).to_device(tch::Device::Cpu);
+    let n = probs.size()[0];
+    (0..n).map(|i| Ok(Vec::<f32>::try_from(probs.get(i))?)).collect()
+}

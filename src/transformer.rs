@@ -1,0 +1,121 @@
+//! The pieces both CLIP towers share: layer norm, the residual attention block
+//! (method.md §2: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), QuickGELU), weights by name.
+use crate::model::Weights;
+use anyhow::Result;
+use tch::{Kind, Tensor};
+
+/// LayerNorm that runs in fp32 whatever the activations are, as OpenAI's CLIP does.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    pub fn new(w: &Weights, prefix: &str) -> Result<Self> {
+        Ok(Self {
+            weight: w.get_kind(&format!("{prefix}.weight"), Kind::Float)?,
+            bias: w.get_kind(&format!("{prefix}.bias"), Kind::Float)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let d = self.weight.size()[0];
+        x.to_kind(Kind::Float)
+            .layer_norm([d], Some(&self.weight), Some(&self.bias), 1e-5, true)
+            .to_kind(kind)
+    }
+}
+
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn new(w: &Weights, prefix: &str) -> Result<Self> {
+        Ok(Self { weight: w.get(&format!("{prefix}.weight"))?, bias: w.get(&format!("{prefix}.bias"))? })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, Some(&self.bias))
+    }
+}
+
+/// `nn.MultiheadAttention` with packed in-projection, returning head-averaged probabilities.
+pub struct Attention {
+    in_proj: Linear,
+    out_proj: Linear,
+    heads: i64,
+}
+
+impl Attention {
+    pub fn new(w: &Weights, prefix: &str, heads: i64) -> Result<Self> {
+        Ok(Self {
+            in_proj: Linear {
+                weight: w.get(&format!("{prefix}.in_proj_weight"))?,
+                bias: w.get(&format!("{prefix}.in_proj_bias"))?,
+            },
+            out_proj: Linear::new(w, &format!("{prefix}.out_proj"))?,
+            heads,
+        })
+    }
+
+    /// x: (B, L, D). Returns the output (B, L, D) and the attention probabilities averaged
+    /// over heads (B, L, L), which CAA needs (method.md §5).
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> (Tensor, Tensor) {
+        let (b, l, d) = x.size3().expect("attention input is (B, L, D)");
+        let dh = d / self.heads;
+        let qkv = self.in_proj.forward(x).view([b, l, 3, self.heads, dh]).permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        // Scale q before the product, as nn.MultiheadAttention does.
+        let q = q * (1.0 / (dh as f64).sqrt());
+        let mut scores = q.matmul(&k.transpose(-2, -1));
+        if let Some(m) = mask {
+            scores = scores + m;
+        }
+        let probs = scores.softmax(-1, scores.kind());
+        let out = probs.matmul(&v).permute([0, 2, 1, 3]).reshape([b, l, d]);
+        (self.out_proj.forward(&out), probs.mean_dim(1, false, probs.kind()))
+    }
+}
+
+pub struct ResidualBlock {
+    pub ln_1: LayerNorm,
+    pub attn: Attention,
+    pub ln_2: LayerNorm,
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl ResidualBlock {
+    pub fn new(w: &Weights, prefix: &str, heads: i64) -> Result<Self> {
+        Ok(Self {
+            ln_1: LayerNorm::new(w, &format!("{prefix}.ln_1"))?,
+            attn: Attention::new(w, &format!("{prefix}.attn"), heads)?,
+            ln_2: LayerNorm::new(w, &format!("{prefix}.ln_2"))?,
+            c_fc: Linear::new(w, &format!("{prefix}.mlp.c_fc"))?,
+            c_proj: Linear::new(w, &format!("{prefix}.mlp.c_proj"))?,
+        })
+    }
+
+    pub fn mlp(&self, x: &Tensor) -> Tensor {
+        let h = self.c_fc.forward(x);
+        // QuickGELU: x * sigmoid(1.702 x)
+        let h = &h * (&h * 1.702).sigmoid();
+        self.c_proj.forward(&h)
+    }
+
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> (Tensor, Tensor) {
+        self.forward_from_ln1(x, &self.ln_1.forward(x), mask)
+    }
+
+    /// The block given its input `x` and `a = ln_1(x)` computed by the caller, so the caller
+    /// can take gradients with respect to `a` (method.md §4).
+    pub fn forward_from_ln1(&self, x: &Tensor, a: &Tensor, mask: Option<&Tensor>) -> (Tensor, Tensor) {
+        let (attn_out, probs) = self.attn.forward(a, mask);
+        let x = x + attn_out;
+        let y = &x + self.mlp(&self.ln_2.forward(&x));
+        (y, probs)
+    }
+}
