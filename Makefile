@@ -19,6 +19,7 @@ build: venv
 	cargo build --release
 
 test: venv
+	@bash scripts/setup-system.sh
 	cargo build --release
 	cargo test --release -- --test-threads=1
 

@@ -30,6 +30,8 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// Pseudo-masks (and optionally the maps) for a dataset with image-level labels.
     Generate(generate::GenerateArgs),
+    /// Score label maps against ground truth (mIoU and more), or sweep the background exponent on saved maps.
+    Eval(crate::eval::EvalArgs),
     /// Prompt tools: show what the text encoder reads; rank templates by sharpness.
     Prompts(prompts::PromptsArgs),
 }
@@ -40,6 +42,7 @@ pub fn run() -> Result<i32> {
     match cli.command {
         Command::Classify(a) => classify::run(&a),
         Command::Generate(a) => generate::run(&a),
+        Command::Eval(a) => crate::eval::run(&a),
         Command::Prompts(a) => prompts::run(&a),
     }
 }
