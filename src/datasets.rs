@@ -152,3 +152,69 @@ pub fn work_list(
 pub fn shard<T>(items: Vec<T>, i: usize, n: usize) -> Vec<T> {
     items.into_iter().enumerate().filter(|(k, _)| k % n == i).map(|(_, t)| t).collect()
 }
+
+/// Image-level labels from a COCO `instances_*.json`: each image's categories, in ascending
+/// class order, named with the config's class names. COCO's category ids (1..90 with gaps) map
+/// to the config's classes by rank: the k-th smallest category id is the config's k-th class
+/// (the order of configs/coco14.json). The file is streamed through serde, keeping only ids,
+/// so the 450 MB train2014 file stays far below 2 GiB. Returns the labels and how many images
+/// had no annotation (skipped).
+pub fn read_coco_instances(path: &Path, cfg: &DatasetConfig) -> Result<(RawLabels, usize)> {
+    use serde::Deserialize;
+    #[derive(Deserialize)]
+    struct Image {
+        id: u64,
+        file_name: String,
+    }
+    #[derive(Deserialize)]
+    struct Annotation {
+        image_id: u64,
+        category_id: u64,
+    }
+    #[derive(Deserialize)]
+    struct Category {
+        id: u64,
+    }
+    #[derive(Deserialize)]
+    struct Instances {
+        images: Vec<Image>,
+        annotations: Vec<Annotation>,
+        categories: Vec<Category>,
+    }
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open COCO annotations {}", path.display()))?;
+    let inst: Instances = serde_json::from_reader(std::io::BufReader::with_capacity(1 << 20, file))
+        .with_context(|| format!("{}: not a COCO instances file (images, annotations, categories)", path.display()))?;
+    let mut cat_ids: Vec<u64> = inst.categories.iter().map(|c| c.id).collect();
+    cat_ids.sort_unstable();
+    cat_ids.dedup();
+    if cat_ids.len() != cfg.classes.len() {
+        bail!(
+            "{}: {} categories, but config {} has {} classes (categories map to classes by rank)",
+            path.display(),
+            cat_ids.len(),
+            cfg.name,
+            cfg.classes.len()
+        );
+    }
+    let rank: std::collections::HashMap<u64, usize> = cat_ids.iter().enumerate().map(|(i, &c)| (c, i)).collect();
+    let mut per_image: std::collections::HashMap<u64, Vec<bool>> = std::collections::HashMap::new();
+    for a in &inst.annotations {
+        let Some(&k) = rank.get(&a.category_id) else {
+            bail!("{}: annotation with unknown category_id {}", path.display(), a.category_id);
+        };
+        per_image.entry(a.image_id).or_insert_with(|| vec![false; cat_ids.len()])[k] = true;
+    }
+    let mut out = RawLabels::new();
+    let mut skipped = 0;
+    for img in &inst.images {
+        let id = Path::new(&img.file_name).file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        match per_image.get(&img.id) {
+            Some(present) => {
+                let names = present.iter().enumerate().filter(|(_, &p)| p).map(|(k, _)| cfg.classes[k].name.clone()).collect();
+                out.insert(id, names);
+            }
+            None => skipped += 1,
+        }
+    }
+    Ok((out, skipped))
+}

@@ -184,11 +184,23 @@ impl Clip {
     /// `spec` is a path or a released name such as `ViT-B/16` (see [`download::resolve`]).
     pub fn load(spec: &str, device: Device, kind: Kind) -> Result<Self> {
         let path = download::resolve(spec)?;
-        Self::load_path(&path, device, kind)
+        let digest = download::sha256_file(&path)?;
+        if let Some((name, sha, _)) = download::released(spec) {
+            if !Path::new(spec).exists() && digest != sha {
+                bail!(
+                    "cached {name} at {} is corrupt (SHA-256 {digest} instead of {sha}): delete it and run again",
+                    path.display()
+                );
+            }
+        }
+        Self::load_with_digest(&path, digest, device, kind)
     }
 
     pub fn load_path(path: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let digest = download::sha256_file(path)?;
+        Self::load_with_digest(path, download::sha256_file(path)?, device, kind)
+    }
+
+    fn load_with_digest(path: &Path, digest: String, device: Device, kind: Kind) -> Result<Self> {
         let tensors = Weights::read(path)?;
         let w = Weights::new(tensors, kind, device, path);
         let config = ClipConfig::infer(&w)?;

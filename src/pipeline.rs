@@ -94,7 +94,8 @@ pub fn compute_maps(model: &Clip, text: &TextFeatures, p: &Prepared, labels: &[u
         let _g = tch::no_grad_guard();
         vit.embed(&p.input.to_device(device), &pos)
     };
-    let trunk = vit.trunk(x, vit.layers() - 1);
+    // Block L's attention comes from the gradient pass; CAA needs the 7 before it.
+    let trunk = vit.trunk_keeping(x, vit.layers() - 1, crate::affinity::AFFINITY_BLOCKS - 1);
     let idx: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
     let idx = Tensor::from_slice(&idx).to_device(text.classes.device());
     let candidates = Tensor::cat(&[text.classes.index_select(0, &idx), text.background.shallow_clone()], 0).to_device(device);

@@ -87,13 +87,21 @@ impl VisionTransformer {
 
     /// Runs blocks `0..upto` without gradient, keeping each block's attention.
     pub fn trunk(&self, x: Tensor, upto: usize) -> Trunk {
+        self.trunk_keeping(x, upto, upto)
+    }
+
+    /// As [`Self::trunk`], keeping only the last `keep` blocks' attention (n² each: for large
+    /// inputs, keeping all would dominate memory).
+    pub fn trunk_keeping(&self, x: Tensor, upto: usize, keep: usize) -> Trunk {
         let _guard = tch::no_grad_guard();
         let mut x = x;
-        let mut attentions = Vec::with_capacity(upto);
-        for block in &self.blocks[..upto] {
+        let mut attentions = Vec::with_capacity(keep.min(upto));
+        for (i, block) in self.blocks[..upto].iter().enumerate() {
             let (y, a) = block.forward(&x, None);
             x = y;
-            attentions.push(a);
+            if i + keep >= upto {
+                attentions.push(a);
+            }
         }
         Trunk { tokens: x, attentions }
     }

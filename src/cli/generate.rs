@@ -37,8 +37,12 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with = "annotations")]
     pub labels: Option<PathBuf>,
     /// Image-level labels from VOC XML annotations (<id>.xml, object names).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "coco")]
     pub annotations: Option<PathBuf>,
+    /// Image-level labels from a COCO instances_*.json (category ids map to the config's
+    /// classes by rank; images without annotations are skipped and counted).
+    #[arg(long, value_name = "INSTANCES.json", conflicts_with = "labels")]
+    pub coco: Option<PathBuf>,
     /// Ids to process, one per line (default: every id that has labels, sorted).
     #[arg(long)]
     pub split: Option<PathBuf>,
@@ -59,8 +63,10 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub box_threshold: Option<f64>,
     /// Longer side of the model input is capped at this many pixels (aspect kept); maps are
-    /// upsampled back to the original size.
-    #[arg(long, default_value_t = 2048)]
+    /// upsampled back to the original size. Attention memory grows with the fourth power of
+    /// this side (1024 px is 4,096 tokens, ~1 GiB of attention for ViT-B/16); VOC and COCO
+    /// images (<= 640 px) are never downscaled by the default.
+    #[arg(long, default_value_t = 1024)]
     pub max_side: u32,
     /// Keep the interpolated positional table in full precision instead of rounding it to fp16
     /// as the reference does (moves maps by ~1e-3).
@@ -94,15 +100,26 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     if !args.images.is_dir() {
         bail!("--images {}: not a directory", args.images.display());
     }
-    let labels: BTreeMap<String, Result<Vec<String>, String>> = match (&args.labels, &args.annotations) {
-        (Some(f), _) => read_labels_file(f)?.into_iter().map(|(k, v)| (k, Ok(v))).collect(),
-        (None, Some(d)) => read_voc_annotations(d)?,
-        (None, None) => bail!("give image-level labels with --labels FILE or --annotations DIR"),
+    let cfg = crate::config::DatasetConfig::resolve(&args.model.config)?;
+    let labels: BTreeMap<String, Result<Vec<String>, String>> = match (&args.labels, &args.annotations, &args.coco) {
+        (Some(f), _, _) => read_labels_file(f)?.into_iter().map(|(k, v)| (k, Ok(v))).collect(),
+        (None, Some(d), _) => read_voc_annotations(d)?,
+        (None, None, Some(f)) => {
+            let (labels, unannotated) = crate::datasets::read_coco_instances(f, &cfg)?;
+            if unannotated > 0 {
+                eprintln!("{unannotated} image(s) in {} have no annotation: skipped", f.display());
+            }
+            labels.into_iter().map(|(k, v)| (k, Ok(v))).collect()
+        }
+        (None, None, None) => bail!("give image-level labels with --labels FILE, --annotations DIR or --coco INSTANCES.json"),
     };
     let split = args.split.as_deref().map(read_split).transpose()?;
     let shard_spec = args.shard.as_deref().map(parse_shard).transpose()?;
     std::fs::create_dir_all(args.out.join("masks"))
         .with_context(|| format!("cannot create output directory {}", args.out.display()))?;
+    let probe = args.out.join(format!(".clipmask-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("output directory {} is not writable", args.out.display()))?;
+    let _ = std::fs::remove_file(&probe);
 
     let (model, cfg) = args.model.load()?;
     let mut items = work_list(&cfg, &args.images, &labels, split.as_deref());
