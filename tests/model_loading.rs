@@ -1,0 +1,362 @@
+//! Issue 2: loading models (bad files, fp16, download by name), `--help`, `classify --json`,
+//! `--device cuda` without a GPU. Everything through the binary except the download function.
+mod common;
+mod support;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use support::*;
+
+fn png(dir: &Path, name: &str, w: u32, h: u32, seed: u64) -> PathBuf {
+    let p = dir.join(name);
+    synthetic_image(w, h, seed).save(&p).unwrap();
+    p
+}
+
+fn classify_with_model(model: &Path, img: &Path) -> Run {
+    let cache = tempfile::tempdir().unwrap();
+    run(clipmask(cache.path()).args(["classify", "--device", "cpu", "--config", "voc12", "--model"]).arg(model).arg(img))
+}
+
+fn voc_names() -> Vec<String> {
+    clipmask::config::DatasetConfig::resolve("voc12").unwrap().class_names().iter().map(|s| s.to_string()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad checkpoints: one line, exit 2, no backtrace, says what was expected.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bad_checkpoints_give_one_line_errors() {
+    let fx = fixture("tiny", 0, false);
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let img = png(d, "img.png", 64, 48, 1);
+
+    let pt = std::fs::read(fx.join("model.pt")).unwrap();
+    let st = std::fs::read(fx.join("model.safetensors")).unwrap();
+    std::fs::write(d.join("trunc.pt"), &pt[..pt.len() / 2]).unwrap();
+    std::fs::write(d.join("trunc.safetensors"), &st[..st.len() / 2]).unwrap();
+    let mut state = 0x1234_5678_9abc_def0u64;
+    let random: Vec<u8> = (0..100_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    std::fs::write(d.join("random.pt"), &random).unwrap();
+    std::fs::write(d.join("random.bin"), &random).unwrap();
+    std::fs::write(d.join("notes.txt"), "These are my notes, not a model.\nline two\n").unwrap();
+    std::fs::write(d.join("empty.pt"), b"").unwrap();
+    std::fs::write(d.join("empty.safetensors"), b"").unwrap();
+
+    // A ResNet-style CLIP (RN50 parameter names) and a safetensors of some other network.
+    let t = tch::Tensor::zeros([4, 4, 1, 1], (tch::Kind::Float, tch::Device::Cpu));
+    let pe = tch::Tensor::zeros([50, 8], (tch::Kind::Float, tch::Device::Cpu));
+    tch::Tensor::write_safetensors(
+        &[("visual.layer1.0.conv1.weight", &t), ("visual.attnpool.positional_embedding", &pe), ("logit_scale", &tch::Tensor::from(4.6f32))],
+        d.join("rn50.safetensors"),
+    )
+    .unwrap();
+    tch::Tensor::write_safetensors(&[("encoder.layer.0.weight", &t), ("decoder.bias", &pe)], d.join("other.safetensors")).unwrap();
+    // The same tensors in a file without the extension (detected by the header).
+    std::fs::copy(d.join("other.safetensors"), d.join("other.bin")).unwrap();
+
+    let cases: &[(&str, &[&str])] = &[
+        ("trunc.pt", &["expected"]),
+        ("trunc.safetensors", &["expected"]),
+        ("random.pt", &["expected"]),
+        ("random.bin", &["expected"]),
+        ("notes.txt", &["expected"]),
+        ("empty.pt", &["empty", "expected"]),
+        ("empty.safetensors", &["empty", "expected"]),
+        ("rn50.safetensors", &["ResNet", "ViT"]),
+        ("other.safetensors", &["not a CLIP ViT checkpoint", "expected"]),
+        ("other.bin", &["not a CLIP ViT checkpoint", "expected"]),
+        ("does-not-exist.pt", &["does-not-exist.pt"]),
+    ];
+    let mut report = Vec::new();
+    for (name, must) in cases {
+        let r = classify_with_model(&d.join(name), &img);
+        let line = assert_one_line_error(&r, 2);
+        for m in *must {
+            assert!(line.contains(m), "{name}: message should mention {m:?}: {line}");
+        }
+        assert!(line.contains(name), "{name}: message should name the file: {line}");
+        assert!(r.stdout.is_empty(), "{name}: nothing on stdout\n{}", r.show());
+        report.push(format!("{name}: {line}"));
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn device_cuda_without_gpu_is_a_one_line_error() {
+    if tch::Cuda::is_available() {
+        eprintln!("CUDA is available here: nothing to check");
+        return;
+    }
+    let fx = fixture("tiny", 0, false);
+    let tmp = tempfile::tempdir().unwrap();
+    let img = png(tmp.path(), "img.png", 64, 48, 1);
+    for dev in ["cuda", "cuda:0", "cuda:3"] {
+        let r = run(clipmask(tmp.path()).args(["classify", "--device", dev, "--model"]).arg(fx.join("model.pt")).arg(&img));
+        let line = assert_one_line_error(&r, 2);
+        assert!(line.contains("CUDA"), "{dev}: {line}");
+    }
+    let r = run(clipmask(tmp.path()).args(["classify", "--device", "tpu", "--model"]).arg(fx.join("model.pt")).arg(&img));
+    let line = assert_one_line_error(&r, 2);
+    assert!(line.contains("expected auto, cpu, cuda or cuda:N"), "{line}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp16 checkpoints
+// ---------------------------------------------------------------------------------------------
+
+fn classify_json(cache: &Path, model: &Path, images: &[PathBuf]) -> Vec<(String, BTreeMap<String, f64>)> {
+    let r = run(clipmask(cache).args(["classify", "--json", "--device", "cpu", "--model"]).arg(model).args(images));
+    assert_eq!(r.code, Some(0), "{}", r.show());
+    parse_json_lines(&r.stdout)
+}
+
+fn parse_json_lines(stdout: &str) -> Vec<(String, BTreeMap<String, f64>)> {
+    stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            let obj = v.as_object().expect("object per line");
+            assert_eq!(obj.len(), 2, "exactly `image` and `probs`: {l}");
+            let image = obj["image"].as_str().expect("image is a string").to_string();
+            let probs = obj["probs"].as_object().expect("probs is an object").iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap())).collect();
+            (image, probs)
+        })
+        .collect()
+}
+
+#[test]
+fn fp16_checkpoint_loads_and_classifies_like_fp32() {
+    let fx32 = fixture("tiny", 0, false);
+    let fx16 = fixture("tiny", 0, true);
+    let tmp = tempfile::tempdir().unwrap();
+    let images: Vec<PathBuf> = (0..3).map(|i| png(tmp.path(), &format!("i{i}.png"), 200 + 20 * i, 150, 10 + i as u64)).collect();
+    // The fp16 weights upcast to fp32: on the CPU clipmask computes in fp32, so the fp16 file
+    // must give exactly what its upcast copy gives (the only difference is storage).
+    let up = tmp.path().join("upcast.safetensors");
+    let script = format!(
+        "from safetensors.torch import load_file, save_file\nsd = load_file({:?})\nassert all(v.dtype.is_floating_point for v in sd.values())\nassert any(str(v.dtype) == 'torch.float16' for v in sd.values())\nsave_file({{k: v.float().contiguous() for k, v in sd.items()}}, {:?})\n",
+        fx16.join("model.safetensors").to_str().unwrap(),
+        up.to_str().unwrap()
+    );
+    run_python(&["-c", &script]);
+
+    let cache = tmp.path().join("cache");
+    let p16pt = classify_json(&cache, &fx16.join("model.pt"), &images);
+    let p16st = classify_json(&cache, &fx16.join("model.safetensors"), &images);
+    let pup = classify_json(&cache, &up, &images);
+    let p32 = classify_json(&cache, &fx32.join("model.pt"), &images);
+    let names = voc_names();
+    let mut worst_storage = 0f64;
+    let mut worst_rounding = 0f64;
+    for i in 0..images.len() {
+        for n in &names {
+            worst_storage = worst_storage.max((p16pt[i].1[n] - pup[i].1[n]).abs()).max((p16st[i].1[n] - pup[i].1[n]).abs());
+            worst_rounding = worst_rounding.max((p16pt[i].1[n] - p32[i].1[n]).abs());
+        }
+    }
+    eprintln!("fp16 file vs its fp32 upcast: max |dp| = {worst_storage:.3e}; fp16 vs original fp32 weights: max |dp| = {worst_rounding:.3e}");
+    // Same fp32 numbers on the CPU: only float formatting (JSON f32 -> f64) separates them.
+    assert!(worst_storage <= 1e-6, "fp16 checkpoint differs from its own fp32 upcast by {worst_storage}");
+    // Rounding every weight to fp16 (relative error <= 2^-11 ~ 4.9e-4) moves the cosine
+    // similarities by O(1e-3) through 12 random layers; times the logit scale 100 that is a
+    // logit change of O(0.1), i.e. a relative change of a probability of ~10%, so an absolute
+    // probability difference below 0.05 is what fp16 rounding allows, and a broken load
+    // (wrong weights, wrong dtype handling) gives differences of O(1).
+    assert!(worst_rounding <= 0.05, "fp16 vs fp32 fixture: {worst_rounding}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// classify --json
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn classify_json_prints_one_object_per_image_and_goes_on_after_a_missing_one() {
+    let fx = fixture("tiny", 0, false);
+    let tmp = tempfile::tempdir().unwrap();
+    let a = png(tmp.path(), "a.png", 120, 90, 1);
+    let b = png(tmp.path(), "b.png", 90, 160, 2);
+    let missing = tmp.path().join("missing.jpg");
+    let r = run(clipmask(tmp.path()).args(["classify", "--json", "--device", "cpu", "--model"]).arg(fx.join("model.safetensors")).arg(&a).arg(&missing).arg(&b));
+    assert_eq!(r.code, Some(1), "{}", r.show());
+    let lines = parse_json_lines(&r.stdout);
+    assert_eq!(lines.len(), 2, "{}", r.show());
+    assert_eq!(lines[0].0, a.display().to_string());
+    assert_eq!(lines[1].0, b.display().to_string());
+    let names = voc_names();
+    for (img, probs) in &lines {
+        let keys: Vec<&String> = probs.keys().collect();
+        let mut expect: Vec<&String> = names.iter().collect();
+        expect.sort();
+        assert_eq!(keys, expect, "{img}: probs must have the 20 VOC class names");
+        let s: f64 = probs.values().sum();
+        assert!((s - 1.0).abs() <= 1e-4, "{img}: probabilities sum to {s}");
+        assert!(probs.values().all(|&p| (0.0..=1.0).contains(&p)));
+    }
+    let err: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(err.len(), 1, "{}", r.show());
+    assert!(err[0].starts_with("error: ") && err[0].contains("missing.jpg"), "{}", r.show());
+    for m in PANIC_MARKERS {
+        assert!(!r.stderr.contains(m));
+    }
+    // And all good: exit 0, one line per image in argument order.
+    let r = run(clipmask(tmp.path()).args(["classify", "--json", "--device", "cpu", "--model"]).arg(fx.join("model.safetensors")).arg(&b).arg(&a));
+    assert_eq!(r.code, Some(0), "{}", r.show());
+    let lines = parse_json_lines(&r.stdout);
+    assert_eq!(lines.iter().map(|l| l.0.clone()).collect::<Vec<_>>(), vec![b.display().to_string(), a.display().to_string()]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// --help
+// ---------------------------------------------------------------------------------------------
+
+/// Flag lines of the "Options:" sections of a help text that have no description.
+fn bare_flags(help: &str) -> (Vec<String>, usize) {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut bare = Vec::new();
+    let mut count = 0;
+    let mut in_options = false;
+    for (i, l) in lines.iter().enumerate() {
+        if !l.starts_with(' ') && !l.is_empty() {
+            in_options = l.trim_end().ends_with("Options:") || l.trim_end().ends_with("options:");
+            continue;
+        }
+        let t = l.trim_start();
+        if !in_options || !t.starts_with('-') {
+            continue;
+        }
+        count += 1;
+        let indent = l.len() - t.len();
+        // Description on the same line (after two spaces) or on the next, more indented line.
+        let same_line = t.split_once("  ").is_some_and(|(_, rest)| !rest.trim().is_empty());
+        let next_line = lines.get(i + 1).is_some_and(|n| {
+            let nt = n.trim_start();
+            !nt.is_empty() && n.len() - nt.len() > indent && !nt.starts_with('-')
+        });
+        if !same_line && !next_line {
+            bare.push(t.to_string());
+        }
+    }
+    (bare, count)
+}
+
+#[test]
+fn help_of_every_command_describes_every_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let commands: &[&[&str]] = &[
+        &[],
+        &["classify"],
+        &["generate"],
+        &["eval"],
+        &["prompts"],
+        &["prompts", "rank"],
+        &["prompts", "show"],
+    ];
+    for cmd in commands {
+        for flag in ["--help", "-h"] {
+            let r = run(clipmask(tmp.path()).args(*cmd).arg(flag));
+            assert_eq!(r.code, Some(0), "{cmd:?} {flag}\n{}", r.show());
+            assert!(r.stdout.contains("Usage:"), "{cmd:?} {flag}\n{}", r.show());
+            let (bare, count) = bare_flags(&r.stdout);
+            assert!(count >= 1, "{cmd:?} {flag}: no flags found\n{}", r.stdout);
+            assert!(bare.is_empty(), "{cmd:?} {flag}: flags without a description: {bare:?}\n{}", r.stdout);
+        }
+    }
+    // The flags documented in the README exist.
+    let r = run(clipmask(tmp.path()).args(["generate", "--help"]));
+    for f in ["--model", "--config", "--device", "--images", "--out", "--labels", "--annotations", "--coco", "--split", "--shard", "--save-cams", "--overlays", "--overwrite", "--allow-failures", "--max-side"] {
+        assert!(r.stdout.contains(f), "generate --help lacks {f}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Download by name
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn download_verifies_the_checksum_and_leaves_nothing_partial() {
+    let fx = fixture("tiny", 0, false);
+    let body = std::fs::read(fx.join("model.pt")).unwrap();
+    let sha = clipmask::download::sha256_file(&fx.join("model.pt")).unwrap();
+    assert_eq!(sha.len(), 64);
+    let server = serve(vec![("/good/model.pt".into(), body.clone())], 3);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+
+    // Right digest: the file appears with identical bytes, nothing else in the directory.
+    let dest = dir.join("model.pt");
+    clipmask::download::download(&format!("{}/good/model.pt", server.base), &dest, &sha).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), body);
+    assert_eq!(files_under(&dir), vec![PathBuf::from("model.pt")]);
+
+    // Wrong digest: an error naming the mismatch, no file, no partial file.
+    let dest2 = dir.join("other.pt");
+    let wrong = "0".repeat(64);
+    let e = clipmask::download::download(&format!("{}/good/model.pt", server.base), &dest2, &wrong).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("checksum mismatch"), "{msg}");
+    assert!(msg.contains(&sha) && msg.contains(&wrong), "both digests are named: {msg}");
+    assert!(!dest2.exists());
+    assert_eq!(files_under(&dir), vec![PathBuf::from("model.pt")]);
+
+    // 404: an error, nothing left.
+    let dest3 = dir.join("missing.pt");
+    let e = clipmask::download::download(&format!("{}/nope/model.pt", server.base), &dest3, &sha).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("404"), "{msg}");
+    assert!(!dest3.exists());
+    assert_eq!(files_under(&dir), vec![PathBuf::from("model.pt")]);
+    assert_eq!(*server.requests.lock().unwrap(), vec!["/good/model.pt", "/good/model.pt", "/nope/model.pt"]);
+
+    // Nothing listening: an error, nothing left.
+    let dest4 = dir.join("refused.pt");
+    assert!(clipmask::download::download("http://127.0.0.1:1/x.pt", &dest4, &sha).is_err());
+    assert_eq!(files_under(&dir), vec![PathBuf::from("model.pt")]);
+}
+
+#[test]
+fn model_by_name_downloads_from_the_base_url_and_rejects_a_bad_digest() {
+    let (_, sha, file) = clipmask::download::released("ViT-B/16").unwrap();
+    assert_eq!(file, "ViT-B-16.pt");
+    let path = format!("/{sha}/{file}");
+    let server = serve(vec![(path.clone(), b"these bytes are not ViT-B/16".to_vec())], 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let img = png(tmp.path(), "img.png", 64, 48, 1);
+    let r = run(clipmask(&cache).env("CLIPMASK_MODEL_BASE_URL", &server.base).args(["classify", "--device", "cpu", "--model", "ViT-B/16"]).arg(&img));
+    let line = assert_one_line_error(&r, 2);
+    assert!(line.contains("checksum mismatch"), "{line}");
+    assert!(line.contains("ViT-B/16"), "{line}");
+    assert_eq!(*server.requests.lock().unwrap(), vec![path], "fetched URL");
+    assert!(files_under(&cache).is_empty(), "files left in the cache: {:?}", files_under(&cache));
+
+    // A trailing slash on the base URL is tolerated.
+    let server = serve(vec![], 1);
+    let r = run(clipmask(&cache).env("CLIPMASK_MODEL_BASE_URL", format!("{}/", server.base)).args(["classify", "--device", "cpu", "--model", "ViT-B/16"]).arg(&img));
+    let line = assert_one_line_error(&r, 2);
+    assert!(line.contains("404"), "{line}");
+    assert_eq!(*server.requests.lock().unwrap(), vec![format!("/{sha}/{file}")]);
+    assert!(files_under(&cache).is_empty(), "files left in the cache: {:?}", files_under(&cache));
+
+    // A cached file with the wrong content: reported as corrupt, nothing fetched.
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(cache.join(file), b"half a download").unwrap();
+    let r = run(clipmask(&cache).env("CLIPMASK_MODEL_BASE_URL", "http://127.0.0.1:1").args(["classify", "--device", "cpu", "--model", "ViT-B/16"]).arg(&img));
+    let line = assert_one_line_error(&r, 2);
+    assert!(line.contains("corrupt"), "{line}");
+    assert!(line.contains("delete"), "says what to do: {line}");
+
+    // An unknown name is neither a file nor a released model.
+    let r = run(clipmask(&cache).args(["classify", "--device", "cpu", "--model", "ViT-H/99"]).arg(&img));
+    let line = assert_one_line_error(&r, 2);
+    assert!(line.contains("ViT-B/16"), "lists the released names: {line}");
+}
