@@ -69,6 +69,13 @@ pub struct DatasetConfig {
     /// RGB colours for label ids 0..; ids past the end get black, 255 gets white.
     #[serde(default)]
     pub palette: Vec<[u8; 3]>,
+    /// Dense CRF parameters (method.md §6); CLIP-ES's when absent.
+    #[serde(default, skip_serializing_if = "is_default_crf")]
+    pub crf: crate::crf::CrfParams,
+}
+
+fn is_default_crf(p: &crate::crf::CrfParams) -> bool {
+    *p == crate::crf::CrfParams::default()
 }
 
 impl DatasetConfig {

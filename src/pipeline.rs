@@ -134,6 +134,38 @@ fn upsample(maps: &Tensor, height: i64, width: i64) -> Result<Array3<f32>> {
     Ok(Array3::from_shape_vec((k as usize, height as usize, width as usize), v)?)
 }
 
+/// Dense CRF and confidence step (method.md §6).
+#[derive(Debug, Clone)]
+pub struct CrfOptions {
+    pub params: crate::crf::CrfParams,
+    pub image: crate::crf::CrfImage,
+    /// Pixels whose largest marginal is below this become 255 (ignore).
+    pub confidence: f32,
+    /// Also write OUT/confidence/<id>.npy (largest marginal per pixel, float32 H x W).
+    pub save_confidence: bool,
+}
+
+/// Pseudo-labels from the CRF: P = [(1 - max_c M_c)^alpha; M_1..M_K] (alpha = 1 in CLIP-ES),
+/// marginals Q, argmax with ids [0, key_1 + 1, ...], 255 where max Q < confidence. Returns the
+/// labels and the largest marginal per pixel.
+pub fn crf_labels(img: &RgbImage, maps: &Array3<f32>, keys: &[i64], alpha: f32, crf: &CrfOptions) -> Result<(Vec<u8>, Vec<f32>)> {
+    let (k, h, w) = maps.dim();
+    let n = h * w;
+    let mut probs = vec![0f32; (k + 1) * n];
+    let flat = maps.as_standard_layout();
+    let flat = flat.as_slice().context("maps are contiguous")?;
+    for i in 0..n {
+        let mx = (0..k).map(|c| flat[c * n + i]).fold(f32::NEG_INFINITY, f32::max);
+        probs[i] = (1.0 - mx).powf(alpha);
+    }
+    probs[n..].copy_from_slice(flat);
+    let image = crate::crf::crf_image(img.as_raw(), crf.image);
+    let q = crate::crf::dense_crf(&image, w, h, &probs, k + 1, &crf.params)?;
+    let mut ids = vec![0u8];
+    ids.extend(keys.iter().map(|&c| (c + 1) as u8));
+    Ok(crate::crf::labels_from_marginals(&q, k + 1, &ids, crf.confidence))
+}
+
 /// Options of a `generate` run.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -141,6 +173,8 @@ pub struct GenerateOptions {
     pub maps: MapOptions,
     /// Background exponent for labels without CRF (method.md §6).
     pub alpha: f32,
+    /// Dense CRF + confidence instead of the plain argmax.
+    pub crf: Option<CrfOptions>,
     pub save_cams: bool,
     pub overlays: bool,
     pub overwrite: bool,
@@ -177,6 +211,8 @@ struct Decoded {
 fn is_complete(item: &Item, opts: &GenerateOptions) -> bool {
     output_path(&opts.out, "masks", &item.id, "png").exists()
         && (!opts.save_cams || output_path(&opts.out, "cams", &item.id, "npz").exists())
+        && (!opts.crf.as_ref().is_some_and(|c| c.save_confidence)
+            || output_path(&opts.out, "confidence", &item.id, "npy").exists())
         && (!opts.overlays || output_path(&opts.out, "overlays", &item.id, "jpg").exists())
 }
 
@@ -240,19 +276,26 @@ pub fn generate(
     // Stage 3: labels and files, off the model thread.
     let (out_tx, out_rx) = mpsc::sync_channel::<(Item, RgbImage, ImageMaps)>(4);
     let (res_tx, res_rx) = mpsc::channel::<(Item, Result<f64, String>)>();
-    let wopts = opts.clone();
-    let palette = cfg.png_palette();
-    let writer = std::thread::spawn(move || {
-        for (item, img, maps) in out_rx {
-            let t = Instant::now();
-            let r = write_outputs(&item, &img, &maps, &wopts, &palette)
-                .map(|_| t.elapsed().as_secs_f64())
-                .map_err(|e| format!("{e:#}"));
-            if res_tx.send((item, r)).is_err() {
-                return;
-            }
-        }
-    });
+    // Several writers when the CRF runs (it costs about as much as the model on CPU).
+    let n_writers = if opts.crf.is_some() { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { 1 };
+    let out_rx = Arc::new(std::sync::Mutex::new(out_rx));
+    let writers: Vec<_> = (0..n_writers)
+        .map(|_| {
+            let (wopts, palette, out_rx, res_tx) = (opts.clone(), cfg.png_palette(), out_rx.clone(), res_tx.clone());
+            std::thread::spawn(move || loop {
+                let next = out_rx.lock().map(|rx| rx.recv());
+                let Ok(Ok((item, img, maps))) = next else { return };
+                let t = Instant::now();
+                let r = write_outputs(&item, &img, &maps, &wopts, &palette)
+                    .map(|_| t.elapsed().as_secs_f64())
+                    .map_err(|e| format!("{e:#}"));
+                if res_tx.send((item, r)).is_err() {
+                    return;
+                }
+            })
+        })
+        .collect();
+    drop(res_tx);
 
     let mut last_line = Instant::now();
     let handle_result = |summary: &mut Summary, failures: &mut Vec<(Item, String)>, item: Item, r: Result<f64, String>| {
@@ -309,7 +352,9 @@ pub fn generate(
     drop(dec_rx);
     drop(out_tx);
     let _ = decoder.join();
-    let _ = writer.join();
+    for w in writers {
+        let _ = w.join();
+    }
     for (item, r) in res_rx.try_iter() {
         bar.inc(1);
         handle_result(&mut summary, &mut failures, item, r);
@@ -323,8 +368,17 @@ pub fn generate(
 
 fn write_outputs(item: &Item, img: &RgbImage, maps: &ImageMaps, opts: &GenerateOptions, palette: &[u8]) -> Result<()> {
     let keys: Vec<i64> = maps.keys.iter().map(|&k| k as i64).collect();
-    let labels = crate::eval::labels_from_cams(&maps.refined, &keys, opts.alpha);
     let (w, h) = (img.width(), img.height());
+    let labels = match &opts.crf {
+        None => crate::eval::labels_from_cams(&maps.refined, &keys, opts.alpha),
+        Some(crf) => {
+            let (labels, conf) = crf_labels(img, &maps.refined, &keys, opts.alpha, crf)?;
+            if crf.save_confidence {
+                write_confidence(&output_path(&opts.out, "confidence", &item.id, "npy"), conf, h, w)?;
+            }
+            labels
+        }
+    };
     // Maps and overlays first, the mask last: the mask's presence marks the image complete.
     if opts.save_cams {
         let archive = CamArchive { keys: keys.clone(), cams: maps.refined.clone(), raw_cams: maps.raw.clone() };
@@ -334,6 +388,13 @@ fn write_outputs(item: &Item, img: &RgbImage, maps: &ImageMaps, opts: &GenerateO
         write_overlay(&output_path(&opts.out, "overlays", &item.id, "jpg"), img, &labels, palette, 0.55)?;
     }
     write_label_png(&output_path(&opts.out, "masks", &item.id, "png"), &labels, w, h, palette)
+}
+
+/// Largest CRF marginal per pixel as a float32 H x W `.npy`.
+pub fn write_confidence(path: &std::path::Path, conf: Vec<f32>, h: u32, w: u32) -> Result<()> {
+    use ndarray_npy::WriteNpyExt;
+    let arr = ndarray::Array2::from_shape_vec((h as usize, w as usize), conf)?;
+    crate::outputs::write_atomic(path, |f| Ok(arr.write_npy(f)?))
 }
 
 fn write_failures(opts: &GenerateOptions, failures: &[(Item, String)]) -> Result<()> {

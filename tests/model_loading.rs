@@ -231,7 +231,9 @@ fn bare_flags(help: &str) -> (Vec<String>, usize) {
             continue;
         }
         let t = l.trim_start();
-        if !in_options || !t.starts_with('-') {
+        // "--flag" or "-f, --flag"; not a "- value: ..." line of a possible-values list.
+        let is_flag = t.starts_with("--") || (t.len() >= 2 && t.starts_with('-') && t.as_bytes()[1].is_ascii_alphanumeric());
+        if !in_options || !is_flag {
             continue;
         }
         count += 1;

@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 pub mod classify;
+pub mod crf;
 pub mod generate;
 pub mod prompts;
 
@@ -30,6 +31,8 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// Pseudo-masks (and optionally the maps) for a dataset with image-level labels.
     Generate(generate::GenerateArgs),
+    /// Dense CRF + confidence on maps saved by `generate --save-cams` (try CRF settings without recomputing maps).
+    Crf(crf::CrfCmdArgs),
     /// Score label maps against ground truth (mIoU and more), or sweep the background exponent on saved maps.
     Eval(crate::eval::EvalArgs),
     /// Prompt tools: show what the text encoder reads; rank templates by sharpness.
@@ -42,6 +45,7 @@ pub fn run() -> Result<i32> {
     match cli.command {
         Command::Classify(a) => classify::run(&a),
         Command::Generate(a) => generate::run(&a),
+        Command::Crf(a) => crf::run(&a),
         Command::Eval(a) => crate::eval::run(&a),
         Command::Prompts(a) => prompts::run(&a),
     }
