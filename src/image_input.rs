@@ -11,11 +11,18 @@ pub const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Decodes any supported image (grayscale, 16-bit, alpha, palette, CMYK JPEG) to 8-bit RGB in
 /// stored pixel orientation (EXIF rotation is not applied: VOC and COCO masks are stored
-/// unrotated).
+/// unrotated). JPEGs go through libjpeg-turbo's decoder (mozjpeg), giving the same pixels as
+/// PIL, which the reference uses; other formats and JPEGs it cannot convert (CMYK) through the
+/// `image` crate.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read image {}", path.display()))?;
-    if meta.len() == 0 {
+    let data = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    if data.is_empty() {
         bail!("image {} is empty (0 bytes)", path.display());
+    }
+    if data.starts_with(&[0xFF, 0xD8]) {
+        if let Some(img) = decode_jpeg_libjpeg(&data, path)? {
+            return Ok(img);
+        }
     }
     let reader = image::ImageReader::open(path)
         .with_context(|| format!("cannot open image {}", path.display()))?
@@ -25,6 +32,38 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     reader.no_limits();
     let img = reader.decode().with_context(|| format!("cannot decode image {}", path.display()))?;
     Ok(img.to_rgb8())
+}
+
+/// libjpeg-turbo decoding with libjpeg's defaults (ISLOW IDCT, fancy upsampling), as PIL does.
+/// Ok(None) for colour spaces it does not convert to RGB (CMYK/YCCK): the caller falls back.
+fn decode_jpeg_libjpeg(data: &[u8], path: &Path) -> Result<Option<RgbImage>> {
+    // libjpeg fills a truncated file with grey and only warns; PIL refuses it, so do we.
+    let end = data.iter().rposition(|&b| b != 0).unwrap_or(0);
+    if end < 1 || data[end - 1..=end] != [0xFF, 0xD9] {
+        bail!("image {} is truncated (JPEG without end marker)", path.display());
+    }
+    let result = std::panic::catch_unwind(|| -> std::io::Result<Option<(usize, usize, Vec<[u8; 3]>)>> {
+        let d = mozjpeg::Decompress::new_mem(data)?;
+        if matches!(d.color_space(), mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK) {
+            return Ok(None);
+        }
+        let mut started = d.rgb()?;
+        let (w, h) = (started.width(), started.height());
+        let pixels: Vec<[u8; 3]> = started.read_scanlines()?;
+        started.finish()?;
+        Ok(Some((w, h, pixels)))
+    });
+    match result {
+        Ok(Ok(Some((w, h, pixels)))) => {
+            let raw: Vec<u8> = pixels.into_iter().flatten().collect();
+            RgbImage::from_raw(w as u32, h as u32, raw)
+                .map(Some)
+                .with_context(|| format!("cannot decode image {}: short pixel data", path.display()))
+        }
+        Ok(Ok(None)) => Ok(None),
+        Ok(Err(e)) => bail!("cannot decode image {}: {e}", path.display()),
+        Err(_) => bail!("cannot decode image {}: corrupt JPEG data", path.display()),
+    }
 }
 
 // Pillow's fixed-point resampling (libImaging/Resample.c): coefficients in double, rounded to
