@@ -30,12 +30,8 @@ impl Weights {
             std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && head[8] == b'{'
         };
         let list = if is_safetensors {
-            Tensor::read_safetensors(path).map_err(|e| {
-                anyhow::anyhow!(
-                    "model {} is not a readable safetensors file ({}): expected a CLIP ViT checkpoint",
-                    path.display(),
-                    first_line(&e.to_string())
-                )
+            read_safetensors(path).with_context(|| {
+                format!("model {} is not a readable safetensors file: expected a CLIP ViT checkpoint", path.display())
             })?
         } else {
             let module = tch::CModule::load_on_device(path, Device::Cpu).map_err(|e| {
@@ -91,6 +87,60 @@ impl Weights {
         }
         n
     }
+}
+
+/// Reads a safetensors file tensor by tensor (the whole file is never in memory twice, which
+/// keeps peak memory near the model's own size).
+fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let file_len = f.metadata()?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).context("file shorter than the 8-byte header length")?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > file_len.saturating_sub(8) || header_len > 100 << 20 {
+        bail!("header length {header_len} does not fit in a {file_len}-byte file");
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).context("header is not JSON")?;
+    let base = 8 + header_len;
+    let mut out = Vec::new();
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info["dtype"].as_str().with_context(|| format!("{name}: no dtype"))?;
+        let kind = match dtype {
+            "F32" => Kind::Float,
+            "F16" => Kind::Half,
+            "BF16" => Kind::BFloat16,
+            "F64" => Kind::Double,
+            "I64" => Kind::Int64,
+            "I32" => Kind::Int,
+            other => bail!("{name}: unsupported dtype {other}"),
+        };
+        let shape: Vec<i64> = info["shape"]
+            .as_array()
+            .with_context(|| format!("{name}: no shape"))?
+            .iter()
+            .map(|v| v.as_i64().context("bad shape"))
+            .collect::<Result<_>>()?;
+        let offs = info["data_offsets"].as_array().with_context(|| format!("{name}: no data_offsets"))?;
+        let (start, end) = (
+            offs.first().and_then(|v| v.as_u64()).context("bad offsets")?,
+            offs.get(1).and_then(|v| v.as_u64()).context("bad offsets")?,
+        );
+        let numel: i64 = shape.iter().product();
+        if end < start || base + end > file_len || (end - start) as usize != numel as usize * kind.elt_size_in_bytes() {
+            bail!("{name}: data [{start}, {end}) does not match its shape or the file ({file_len} bytes): truncated?");
+        }
+        let mut buf = vec![0u8; (end - start) as usize];
+        f.seek(SeekFrom::Start(base + start))?;
+        f.read_exact(&mut buf)?;
+        out.push((name, Tensor::f_from_data_size(&buf, &shape, kind)?));
+    }
+    Ok(out)
 }
 
 fn first_line(s: &str) -> String {
