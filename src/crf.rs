@@ -31,6 +31,9 @@
 //! This module knows nothing about CLIP: it takes an image, per-label probabilities and
 //! parameters, and returns marginals.
 
+// Index loops mirror the C++ being reproduced, which makes them easier to check against it.
+#![allow(clippy::needless_range_loop)]
+
 use rayon::prelude::*;
 
 /// Parameters of the dense CRF. Defaults are CLIP-ES's (method.md §6).
@@ -138,7 +141,10 @@ pub fn dense_crf(
 
     let mut kernels = Vec::new();
     if params.gaussian_weight != 0.0 {
-        anyhow::ensure!(params.gaussian_sxy > 0.0, "dense_crf: gaussian_sxy must be > 0");
+        anyhow::ensure!(
+            params.gaussian_sxy > 0.0,
+            "dense_crf: gaussian_sxy must be > 0"
+        );
         let f = gaussian_features(width, height, params.gaussian_sxy);
         kernels.push(Kernel::new(&f, 2, n, params.gaussian_weight));
     }
@@ -169,8 +175,15 @@ pub fn labels_from_marginals(
     confidence: f32,
 ) -> (Vec<u8>, Vec<f32>) {
     assert!(n_labels > 0, "labels_from_marginals: no labels");
-    assert_eq!(q.len() % n_labels, 0, "labels_from_marginals: q is not C*H*W");
-    assert!(ids.len() >= n_labels, "labels_from_marginals: fewer ids than labels");
+    assert_eq!(
+        q.len() % n_labels,
+        0,
+        "labels_from_marginals: q is not C*H*W"
+    );
+    assert!(
+        ids.len() >= n_labels,
+        "labels_from_marginals: fewer ids than labels"
+    );
     let n = q.len() / n_labels;
     let mut best = q[..n].to_vec();
     let mut arg = vec![0usize; n];
@@ -253,7 +266,14 @@ impl KeyTable {
     fn new(expected: usize) -> Self {
         let cap = (expected + expected / 2).next_power_of_two().max(16);
         KeyTable {
-            slots: vec![Slot { lo: 0, hi: 0, id: EMPTY }; cap],
+            slots: vec![
+                Slot {
+                    lo: 0,
+                    hi: 0,
+                    id: EMPTY
+                };
+                cap
+            ],
             keys: Vec::with_capacity(expected),
             mask: cap - 1,
             bits: Vec::new(),
@@ -325,14 +345,25 @@ impl KeyTable {
     }
     fn grow(&mut self) {
         let cap = self.slots.len() * 2;
-        self.slots = vec![Slot { lo: 0, hi: 0, id: EMPTY }; cap];
+        self.slots = vec![
+            Slot {
+                lo: 0,
+                hi: 0,
+                id: EMPTY
+            };
+            cap
+        ];
         self.mask = cap - 1;
         for (i, &k) in self.keys.iter().enumerate() {
             let mut h = Self::hash(k) & self.mask;
             while self.slots[h].id != EMPTY {
                 h = (h + 1) & self.mask;
             }
-            self.slots[h] = Slot { lo: k as u64, hi: (k >> 64) as u64, id: i as u32 };
+            self.slots[h] = Slot {
+                lo: k as u64,
+                hi: (k >> 64) as u64,
+                id: i as u32,
+            };
         }
     }
 }
@@ -379,7 +410,11 @@ impl Elevator {
             // 1.0 / sqrt( (i+2)*(i+1) ) * inv_std_dev, in double, stored as float
             *s = (1.0 / (((i + 2) * (i + 1)) as f64).sqrt() * inv_std_dev as f64) as f32;
         }
-        Elevator { d, scale, canonical }
+        Elevator {
+            d,
+            scale,
+            canonical,
+        }
     }
 
     /// For r in 0..=d: the key of the simplex's remainder-r vertex, its barycentric weight, and
@@ -490,7 +525,10 @@ impl Lattice {
             .zip(dirs.par_chunks_mut(dp1 * PCH))
             .enumerate()
             .for_each(|(c, ((kc, bc), dc))| {
-                let it = kc.chunks_exact_mut(dp1).zip(bc.chunks_exact_mut(dp1)).zip(dc.chunks_exact_mut(dp1));
+                let it = kc
+                    .chunks_exact_mut(dp1)
+                    .zip(bc.chunks_exact_mut(dp1))
+                    .zip(dc.chunks_exact_mut(dp1));
                 for (k, ((kk, bb), dd)) in it.enumerate() {
                     let i = c * PCH + k;
                     el.simplex(&features[i * d..(i + 1) * d], kk, bb, dd);
@@ -504,7 +542,7 @@ impl Lattice {
         drop(keys);
         // pydensecrf's SSE init elevates 4 pixels at a time and pads the last block with the
         // all-zero feature; those lanes' vertices are inserted too (they are blur neighbours).
-        if n % 4 != 0 {
+        if !n.is_multiple_of(4) {
             let zero = [0f32; MAX_D];
             let mut kk = [0u128; MAX_D + 1];
             let mut bb = [0f32; MAX_D + 1];
@@ -662,7 +700,11 @@ impl Blurbuf {
     fn new(m: usize, w: usize) -> Self {
         let len = (m + 1) * w;
         let z = A32([0.0; 8]);
-        Blurbuf { a: vec![z; len.div_ceil(8)], b: vec![z; len.div_ceil(8)], len }
+        Blurbuf {
+            a: vec![z; len.div_ceil(8)],
+            b: vec![z; len.div_ceil(8)],
+            len,
+        }
     }
     fn both(&mut self) -> (&mut [f32], &mut [f32]) {
         let len = self.len;
@@ -878,7 +920,11 @@ impl Kernel {
     fn new(features: &[f32], d: usize, n: usize, weight: f32) -> Kernel {
         let lattice = Lattice::new(features, d, n);
         let norm = kernel_norm(&lattice, detect_isa());
-        Kernel { lattice, norm, weight }
+        Kernel {
+            lattice,
+            norm,
+            weight,
+        }
     }
 }
 
@@ -894,12 +940,20 @@ fn kernel_norm(lattice: &Lattice, isa: Isa) -> Vec<f32> {
     let mut norm = vec![0f32; n];
     let ptr = SyncPtr(norm.as_mut_ptr());
     let mut buf = Blurbuf::new(lattice.m, 4);
-    lattice.filter(isa, 4, SliceOrder::Seq, false, &ones, &mut buf, &|range, rows| {
-        for (i, row) in range.zip(rows.chunks_exact(4)) {
-            // SAFETY: every pixel is written by exactly one chunk.
-            unsafe { *ptr.get().add(i) = (1.0 / (row[0] as f64 + 1e-20).sqrt()) as f32 };
-        }
-    });
+    lattice.filter(
+        isa,
+        4,
+        SliceOrder::Seq,
+        false,
+        &ones,
+        &mut buf,
+        &|range, rows| {
+            for (i, row) in range.zip(rows.chunks_exact(4)) {
+                // SAFETY: every pixel is written by exactly one chunk.
+                unsafe { *ptr.get().add(i) = (1.0 / (row[0] as f64 + 1e-20).sqrt()) as f32 };
+            }
+        },
+    );
     norm
 }
 
@@ -917,8 +971,8 @@ fn eigen_pexp(x0: f32) -> f32 {
     const P2: f32 = 8.333_452e-3;
     const P3: f32 = 4.166_579_6e-2;
     const P4: f32 = 1.666_666_5e-1;
-    const P5: f32 = 5.000_000_1e-1;
-    // pmin / pmax are _mm_min_ps / _mm_max_ps: min(a, b) = a < b ? a : b.
+    const P5: f32 = 0.5; // Cephes' 5.0000001201E-1f rounds to exactly 0.5 in f32
+                         // pmin / pmax are _mm_min_ps / _mm_max_ps: min(a, b) = a < b ? a : b.
     let mut x = if x0 < EXP_HI { x0 } else { EXP_HI };
     x = if x > EXP_LO { x } else { EXP_LO };
     let mut fx = x * LOG2EF + 0.5;
@@ -927,8 +981,8 @@ fn eigen_pexp(x0: f32) -> f32 {
     fx = if t > fx { t - 1.0 } else { t };
     let tmp = fx * C1;
     let z = fx * C2;
-    x = x - tmp;
-    x = x - z;
+    x -= tmp;
+    x -= z;
     let z = x * x;
     let mut y = P0;
     y = y * x + P1;
@@ -1017,22 +1071,31 @@ fn eigen_sum(v: &[f32]) -> f32 {
 /// Mean-field loop of pydensecrf `DenseCRF::inference`, on pixel-major rows of the labels padded
 /// to a multiple of 4 (one filter pass carries all labels: the blur is bound by the latency of
 /// its random neighbour reads, so fewer, wider rows beat more, narrower ones).
-fn mean_field(probs: &[f32], n: usize, l: usize, kernels: &[Kernel], iterations: usize) -> Vec<f32> {
+fn mean_field(
+    probs: &[f32],
+    n: usize,
+    l: usize,
+    kernels: &[Kernel],
+    iterations: usize,
+) -> Vec<f32> {
     let isa = detect_isa();
     let lp = l.div_ceil(4) * 4;
     // -unary = log(clip(P, 1e-5, 1)) (pydensecrf.utils.unary_from_softmax; np.clip = min(max)).
     let mut neg_unary = vec![0f32; n * lp];
-    neg_unary.par_chunks_mut(CHUNK * lp).enumerate().for_each(|(c, chunk)| {
-        for (k, row) in chunk.chunks_exact_mut(lp).enumerate() {
-            let i = c * CHUNK + k;
-            for (lab, x) in row[..l].iter_mut().enumerate() {
-                let p = probs[lab * n + i];
-                let p = if p > 1e-5 { p } else { 1e-5 };
-                let p = if p < 1.0 { p } else { 1.0 };
-                *x = p.ln();
+    neg_unary
+        .par_chunks_mut(CHUNK * lp)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (k, row) in chunk.chunks_exact_mut(lp).enumerate() {
+                let i = c * CHUNK + k;
+                for (lab, x) in row[..l].iter_mut().enumerate() {
+                    let p = probs[lab * n + i];
+                    let p = if p > 1e-5 { p } else { 1e-5 };
+                    let p = if p < 1.0 { p } else { 1.0 };
+                    *x = p.ln();
+                }
             }
-        }
-    });
+        });
     // Q0 = softmax(-unary)
     let mut q = neg_unary.clone();
     q.par_chunks_mut(CHUNK * lp).for_each(|chunk| {
@@ -1040,8 +1103,15 @@ fn mean_field(probs: &[f32], n: usize, l: usize, kernels: &[Kernel], iterations:
             eigen_softmax(&mut row[..l]);
         }
     });
-    let order = if l <= 2 { SliceOrder::Seq } else { SliceOrder::Sse };
-    let mut bufs: Vec<Blurbuf> = kernels.iter().map(|k| Blurbuf::new(k.lattice.m, lp)).collect();
+    let order = if l <= 2 {
+        SliceOrder::Seq
+    } else {
+        SliceOrder::Sse
+    };
+    let mut bufs: Vec<Blurbuf> = kernels
+        .iter()
+        .map(|k| Blurbuf::new(k.lattice.m, lp))
+        .collect();
     let mut input = vec![0f32; n * lp];
     let mut tmp = vec![0f32; n * lp];
     for _ in 0..iterations {
@@ -1049,33 +1119,45 @@ fn mean_field(probs: &[f32], n: usize, l: usize, kernels: &[Kernel], iterations:
         for (kernel, buf) in kernels.iter().zip(bufs.iter_mut()) {
             // DenseKernel::filter: in * diag(norm), K, * diag(norm); Potts: -w * out; tmp -= out.
             let norm = &kernel.norm;
-            input.par_chunks_mut(CHUNK * lp).zip(q.par_chunks(CHUNK * lp)).enumerate().for_each(|(c, (ic, qc))| {
-                for (k, (irow, qrow)) in ic.chunks_exact_mut(lp).zip(qc.chunks_exact(lp)).enumerate() {
-                    let s = norm[c * CHUNK + k];
-                    for (x, &y) in irow.iter_mut().zip(qrow) {
-                        *x = y * s;
+            input
+                .par_chunks_mut(CHUNK * lp)
+                .zip(q.par_chunks(CHUNK * lp))
+                .enumerate()
+                .for_each(|(c, (ic, qc))| {
+                    for (k, (irow, qrow)) in
+                        ic.chunks_exact_mut(lp).zip(qc.chunks_exact(lp)).enumerate()
+                    {
+                        let s = norm[c * CHUNK + k];
+                        for (x, &y) in irow.iter_mut().zip(qrow) {
+                            *x = y * s;
+                        }
                     }
-                }
-            });
+                });
             let neg_w = -kernel.weight;
             let tmp_ptr = SyncPtr(tmp.as_mut_ptr());
-            kernel.lattice.filter(isa, lp, order, false, &input, buf, &|range, rows| {
-                for (i, row) in range.zip(rows.chunks_exact(lp)) {
-                    let s = norm[i];
-                    // SAFETY: each pixel row is visited by exactly one task; rows are disjoint.
-                    let t = unsafe { std::slice::from_raw_parts_mut(tmp_ptr.get().add(i * lp), lp) };
-                    for (tv, &r) in t.iter_mut().zip(row) {
-                        *tv -= neg_w * (r * s);
+            kernel
+                .lattice
+                .filter(isa, lp, order, false, &input, buf, &|range, rows| {
+                    for (i, row) in range.zip(rows.chunks_exact(lp)) {
+                        let s = norm[i];
+                        // SAFETY: each pixel row is visited by exactly one task; rows are disjoint.
+                        let t = unsafe {
+                            std::slice::from_raw_parts_mut(tmp_ptr.get().add(i * lp), lp)
+                        };
+                        for (tv, &r) in t.iter_mut().zip(row) {
+                            *tv -= neg_w * (r * s);
+                        }
                     }
+                });
+        }
+        q.par_chunks_mut(CHUNK * lp)
+            .zip(tmp.par_chunks(CHUNK * lp))
+            .for_each(|(qc, tc)| {
+                for (qrow, trow) in qc.chunks_exact_mut(lp).zip(tc.chunks_exact(lp)) {
+                    qrow[..l].copy_from_slice(&trow[..l]);
+                    eigen_softmax(&mut qrow[..l]);
                 }
             });
-        }
-        q.par_chunks_mut(CHUNK * lp).zip(tmp.par_chunks(CHUNK * lp)).for_each(|(qc, tc)| {
-            for (qrow, trow) in qc.chunks_exact_mut(lp).zip(tc.chunks_exact(lp)) {
-                qrow[..l].copy_from_slice(&trow[..l]);
-                eigen_softmax(&mut qrow[..l]);
-            }
-        });
     }
     // Back to channel-major.
     let mut out = vec![0f32; l * n];
@@ -1105,7 +1187,10 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> f32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((self.0 >> 40) as f32) / (1u64 << 24) as f32
         }
     }
@@ -1119,12 +1204,20 @@ mod tests {
         }
         let out = std::sync::Mutex::new(vec![0f32; n]);
         let mut buf = Blurbuf::new(lat.m, 4);
-        lat.filter(Isa::Base, 4, SliceOrder::Seq, reverse, &inp, &mut buf, &|range, rows| {
-            let mut o = out.lock().unwrap();
-            for (i, row) in range.zip(rows.chunks_exact(4)) {
-                o[i] = row[0];
-            }
-        });
+        lat.filter(
+            Isa::Base,
+            4,
+            SliceOrder::Seq,
+            reverse,
+            &inp,
+            &mut buf,
+            &|range, rows| {
+                let mut o = out.lock().unwrap();
+                for (i, row) in range.zip(rows.chunks_exact(4)) {
+                    o[i] = row[0];
+                }
+            },
+        );
         out.into_inner().unwrap()
     }
 
@@ -1147,7 +1240,10 @@ mod tests {
         let n = w * h;
         let mut rng = Lcg(7);
         let img: Vec<u8> = (0..n * 3).map(|_| (rng.next() * 255.0) as u8).collect();
-        for (d, f) in [(2, gaussian_features(w, h, 3.0)), (5, bilateral_features(&img, w, h, 5.0, 20.0))] {
+        for (d, f) in [
+            (2, gaussian_features(w, h, 3.0)),
+            (5, bilateral_features(&img, w, h, 5.0, 20.0)),
+        ] {
             let lat = Lattice::new(&f, d, n);
             let ones = vec![1f32; n];
             let k1 = filter1(&lat, &ones, false);
@@ -1163,17 +1259,28 @@ mod tests {
             }
             let a: Vec<f32> = (0..n).map(|_| rng.next()).collect();
             let b: Vec<f32> = (0..n).map(|_| rng.next()).collect();
-            let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| (*p as f64) * (*q as f64)).sum::<f64>();
+            let dot = |x: &[f32], y: &[f32]| {
+                x.iter()
+                    .zip(y)
+                    .map(|(p, q)| (*p as f64) * (*q as f64))
+                    .sum::<f64>()
+            };
             let kb = filter1(&lat, &b, false);
             let ka = filter1(&lat, &a, false);
             let kta = filter1(&lat, &a, true);
             // Exact transpose: <a, K b> == <K^T a, b>, K^T = the reverse blur order.
             let (x, y) = (dot(&a, &kb), dot(&kta, &b));
-            assert!((x - y).abs() <= 1e-5 * x.abs(), "transpose d={d}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs(),
+                "transpose d={d}: {x} vs {y}"
+            );
             // The forward filter is symmetric up to the (small) non-commutativity of the blur
             // directions on a sparse lattice.
             let z = dot(&ka, &b);
-            assert!((x - z).abs() <= 1e-2 * x.abs(), "symmetry d={d}: {x} vs {z}");
+            assert!(
+                (x - z).abs() <= 1e-2 * x.abs(),
+                "symmetry d={d}: {x} vs {z}"
+            );
         }
     }
 
@@ -1185,14 +1292,24 @@ mod tests {
         let mut rng = Lcg(3);
         let probs: Vec<f32> = (0..n * l).map(|_| rng.next()).collect();
         let img = vec![0u8; n * 3];
-        let p = CrfParams { iterations: 0, ..CrfParams::default() };
+        let p = CrfParams {
+            iterations: 0,
+            ..CrfParams::default()
+        };
         let q = dense_crf(&img, w, h, &probs, l, &p).unwrap();
         for i in 0..n {
-            let col: Vec<f64> = (0..l).map(|c| (probs[c * n + i] as f64).clamp(1e-5, 1.0)).collect();
+            let col: Vec<f64> = (0..l)
+                .map(|c| (probs[c * n + i] as f64).clamp(1e-5, 1.0))
+                .collect();
             let s: f64 = col.iter().sum();
             for c in 0..l {
                 let want = col[c] / s;
-                assert!((q[c * n + i] as f64 - want).abs() < 1e-6, "{} vs {}", q[c * n + i], want);
+                assert!(
+                    (q[c * n + i] as f64 - want).abs() < 1e-6,
+                    "{} vs {}",
+                    q[c * n + i],
+                    want
+                );
             }
         }
         // eigen_pexp agrees with exp to float precision over the range the softmax sees.
@@ -1237,7 +1354,9 @@ mod tests {
     fn faithful_image_wraps_like_numpy() {
         // Values checked against numpy: (np.array([[[r,g,b]]],uint8)[..., ::-1]
         //   - [104.008, 116.669, 122.675]).astype(np.uint8)
-        let rgb = [0u8, 0, 0, 122, 116, 104, 123, 117, 105, 255, 255, 255, 10, 200, 104];
+        let rgb = [
+            0u8, 0, 0, 122, 116, 104, 123, 117, 105, 255, 255, 255, 10, 200, 104,
+        ];
         let out = crf_image(&rgb, CrfImage::Faithful);
         assert_eq!(
             out,
