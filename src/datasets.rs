@@ -19,6 +19,8 @@ pub fn read_labels_json(path: &Path) -> Result<RawLabels> {
 /// One line per image: `<id><TAB><class>,<class>,...` (blank lines and `#` comments skipped).
 pub fn parse_labels_text(text: &str, origin: &str) -> Result<RawLabels> {
     let mut out = RawLabels::new();
+    // Editors on Windows may prepend a byte-order mark; it is not part of the first id.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
         if line.trim().is_empty() || line.starts_with('#') {

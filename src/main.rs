@@ -4,7 +4,26 @@ fn main() {
     if std::env::var_os("TORCH_SHOW_CPP_STACKTRACES").is_none() {
         std::env::set_var("TORCH_SHOW_CPP_STACKTRACES", "0");
     }
-    let code = match clipmask::cli::run() {
+    // Panics are caught per image; print one line, never a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(|s| s.as_str())
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("internal error");
+        if std::env::var_os("CLIPMASK_DEBUG").is_some() {
+            eprintln!("internal error: {msg} ({:?})", info.location());
+        }
+    }));
+    let code = match std::panic::catch_unwind(clipmask::cli::run) {
+        Err(p) => {
+            eprintln!("error: {}", clipmask::pipeline::panic_message(&p));
+            std::process::exit(2);
+        }
+        Ok(r) => r,
+    };
+    let code = match code {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", clipmask::cli::format_error(&e));

@@ -12,6 +12,7 @@ use crate::prompts::TextFeatures;
 use anyhow::{Context, Result};
 use image::RgbImage;
 use ndarray::Array3;
+use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -298,7 +299,9 @@ pub fn generate(
     drop(res_tx);
 
     let mut last_line = Instant::now();
-    let handle_result = |summary: &mut Summary, failures: &mut Vec<(Item, String)>, item: Item, r: Result<f64, String>| {
+    let mut attempted: HashSet<String> = HashSet::new();
+    let mut handle_result = |summary: &mut Summary, failures: &mut Vec<(Item, String)>, item: Item, r: Result<f64, String>| {
+        attempted.insert(item.id.clone());
         match r {
             Ok(write_s) => {
                 summary.done += 1;
@@ -321,9 +324,15 @@ pub fn generate(
         summary.stages.decode += seconds;
         let computed = image.and_then(|(img, prepared)| {
             let labels = item.labels.clone()?;
-            compute_maps(model, text, &prepared, &labels, &opts.maps)
-                .map(|m| (img, m))
-                .map_err(|e| format!("{e:#}"))
+            // libtorch errors (out of memory on a huge input, ...) surface as panics in tch:
+            // they fail this image, not the run.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                compute_maps(model, text, &prepared, &labels, &opts.maps)
+            }));
+            match r {
+                Ok(m) => m.map(|m| (img, m)).map_err(|e| format!("{e:#}")),
+                Err(p) => Err(format!("model error: {}", panic_message(&p))),
+            }
         });
         match computed {
             Ok((img, maps)) => {
@@ -360,7 +369,8 @@ pub fn generate(
         handle_result(&mut summary, &mut failures, item, r);
     }
     bar.finish_and_clear();
-    write_failures(opts, &failures)?;
+    drop(handle_result);
+    write_failures(opts, &failures, &attempted)?;
     summary.seconds = start.elapsed().as_secs_f64();
     summary.peak_rss_mib = peak_rss_mib();
     Ok(summary)
@@ -397,20 +407,42 @@ pub fn write_confidence(path: &std::path::Path, conf: Vec<f32>, h: u32, w: u32) 
     crate::outputs::write_atomic(path, |f| Ok(arr.write_npy(f)?))
 }
 
-fn write_failures(opts: &GenerateOptions, failures: &[(Item, String)]) -> Result<()> {
+/// Updates OUT/failures.jsonl: entries of images this run attempted are replaced by this run's
+/// outcome, others (other shards, images not reached) are kept. A lock on the output directory
+/// serialises shards that finish at the same time.
+fn write_failures(opts: &GenerateOptions, failures: &[(Item, String)], attempted: &HashSet<String>) -> Result<()> {
     let path = opts.out.join("failures.jsonl");
-    if failures.is_empty() {
-        let _ = std::fs::remove_file(&path);
-        return Ok(());
+    let lock = std::fs::File::open(&opts.out).with_context(|| format!("cannot open {}", opts.out.display()))?;
+    lock.lock().with_context(|| format!("cannot lock {}", path.display()))?;
+    let mut lines: Vec<String> = std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let id = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["id"].as_str().map(String::from));
+            id.is_some_and(|id| !attempted.contains(&id))
+        })
+        .map(String::from)
+        .collect();
+    for (item, reason) in failures {
+        let f = Failure { id: &item.id, path: item.path.display().to_string(), reason: reason.clone() };
+        lines.push(serde_json::to_string(&f)?);
     }
-    crate::outputs::write_atomic(&path, |w| {
-        use std::io::Write;
-        for (item, reason) in failures {
-            let f = Failure { id: &item.id, path: item.path.display().to_string(), reason: reason.clone() };
-            writeln!(w, "{}", serde_json::to_string(&f)?)?;
+    let r = if lines.is_empty() {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
         }
-        Ok(())
-    })
+    } else {
+        crate::outputs::write_atomic(&path, |w| {
+            use std::io::Write;
+            for l in &lines {
+                writeln!(w, "{l}")?;
+            }
+            Ok(())
+        })
+    };
+    let _ = lock.unlock();
+    r
 }
 
 pub fn progress_bar(len: u64) -> indicatif::ProgressBar {
@@ -432,4 +464,14 @@ pub fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// The first line of a panic payload (tch wraps libtorch's C++ exceptions in panics).
+pub fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    let msg = p
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown error".into());
+    msg.lines().next().unwrap_or("").to_string()
 }

@@ -635,7 +635,6 @@ fn rerun_skips_overwrite_redoes_and_shards_cover_the_list_exactly() {
 }
 
 #[test]
-#[ignore = "bug: shards run into one OUT (even one after the other) overwrite each other's failures.jsonl; a shard with no failure deletes it"]
 fn shards_into_one_directory_keep_every_failure() {
     let tmp = tempfile::tempdir().unwrap();
     let imgs = tmp.path().join("imgs");
