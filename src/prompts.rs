@@ -80,12 +80,21 @@ fn l2norm(x: &Tensor) -> Tensor {
 pub fn encode_groups(model: &Clip, groups: &[Vec<String>]) -> Result<Tensor> {
     let text = model.text.as_ref().context("the text tower was already dropped")?;
     let ctx = text.context_length as usize;
+    // All sentences in batches of 256, then per-group normalise / average / normalise.
+    let all: Vec<&String> = groups.iter().flatten().collect();
+    let mut feats = Vec::new();
+    for chunk in all.chunks(256) {
+        let ids: Vec<i64> = chunk.iter().map(|s| tokenize(s, ctx)).collect::<Result<Vec<_>>>()?.concat();
+        let tokens = Tensor::from_slice(&ids).reshape([chunk.len() as i64, ctx as i64]);
+        feats.push(l2norm(&text.encode(&tokens).to_kind(Kind::Float)).to_device(tch::Device::Cpu));
+    }
+    let feats = Tensor::cat(&feats, 0);
     let mut out = Vec::with_capacity(groups.len());
+    let mut start = 0i64;
     for group in groups {
-        let ids: Vec<i64> = group.iter().map(|s| tokenize(s, ctx)).collect::<Result<Vec<_>>>()?.concat();
-        let tokens = Tensor::from_slice(&ids).reshape([group.len() as i64, ctx as i64]);
-        let feats = l2norm(&text.encode(&tokens).to_kind(Kind::Float));
-        out.push(l2norm(&feats.mean_dim(0, false, Kind::Float)).to_device(tch::Device::Cpu));
+        let g = feats.narrow(0, start, group.len() as i64);
+        start += group.len() as i64;
+        out.push(l2norm(&g.mean_dim(0, false, Kind::Float)));
     }
     Ok(Tensor::stack(&out, 0))
 }
