@@ -2,13 +2,6 @@
 //! the 255 rule hold on the real outputs.
 mod common;
 use common::*;
-use std::process::Command;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_clipmask"));
-    c.env("CLIPMASK_CACHE", root().join("target/test-cache"));
-    c
-}
 
 #[test]
 fn generate_crf_equals_crf_on_saved_maps() {
@@ -23,14 +16,14 @@ fn generate_crf_equals_crf_on_saved_maps() {
     std::fs::write(&labels, r#"{"s0": ["dog"], "s1": ["person", "car"], "s2": ["cat", "sofa", "person"]}"#).unwrap();
     let model = fx.join("model.safetensors");
     let a = tmp.path().join("a");
-    let st = bin()
+    let st = clipmask_bin()
         .args(["generate", "--model", model.to_str().unwrap(), "--device", "cpu", "--images", images.to_str().unwrap()])
         .args(["--labels", labels.to_str().unwrap(), "--out", a.to_str().unwrap(), "--crf", "--save-cams", "--save-confidence"])
         .status()
         .unwrap();
     assert!(st.success());
     let b = tmp.path().join("b");
-    let st = bin()
+    let st = clipmask_bin()
         .args(["crf", "--cams", a.join("cams").to_str().unwrap(), "--images", images.to_str().unwrap(), "--out", b.to_str().unwrap()])
         .status()
         .unwrap();
@@ -52,7 +45,7 @@ fn generate_crf_equals_crf_on_saved_maps() {
     }
     // The rgb image mode is a different CRF input: it runs and gives valid masks.
     let c = tmp.path().join("c");
-    let st = bin()
+    let st = clipmask_bin()
         .args(["crf", "--cams", a.join("cams").to_str().unwrap(), "--images", images.to_str().unwrap()])
         .args(["--out", c.to_str().unwrap(), "--crf-image", "rgb", "--confidence", "0"])
         .status()

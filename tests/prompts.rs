@@ -7,12 +7,6 @@ use common::*;
 use std::process::Command;
 use tch::{Device, Kind};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_clipmask"));
-    c.env("CLIPMASK_CACHE", root().join("target/test-cache"));
-    c
-}
-
 #[test]
 fn sharpness_matches_numpy_on_hand_made_scores() {
     // Deterministic pseudo-random softmax rows over 6 classes; images with 1..4 labels.
@@ -73,7 +67,7 @@ fn feature_fusion_of_one_synonym_equals_sentence_fusion() {
 #[test]
 fn prompts_show_prints_every_sentence_of_the_shipped_configs() {
     for (name, n_classes, n_bg) in [("voc12", 20, 25), ("coco14", 80, 23)] {
-        let out = bin().args(["prompts", "show", "--config", name]).output().unwrap();
+        let out = clipmask_bin().args(["prompts", "show", "--config", name]).output().unwrap();
         assert!(out.status.success());
         let text = String::from_utf8(out.stdout).unwrap();
         let cfg = DatasetConfig::resolve(name).unwrap();
@@ -89,7 +83,7 @@ fn prompts_show_prints_every_sentence_of_the_shipped_configs() {
         let sentences = text.lines().filter(|l| l.starts_with("      ")).count();
         assert_eq!(sentences, n_classes + n_bg);
     }
-    let out = bin().args(["prompts", "show", "--config", "voc12"]).output().unwrap();
+    let out = clipmask_bin().args(["prompts", "show", "--config", "voc12"]).output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("a clean origami person with clothes,people,human."));
     assert!(text.contains("a clean origami tvmonitor screen."));
@@ -115,7 +109,7 @@ fn ranking_is_stable_and_writes_a_config() {
     std::fs::write(&templates, "a photo of a {}.\na clean origami {}.\nart of the {}.\na rendering of a weird {}.\n").unwrap();
     let out_cfg = tmp.path().join("best.json");
     let run = |extra: &[&str]| {
-        let mut c = bin();
+        let mut c = clipmask_bin();
         c.args(["prompts", "rank", "--model", fx.join("model.pt").to_str().unwrap(), "--config", "voc12", "--device", "cpu"])
             .args(["--images", images.to_str().unwrap(), "--labels", labels_path.to_str().unwrap()])
             .args(["--templates", templates.to_str().unwrap(), "--json"])

@@ -13,6 +13,13 @@ pub fn python() -> PathBuf {
     std::env::var_os("CLIPMASK_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
 }
 
+/// The clipmask binary with a cache of its own (no test touches the user's cache).
+pub fn clipmask_bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clipmask"));
+    c.env("CLIPMASK_CACHE", root().join("target/test-cache"));
+    c
+}
+
 pub fn run_python(args: &[&str]) {
     let out = Command::new(python())
         .args(args)
