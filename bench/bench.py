@@ -80,6 +80,19 @@ def main():
         same += int((a == c).sum())
         total += a.size
 
+    # Maps + dense CRF, whole process: PyTorch + pydensecrf against generate --crf.
+    bc_wall, bc_rss, _ = measured([PY, os.path.join(ROOT, "bench/baseline_clipes.py"), "--crf", model, config, images,
+                                   labels_path, os.path.join(out, "baseline-crf")] + ids)
+    cc_wall, cc_rss, _ = measured([os.path.join(ROOT, "target/release/clipmask"), "generate", "--model", model,
+                                   "--config", config, "--device", "cpu", "--images", images, "--labels", labels_path,
+                                   "--split", split, "--out", os.path.join(out, "clipmask-crf"), "--crf", "--overwrite"])
+    same_crf, total_crf = 0, 0
+    for i in ids:
+        a = np.array(Image.open(os.path.join(out, "baseline-crf", i + ".png")))
+        c = np.array(Image.open(os.path.join(out, "clipmask-crf", "masks", i + ".png")))
+        same_crf += int((a == c).sum())
+        total_crf += a.size
+
     ratio = b_wall / c_wall
     st = s["stages"]
     lines = [
@@ -94,6 +107,14 @@ def main():
         "",
         f"**Speed-up: {ratio:.2f}x** images/s (target >= 1.3x). Peak RSS {c_rss:.0f} MiB (target < 1536).",
         f"Same outputs: refined maps max |diff| {d_max:.1e}; labels identical on {100.0 * same / total:.3f} % of pixels.",
+        "",
+        "| pipeline (whole process, maps + dense CRF + confidence) | wall s | images/s | peak RSS MiB |",
+        "|---|---|---|---|",
+        f"| PyTorch pipeline + pydensecrf | {bc_wall:.2f} | {len(ids) / bc_wall:.3f} | {bc_rss:.0f} |",
+        f"| clipmask generate --crf | {cc_wall:.2f} | {len(ids) / cc_wall:.3f} | {cc_rss:.0f} |",
+        "",
+        f"**Speed-up with CRF: {bc_wall / cc_wall:.2f}x** (target >= 2x). "
+        f"Labels identical on {100.0 * same_crf / total_crf:.3f} % of pixels.",
         "",
         f"Baseline breakdown: set-up (load, text) {b['setup_s']:.2f} s, maps {b['maps_s']:.2f} s, "
         f"labels + write {b['write_s']:.2f} s.",

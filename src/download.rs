@@ -53,6 +53,28 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// SHA-256 of a checkpoint, remembered in the cache by (path, size, modification time) so a
+/// 600 MB file is hashed once, not at every start.
+pub fn model_digest(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let key = format!("{}|{}|{}", canonical.display(), meta.len(), mtime);
+    let index = cache_dir().join("digests.json");
+    let mut map: std::collections::BTreeMap<String, String> =
+        std::fs::read_to_string(&index).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    if let Some(d) = map.get(&key) {
+        return Ok(d.clone());
+    }
+    let digest = sha256_file(path)?;
+    map.insert(key, digest.clone());
+    // Best effort: a read-only cache only costs the hashing next time.
+    if let Ok(json) = serde_json::to_string_pretty(&map) {
+        let _ = crate::outputs::write_atomic(&index, |w| Ok(w.write_all(json.as_bytes())?));
+    }
+    Ok(digest)
+}
+
 /// SHA-256 of a file as lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;

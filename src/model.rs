@@ -234,7 +234,7 @@ impl Clip {
     /// `spec` is a path or a released name such as `ViT-B/16` (see [`download::resolve`]).
     pub fn load(spec: &str, device: Device, kind: Kind) -> Result<Self> {
         let path = download::resolve(spec)?;
-        let digest = download::sha256_file(&path)?;
+        let digest = download::model_digest(&path)?;
         if let Some((name, sha, _)) = download::released(spec) {
             if !Path::new(spec).exists() && digest != sha {
                 bail!(
@@ -247,7 +247,7 @@ impl Clip {
     }
 
     pub fn load_path(path: &Path, device: Device, kind: Kind) -> Result<Self> {
-        Self::load_with_digest(path, download::sha256_file(path)?, device, kind)
+        Self::load_with_digest(path, download::model_digest(path)?, device, kind)
     }
 
     fn load_with_digest(path: &Path, digest: String, device: Device, kind: Kind) -> Result<Self> {
