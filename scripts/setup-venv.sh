@@ -25,9 +25,7 @@ fi
 req_sha=$(sha256sum "$REQ" | cut -c1-16)
 if [ "$(cat "$VENV/.requirements-sha" 2>/dev/null)" != "$req_sha" ]; then
   echo "setup-venv: installing test requirements ($REQ)" >&2
-  "$VENV/bin/python" -m pip install --quiet -r "$REQ"
-  # OpenAI's CLIP tokenizer (the reference for token ids); --no-deps keeps torchvision out.
-  "$VENV/bin/python" -m pip install --quiet --no-deps clip-anytorch==2.6.0
+  "$VENV/bin/python" -m pip install --quiet -r "$REQ" "torch==$TORCH_VERSION"
   echo "$req_sha" > "$VENV/.requirements-sha"
 fi
 if [ "$(readlink .venv 2>/dev/null)" != "$VENV" ]; then
