@@ -172,7 +172,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     std::fs::write(&probe, b"").with_context(|| format!("output directory {} is not writable", args.out.display()))?;
     let _ = std::fs::remove_file(&probe);
 
-    let (model, cfg) = args.model.load()?;
+    let model = args.model.load_model()?;
     let mut items = work_list(&cfg, &args.images, &labels, split.as_deref());
     if let Some((i, n)) = shard_spec {
         items = shard(items, i, n);

@@ -81,9 +81,13 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<(crate::model::Clip, crate::config::DatasetConfig)> {
         let cfg = crate::config::DatasetConfig::resolve(&self.config)?;
+        Ok((self.load_model()?, cfg))
+    }
+
+    /// The model alone, for callers that have already read the config.
+    pub fn load_model(&self) -> Result<crate::model::Clip> {
         let device = crate::device::parse_device(&self.device)?;
         let kind = crate::device::kind_for(device, self.fp32);
-        let model = crate::model::Clip::load(&self.model, device, kind)?;
-        Ok((model, cfg))
+        crate::model::Clip::load(&self.model, device, kind)
     }
 }
