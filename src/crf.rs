@@ -34,8 +34,6 @@
 // Index loops mirror the C++ being reproduced, which makes them easier to check against it.
 #![allow(clippy::needless_range_loop)]
 
-use rayon::prelude::*;
-
 /// Parameters of the dense CRF. Defaults are CLIP-ES's (method.md §6).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CrfParams {
@@ -290,6 +288,11 @@ impl KeyTable {
             self.bits[b / 64] |= 1 << (b % 64);
         }
     }
+    /// Prefetch the slot a key with hash `h` starts probing at.
+    #[inline]
+    fn prefetch(&self, h: usize) {
+        prefetch(self.slots.as_ptr().wrapping_add(h & self.mask));
+    }
     #[inline]
     fn maybe_present(&self, h: usize) -> bool {
         let b = (h as u64 >> self.bits_shift) as usize;
@@ -495,20 +498,19 @@ struct Lattice {
     n: usize,
     /// Number of lattice vertices.
     m: usize,
-    /// Per pixel, d+1 vertex slots (vertex id + 1; slot 0 is the always-zero "missing" vertex).
+    /// Per pixel, d+1 vertex rows (vertex id + 1; row 0 is the always-zero "missing" vertex).
     offset: Vec<u32>,
     /// Per pixel, d+1 barycentric weights.
     bary: Vec<f32>,
     /// Per pixel, d+1 barycentric weights times alpha (SSE slicing multiplies these first).
     bary_alpha: Vec<f32>,
-    /// Splat as a gather: per vertex, its (pixel, weight) pairs in increasing pixel order.
-    splat_start: Vec<u32>,
-    splat_pix: Vec<u32>,
-    splat_w: Vec<f32>,
-    /// Blur neighbours, direction-major: [(d+1) * m] of (n1 slot, n2 slot), 0 = missing.
+    /// Blur neighbours, direction-major: [(d+1) * m] of (n1 row, n2 row), 0 = missing.
     blur: Vec<[u32; 2]>,
     alpha: f32,
 }
+
+/// How many items ahead the build and filter loops prefetch.
+const AHEAD: usize = 8;
 
 impl Lattice {
     /// `features`: n x d, pixel-major.
@@ -518,26 +520,23 @@ impl Lattice {
         let dp1 = d + 1;
         let mut keys = vec![0u128; n * dp1];
         let mut bary = vec![0f32; n * dp1];
-        let mut dirs = vec![0u8; n * dp1];
-        const PCH: usize = 1024;
-        keys.par_chunks_mut(dp1 * PCH)
-            .zip(bary.par_chunks_mut(dp1 * PCH))
-            .zip(dirs.par_chunks_mut(dp1 * PCH))
+        let mut dirs = [0u8; MAX_D + 1];
+        for (i, (kk, bb)) in keys
+            .chunks_exact_mut(dp1)
+            .zip(bary.chunks_exact_mut(dp1))
             .enumerate()
-            .for_each(|(c, ((kc, bc), dc))| {
-                let it = kc
-                    .chunks_exact_mut(dp1)
-                    .zip(bc.chunks_exact_mut(dp1))
-                    .zip(dc.chunks_exact_mut(dp1));
-                for (k, ((kk, bb), dd)) in it.enumerate() {
-                    let i = c * PCH + k;
-                    el.simplex(&features[i * d..(i + 1) * d], kk, bb, dd);
-                }
-            });
+        {
+            el.simplex(&features[i * d..(i + 1) * d], kk, bb, &mut dirs[..dp1]);
+        }
+        // Vertex ids are given in order of first use; they never influence a number, only
+        // memory order. The table's slots are random reads, so they are prefetched ahead.
         let mut table = KeyTable::new(n + n / 2);
         let mut offset = vec![0u32; n * dp1];
-        for (o, &k) in offset.iter_mut().zip(&keys) {
-            *o = table.insert(k) + 1;
+        for t in 0..keys.len() {
+            if let Some(&k) = keys.get(t + 2 * AHEAD) {
+                table.prefetch(KeyTable::hash(k));
+            }
+            offset[t] = table.insert(keys[t]) + 1;
         }
         drop(keys);
         // pydensecrf's SSE init elevates 4 pixels at a time and pads the last block with the
@@ -546,92 +545,14 @@ impl Lattice {
             let zero = [0f32; MAX_D];
             let mut kk = [0u128; MAX_D + 1];
             let mut bb = [0f32; MAX_D + 1];
-            let mut dd = [0u8; MAX_D + 1];
-            el.simplex(&zero[..d], &mut kk[..dp1], &mut bb[..dp1], &mut dd[..dp1]);
+            el.simplex(&zero[..d], &mut kk[..dp1], &mut bb[..dp1], &mut dirs[..dp1]);
             for &k in &kk[..dp1] {
                 table.insert(k);
             }
         }
         let m = table.keys.len();
         table.seal();
-
-        // Splat gather lists (counting sort by vertex keeps pixel order within each vertex).
-        let mut splat_start = vec![0u32; m + 1];
-        for &o in &offset {
-            splat_start[o as usize] += 1;
-        }
-        for v in 0..m {
-            splat_start[v + 1] += splat_start[v];
-        }
-        let mut fill: Vec<u32> = splat_start[..m].to_vec();
-        let mut splat_pix = vec![0u32; n * dp1];
-        let mut splat_w = vec![0f32; n * dp1];
-        for i in 0..n {
-            for j in 0..dp1 {
-                let v = offset[i * dp1 + j] as usize - 1;
-                let e = fill[v] as usize;
-                fill[v] += 1;
-                splat_pix[e] = i as u32;
-                splat_w[e] = bary[i * dp1 + j];
-            }
-        }
-        drop(fill);
-
-        // Blur neighbours along each of the d+1 directions (pydensecrf: n1 = key - 1 except
-        // n1[j] = key[j] + d, n2 = key + 1 except n2[j] = key[j] - d). The edges of every
-        // pixel's simplex are such neighbour pairs, so most are known without a lookup; the
-        // rest are looked up in the hash table.
-        const UNKNOWN: u32 = u32::MAX;
-        let mut blur = vec![[UNKNOWN; 2]; dp1 * m];
-        for i in 0..n {
-            let offs = &offset[i * dp1..(i + 1) * dp1];
-            for r in 0..dp1 {
-                let a = offs[r];
-                let b = offs[if r == d { 0 } else { r + 1 }];
-                let j = dirs[i * dp1 + r] as usize;
-                blur[j * m + a as usize - 1][1] = b;
-                blur[j * m + b as usize - 1][0] = a;
-            }
-        }
-        drop(dirs);
-        let dd = d as i16;
-        blur.par_chunks_mut(PCH).enumerate().for_each(|(c, chunk)| {
-            let mut key = [0i16; MAX_D + 1];
-            let mut nk = [0i16; MAX_D + 1];
-            // Gather this chunk's queries, then probe with the slots prefetched ahead.
-            let mut queries: Vec<(u32, u128, usize)> = Vec::new();
-            for k in 0..chunk.len() {
-                let (j, v) = ((c * PCH + k) / m, (c * PCH + k) % m);
-                for side in 0..2 {
-                    if chunk[k][side] != UNKNOWN {
-                        continue;
-                    }
-                    unpack_key(table.keys[v], d, &mut key);
-                    let (step, jump) = if side == 0 { (-1i16, dd) } else { (1, -dd) };
-                    for t in 0..d {
-                        nk[t] = key[t].wrapping_add(step);
-                    }
-                    if j < d {
-                        nk[j] = key[j].wrapping_add(jump);
-                    }
-                    let q = pack_key(&nk[..d]);
-                    let h = KeyTable::hash(q);
-                    if table.maybe_present(h) {
-                        queries.push(((2 * k + side) as u32, q, h & table.mask));
-                    } else {
-                        chunk[k][side] = 0;
-                    }
-                }
-            }
-            for (t, &(slot, q, h)) in queries.iter().enumerate() {
-                if let Some(&(_, _, ph)) = queries.get(t + 16) {
-                    prefetch(table.slots.as_ptr().wrapping_add(ph));
-                }
-                let found = table.find_from(q, h).map_or(0, |x| x + 1);
-                chunk[slot as usize / 2][slot as usize % 2] = found;
-            }
-        });
-
+        let blur = blur_neighbours(&table, d);
         let alpha = 1.0f32 / (1.0 + 2f32.powi(-(d as i32)));
         let bary_alpha = bary.iter().map(|&w| w * alpha).collect();
         Lattice {
@@ -641,13 +562,86 @@ impl Lattice {
             offset,
             bary,
             bary_alpha,
-            splat_start,
-            splat_pix,
-            splat_w,
             blur,
             alpha,
         }
     }
+
+    /// K·input with one value per pixel (pydensecrf `Permutohedral::compute` with value_size 1,
+    /// its `seqCompute`): splat, blur along the d+1 directions, slice. `reverse` blurs the
+    /// directions in reverse order, the transpose of the forward filter (pydensecrf's
+    /// `applyTranspose`; inference never uses it).
+    fn filter_scalar(&self, input: &[f32], reverse: bool) -> Vec<f32> {
+        let dp1 = self.d + 1;
+        let mut src = vec![0f32; self.m + 1];
+        let mut dst = vec![0f32; self.m + 1];
+        for (i, &x) in input.iter().enumerate() {
+            for r in 0..dp1 {
+                src[self.offset[i * dp1 + r] as usize] += self.bary[i * dp1 + r] * x;
+            }
+        }
+        for step in 0..=self.d {
+            let j = if reverse { self.d - step } else { step };
+            base::blur::<1>(1, self, j, &src, &mut dst);
+            std::mem::swap(&mut src, &mut dst);
+        }
+        (0..self.n)
+            .map(|i| {
+                let mut acc = 0f32;
+                for r in 0..dp1 {
+                    acc += self.bary[i * dp1 + r] * src[self.offset[i * dp1 + r] as usize] * self.alpha;
+                }
+                acc
+            })
+            .collect()
+    }
+}
+
+/// Blur neighbours along each of the d+1 lattice directions (pydensecrf: n1 = key - 1 except
+/// n1[j] = key[j] + d, n2 = key + 1 except n2[j] = key[j] - d). The relation is symmetric
+/// (u = n2(v) exactly when v = n1(u)), so only the n2 side is looked up and each hit fills
+/// both. Most candidates are absent and are answered by the cache-resident presence filter;
+/// the rest are probed with their slots prefetched.
+fn blur_neighbours(table: &KeyTable, d: usize) -> Vec<[u32; 2]> {
+    let dp1 = d + 1;
+    let m = table.keys.len();
+    let mut blur = vec![[0u32; 2]; dp1 * m];
+    let dd = d as i16;
+    let mut key = [0i16; MAX_D + 1];
+    let mut nk = [0i16; MAX_D + 1];
+    // (vertex, direction, key, slot) for the candidates the filter lets through, per batch.
+    let mut queries: Vec<(u32, u32, u128, usize)> = Vec::with_capacity(4096 * dp1);
+    const BATCH: usize = 4096;
+    for start in (0..m).step_by(BATCH) {
+        queries.clear();
+        for v in start..(start + BATCH).min(m) {
+            unpack_key(table.keys[v], d, &mut key);
+            for j in 0..dp1 {
+                for t in 0..d {
+                    nk[t] = key[t].wrapping_add(1);
+                }
+                if j < d {
+                    nk[j] = key[j].wrapping_sub(dd);
+                }
+                let q = pack_key(&nk[..d]);
+                let h = KeyTable::hash(q);
+                if table.maybe_present(h) {
+                    queries.push((v as u32, j as u32, q, h & table.mask));
+                }
+            }
+        }
+        for (t, &(v, j, q, h)) in queries.iter().enumerate() {
+            if let Some(&(_, _, _, ph)) = queries.get(t + 2 * AHEAD) {
+                prefetch(table.slots.as_ptr().wrapping_add(ph));
+            }
+            if let Some(u) = table.find_from(q, h) {
+                let (v, j, u) = (v as usize, j as usize, u as usize);
+                blur[j * m + v][1] = u as u32 + 1;
+                blur[j * m + u][0] = v as u32 + 1;
+            }
+        }
+    }
+    blur
 }
 
 /// Hint the cache about a row we will read soon (the lattice's accesses are random, so the
@@ -670,12 +664,6 @@ fn prefetch_row(p: *const f32, w: usize) {
     prefetch(p.wrapping_add(w - 1));
 }
 
-/// How many rows ahead the loops prefetch.
-const AHEAD: usize = 8;
-
-/// Rows of at most this many vertices / pixels form one rayon task.
-const CHUNK: usize = 2048;
-
 /// Which of pydensecrf's slicing orders to use: `seqCompute` (value_size <= 2) multiplies
 /// (w * v) * alpha, `sseCompute` multiplies (w * alpha) * v.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -689,18 +677,19 @@ enum SliceOrder {
 #[derive(Clone, Copy)]
 struct A32([f32; 8]);
 
-/// Reusable buffers for one lattice filter: vertex values (row width w) with a zero slot 0.
-struct Blurbuf {
+/// Vertex values of one lattice, rows of w values with a zero row 0 ("missing" neighbour):
+/// `splat` receives the splatted input of the next filter, `blurred` ends up with the result.
+struct VertexBuf {
     a: Vec<A32>,
     b: Vec<A32>,
     len: usize,
 }
 
-impl Blurbuf {
+impl VertexBuf {
     fn new(m: usize, w: usize) -> Self {
         let len = (m + 1) * w;
         let z = A32([0.0; 8]);
-        Blurbuf {
+        VertexBuf {
             a: vec![z; len.div_ceil(8)],
             b: vec![z; len.div_ceil(8)],
             len,
@@ -765,34 +754,20 @@ macro_rules! dispatch {
     }};
 }
 
+/// What one mean-field pixel pass does for one kernel: slice its blurred vertex values into
+/// the message, and (except after the last iteration) splat norm ⊙ Q into the next input.
+struct PassKernel<'a> {
+    lat: &'a Lattice,
+    norm: &'a [f32],
+    neg_w: f32,
+    blurred: &'a [f32],
+    next: Option<&'a mut [f32]>,
+}
+
 /// Filter kernels over rows of w values, generic over W (= w when known at compile time, else 0).
 macro_rules! filter_kernels {
     ($($attr:meta)?) => {
-        use super::{prefetch_row, Lattice, SliceOrder, AHEAD, CHUNK};
-        use rayon::prelude::*;
-
-        /// Splat `input` (n x w) onto vertex values `vals` ((m+1) x w).
-        $(#[$attr])?
-        pub fn splat<const W: usize>(w: usize, lat: &Lattice, input: &[f32], vals: &mut [f32]) {
-            let w = if W > 0 { W } else { w };
-            vals[..w].fill(0.0);
-            vals[w..].par_chunks_mut(CHUNK * w).enumerate().for_each(|(c, chunk)| {
-                for (k, dst) in chunk.chunks_exact_mut(w).enumerate() {
-                    let v = c * CHUNK + k;
-                    dst.fill(0.0);
-                    let (s, e) = (lat.splat_start[v] as usize, lat.splat_start[v + 1] as usize);
-                    for &p in lat.splat_pix.get(e..e + 4).unwrap_or(&[]) {
-                        prefetch_row(input.as_ptr().wrapping_add(p as usize * w), w);
-                    }
-                    for (&p, &bw) in lat.splat_pix[s..e].iter().zip(&lat.splat_w[s..e]) {
-                        let src = &input[p as usize * w..p as usize * w + w];
-                        for t in 0..w {
-                            dst[t] += bw * src[t];
-                        }
-                    }
-                }
-            });
-        }
+        use super::{eigen_softmax, prefetch_row, Lattice, PassKernel, SliceOrder, AHEAD};
 
         /// One blur pass along direction `j`: dst[v] = src[v] + 0.5 (src[n1] + src[n2]).
         $(#[$attr])?
@@ -801,52 +776,96 @@ macro_rules! filter_kernels {
             let m = lat.m;
             let nb = &lat.blur[j * m..(j + 1) * m];
             dst[..w].fill(0.0);
-            dst[w..].par_chunks_mut(CHUNK * w).enumerate().for_each(|(c, chunk)| {
-                for (k, out) in chunk.chunks_exact_mut(w).enumerate() {
-                    let v = c * CHUNK + k;
-                    if let Some(&[pa, pb]) = nb.get(v + AHEAD) {
-                        prefetch_row(src.as_ptr().wrapping_add(pa as usize * w), w);
-                        prefetch_row(src.as_ptr().wrapping_add(pb as usize * w), w);
-                    }
-                    let [a, b] = nb[v];
-                    let old = &src[(v + 1) * w..(v + 2) * w];
-                    let a = &src[a as usize * w..a as usize * w + w];
-                    let b = &src[b as usize * w..b as usize * w + w];
-                    for t in 0..w {
-                        out[t] = old[t] + 0.5 * (a[t] + b[t]);
-                    }
+            for (v, out) in dst[w..(m + 1) * w].chunks_exact_mut(w).enumerate() {
+                if let Some(&[pa, pb]) = nb.get(v + AHEAD) {
+                    prefetch_row(src.as_ptr().wrapping_add(pa as usize * w), w);
+                    prefetch_row(src.as_ptr().wrapping_add(pb as usize * w), w);
                 }
-            });
+                let [a, b] = nb[v];
+                let old = &src[(v + 1) * w..(v + 2) * w];
+                let a = &src[a as usize * w..a as usize * w + w];
+                let b = &src[b as usize * w..b as usize * w + w];
+                for t in 0..w {
+                    out[t] = old[t] + 0.5 * (a[t] + b[t]);
+                }
+            }
         }
 
-        /// Slice vertex values back to pixels and hand each pixel's row to `finish`.
+        /// Splat norm ⊙ q (pixel-major rows of w) onto the vertices of each kernel's `next`
+        /// buffer, scattering in pixel order: every vertex sums its contributions in increasing
+        /// pixel order, as pydensecrf's splat does.
         $(#[$attr])?
-        pub fn slice<const W: usize>(
+        pub fn splat<const W: usize>(w: usize, q: &[f32], kernels: &mut [PassKernel], scratch: &mut [f32]) {
+            let w = if W > 0 { W } else { w };
+            let n = q.len() / w;
+            let inp = &mut scratch[..w];
+            for i in 0..n {
+                let qrow = &q[i * w..(i + 1) * w];
+                for k in kernels.iter_mut() {
+                    splat_pixel::<W>(w, k, i, qrow, inp);
+                }
+            }
+        }
+
+        #[inline(always)]
+        fn splat_pixel<const W: usize>(w: usize, k: &mut PassKernel, i: usize, qrow: &[f32], inp: &mut [f32]) {
+            let w = if W > 0 { W } else { w };
+            let dp1 = k.lat.d + 1;
+            let Some(next) = k.next.as_deref_mut() else { return };
+            if let Some(ahead) = k.lat.offset.get((i + AHEAD) * dp1..(i + AHEAD + 1) * dp1) {
+                for &o in ahead {
+                    prefetch_row(next.as_ptr().wrapping_add(o as usize * w), w);
+                }
+            }
+            // DenseKernel::filter: in = Q ⊙ norm.
+            let s = k.norm[i];
+            for t in 0..w {
+                inp[t] = qrow[t] * s;
+            }
+            let offs = &k.lat.offset[i * dp1..(i + 1) * dp1];
+            let ws = &k.lat.bary[i * dp1..(i + 1) * dp1];
+            for (&o, &bw) in offs.iter().zip(ws) {
+                let dst = &mut next[o as usize * w..o as usize * w + w];
+                for t in 0..w {
+                    dst[t] += bw * inp[t];
+                }
+            }
+        }
+
+        /// One mean-field update over all pixels (pydensecrf `DenseCRF::inference`): slice each
+        /// kernel's blurred values, tmp = -unary - Σ_k w_k norm_k ⊙ K_k(norm_k ⊙ Q), Q =
+        /// softmax(tmp) on the l real labels, then splat the new Q into each kernel's `next`.
+        $(#[$attr])?
+        pub fn update<const W: usize>(
             w: usize,
-            lat: &Lattice,
+            l: usize,
             order: SliceOrder,
-            vals: &[f32],
-            finish: &(dyn Fn(std::ops::Range<usize>, &[f32]) + Sync),
+            neg_unary: &[f32],
+            q: &mut [f32],
+            kernels: &mut [PassKernel],
+            scratch: &mut [f32],
         ) {
-            let dp1 = lat.d + 1;
-            let alpha = lat.alpha;
-            let n = lat.n;
-            (0..n.div_ceil(CHUNK)).into_par_iter().for_each(|c| {
-                let range = c * CHUNK..((c + 1) * CHUNK).min(n);
-                let w = if W > 0 { W } else { w };
-                let mut rows = vec![0f32; range.len() * w];
-                for (i, acc) in range.clone().zip(rows.chunks_exact_mut(w)) {
-                    if let Some(next) = lat.offset.get((i + 2) * dp1..(i + 3) * dp1) {
-                        for &o in next {
-                            prefetch_row(vals.as_ptr().wrapping_add(o as usize * w), w);
+            let w = if W > 0 { W } else { w };
+            let n = q.len() / w;
+            let (tmp, rest) = scratch.split_at_mut(w);
+            let (acc, inp) = rest.split_at_mut(w);
+            for i in 0..n {
+                tmp.copy_from_slice(&neg_unary[i * w..(i + 1) * w]);
+                for k in kernels.iter() {
+                    let lat = k.lat;
+                    let dp1 = lat.d + 1;
+                    if let Some(ahead) = lat.offset.get((i + AHEAD) * dp1..(i + AHEAD + 1) * dp1) {
+                        for &o in ahead {
+                            prefetch_row(k.blurred.as_ptr().wrapping_add(o as usize * w), w);
                         }
                     }
                     let offs = &lat.offset[i * dp1..(i + 1) * dp1];
+                    acc.fill(0.0);
                     match order {
                         SliceOrder::Sse => {
                             let ws = &lat.bary_alpha[i * dp1..(i + 1) * dp1];
                             for (&o, &bw) in offs.iter().zip(ws) {
-                                let v = &vals[o as usize * w..o as usize * w + w];
+                                let v = &k.blurred[o as usize * w..o as usize * w + w];
                                 for t in 0..w {
                                     acc[t] += bw * v[t];
                                 }
@@ -854,17 +873,28 @@ macro_rules! filter_kernels {
                         }
                         SliceOrder::Seq => {
                             let ws = &lat.bary[i * dp1..(i + 1) * dp1];
+                            let alpha = lat.alpha;
                             for (&o, &bw) in offs.iter().zip(ws) {
-                                let v = &vals[o as usize * w..o as usize * w + w];
+                                let v = &k.blurred[o as usize * w..o as usize * w + w];
                                 for t in 0..w {
                                     acc[t] += bw * v[t] * alpha;
                                 }
                             }
                         }
                     }
+                    // out * norm, Potts: -w * out, tmp -= out.
+                    let s = k.norm[i];
+                    for t in 0..w {
+                        tmp[t] -= k.neg_w * (acc[t] * s);
+                    }
                 }
-                finish(range, &rows);
-            });
+                let qrow = &mut q[i * w..(i + 1) * w];
+                qrow[..l].copy_from_slice(&tmp[..l]);
+                eigen_softmax(&mut qrow[..l]);
+                for k in kernels.iter_mut() {
+                    splat_pixel::<W>(w, k, i, qrow, inp);
+                }
+            }
         }
     };
 }
@@ -876,34 +906,6 @@ mod base {
 #[cfg(target_arch = "x86_64")]
 mod avx {
     filter_kernels!(target_feature(enable = "avx"));
-}
-
-impl Lattice {
-    /// K·input (`input`: n x w, pixel-major), as pydensecrf's
-    /// `Permutohedral::compute`; `finish(pixels, rows)` receives the output rows (w values per
-    /// pixel) chunk by chunk. `reverse` blurs the directions in reverse order, which is the
-    /// transpose of the forward filter (pydensecrf's `applyTranspose`; inference never uses it).
-    #[allow(clippy::too_many_arguments)]
-    fn filter(
-        &self,
-        isa: Isa,
-        w: usize,
-        order: SliceOrder,
-        reverse: bool,
-        input: &[f32],
-        buf: &mut Blurbuf,
-        finish: &(dyn Fn(std::ops::Range<usize>, &[f32]) + Sync),
-    ) {
-        debug_assert_eq!(input.len(), self.n * w);
-        let (mut src, mut dst) = buf.both();
-        dispatch!(isa, w, splat(self, input, src));
-        for step in 0..=self.d {
-            let j = if reverse { self.d - step } else { step };
-            dispatch!(isa, w, blur(self, j, src, dst));
-            std::mem::swap(&mut src, &mut dst);
-        }
-        dispatch!(isa, w, slice(self, order, src, finish));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -919,42 +921,19 @@ struct Kernel {
 impl Kernel {
     fn new(features: &[f32], d: usize, n: usize, weight: f32) -> Kernel {
         let lattice = Lattice::new(features, d, n);
-        let norm = kernel_norm(&lattice, detect_isa());
+        // NORMALIZE_SYMMETRIC: norm = 1.0 / sqrt(K·1 + 1e-20), evaluated in double as in
+        // pairwise.cpp, with K·1 from `seqCompute` (value_size 1).
+        let norm = lattice
+            .filter_scalar(&vec![1f32; n], false)
+            .iter()
+            .map(|&k| (1.0 / (k as f64 + 1e-20).sqrt()) as f32)
+            .collect();
         Kernel {
             lattice,
             norm,
             weight,
         }
     }
-}
-
-/// NORMALIZE_SYMMETRIC: norm = 1.0 / sqrt(K·1 + 1e-20), evaluated in double as in pairwise.cpp.
-/// K·1 is computed with one value per pixel (pydensecrf: `seqCompute`, value_size 1); we run it
-/// with a row of 4 and the value in lane 0, which gives the same numbers.
-fn kernel_norm(lattice: &Lattice, isa: Isa) -> Vec<f32> {
-    let n = lattice.n;
-    let mut ones = vec![0f32; n * 4];
-    for i in 0..n {
-        ones[i * 4] = 1.0;
-    }
-    let mut norm = vec![0f32; n];
-    let ptr = SyncPtr(norm.as_mut_ptr());
-    let mut buf = Blurbuf::new(lattice.m, 4);
-    lattice.filter(
-        isa,
-        4,
-        SliceOrder::Seq,
-        false,
-        &ones,
-        &mut buf,
-        &|range, rows| {
-            for (i, row) in range.zip(rows.chunks_exact(4)) {
-                // SAFETY: every pixel is written by exactly one chunk.
-                unsafe { *ptr.get().add(i) = (1.0 / (row[0] as f64 + 1e-20).sqrt()) as f32 };
-            }
-        },
-    );
-    norm
 }
 
 /// Eigen 3.3's SSE `pexp<Packet4f>` (Cephes polynomial, no FMA), as used by pydensecrf's
@@ -1070,7 +1049,10 @@ fn eigen_sum(v: &[f32]) -> f32 {
 
 /// Mean-field loop of pydensecrf `DenseCRF::inference`, on pixel-major rows of the labels padded
 /// to a multiple of 4 (one filter pass carries all labels: the blur is bound by the latency of
-/// its random neighbour reads, so fewer, wider rows beat more, narrower ones).
+/// its random neighbour reads, so fewer, wider rows beat more, narrower ones). Each iteration
+/// blurs every kernel's splatted input, then one pass over the pixels slices the messages,
+/// updates Q and splats it for the next iteration, so each pixel's vertex rows are visited
+/// once per iteration.
 fn mean_field(
     probs: &[f32],
     n: usize,
@@ -1079,104 +1061,88 @@ fn mean_field(
     iterations: usize,
 ) -> Vec<f32> {
     let isa = detect_isa();
-    let lp = l.div_ceil(4) * 4;
+    let w = l.div_ceil(4) * 4;
     // -unary = log(clip(P, 1e-5, 1)) (pydensecrf.utils.unary_from_softmax; np.clip = min(max)).
-    let mut neg_unary = vec![0f32; n * lp];
-    neg_unary
-        .par_chunks_mut(CHUNK * lp)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            for (k, row) in chunk.chunks_exact_mut(lp).enumerate() {
-                let i = c * CHUNK + k;
-                for (lab, x) in row[..l].iter_mut().enumerate() {
-                    let p = probs[lab * n + i];
-                    let p = if p > 1e-5 { p } else { 1e-5 };
-                    let p = if p < 1.0 { p } else { 1.0 };
-                    *x = p.ln();
-                }
-            }
-        });
+    let mut neg_unary = vec![0f32; n * w];
+    for (i, row) in neg_unary.chunks_exact_mut(w).enumerate() {
+        for (lab, x) in row[..l].iter_mut().enumerate() {
+            let p = probs[lab * n + i];
+            let p = if p > 1e-5 { p } else { 1e-5 };
+            let p = if p < 1.0 { p } else { 1.0 };
+            *x = p.ln();
+        }
+    }
     // Q0 = softmax(-unary)
     let mut q = neg_unary.clone();
-    q.par_chunks_mut(CHUNK * lp).for_each(|chunk| {
-        for row in chunk.chunks_exact_mut(lp) {
-            eigen_softmax(&mut row[..l]);
-        }
-    });
+    for row in q.chunks_exact_mut(w) {
+        eigen_softmax(&mut row[..l]);
+    }
     let order = if l <= 2 {
         SliceOrder::Seq
     } else {
         SliceOrder::Sse
     };
-    let mut bufs: Vec<Blurbuf> = kernels
+    let mut bufs: Vec<VertexBuf> = kernels
         .iter()
-        .map(|k| Blurbuf::new(k.lattice.m, lp))
+        .map(|k| VertexBuf::new(k.lattice.m, w))
         .collect();
-    let mut input = vec![0f32; n * lp];
-    let mut tmp = vec![0f32; n * lp];
-    for _ in 0..iterations {
-        tmp.copy_from_slice(&neg_unary);
-        for (kernel, buf) in kernels.iter().zip(bufs.iter_mut()) {
-            // DenseKernel::filter: in * diag(norm), K, * diag(norm); Potts: -w * out; tmp -= out.
-            let norm = &kernel.norm;
-            input
-                .par_chunks_mut(CHUNK * lp)
-                .zip(q.par_chunks(CHUNK * lp))
-                .enumerate()
-                .for_each(|(c, (ic, qc))| {
-                    for (k, (irow, qrow)) in
-                        ic.chunks_exact_mut(lp).zip(qc.chunks_exact(lp)).enumerate()
-                    {
-                        let s = norm[c * CHUNK + k];
-                        for (x, &y) in irow.iter_mut().zip(qrow) {
-                            *x = y * s;
-                        }
-                    }
-                });
-            let neg_w = -kernel.weight;
-            let tmp_ptr = SyncPtr(tmp.as_mut_ptr());
-            kernel
-                .lattice
-                .filter(isa, lp, order, false, &input, buf, &|range, rows| {
-                    for (i, row) in range.zip(rows.chunks_exact(lp)) {
-                        let s = norm[i];
-                        // SAFETY: each pixel row is visited by exactly one task; rows are disjoint.
-                        let t = unsafe {
-                            std::slice::from_raw_parts_mut(tmp_ptr.get().add(i * lp), lp)
-                        };
-                        for (tv, &r) in t.iter_mut().zip(row) {
-                            *tv -= neg_w * (r * s);
-                        }
-                    }
-                });
-        }
-        q.par_chunks_mut(CHUNK * lp)
-            .zip(tmp.par_chunks(CHUNK * lp))
-            .for_each(|(qc, tc)| {
-                for (qrow, trow) in qc.chunks_exact_mut(lp).zip(tc.chunks_exact(lp)) {
-                    qrow[..l].copy_from_slice(&trow[..l]);
-                    eigen_softmax(&mut qrow[..l]);
-                }
+    let mut scratch = vec![0f32; 3 * w];
+    if iterations > 0 {
+        let mut pass: Vec<PassKernel> = kernels
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(k, b)| PassKernel {
+                lat: &k.lattice,
+                norm: &k.norm,
+                neg_w: -k.weight,
+                blurred: &[],
+                next: Some(b.both().0),
+            })
+            .collect();
+        dispatch!(isa, w, splat(&q, &mut pass, &mut scratch));
+    }
+    for it in 0..iterations {
+        // Blur each kernel's input (always in buffer a at this point) in place of its pair.
+        let mut pass = Vec::with_capacity(kernels.len());
+        for (k, b) in kernels.iter().zip(bufs.iter_mut()) {
+            let lat = &k.lattice;
+            let (mut src, mut dst) = b.both();
+            for j in 0..=lat.d {
+                dispatch!(isa, w, blur(lat, j, src, dst));
+                std::mem::swap(&mut src, &mut dst);
+            }
+            // `src` holds the blurred values; the other buffer receives the next splat.
+            let next = if it + 1 < iterations {
+                dst.fill(0.0);
+                Some(dst)
+            } else {
+                None
+            };
+            pass.push(PassKernel {
+                lat,
+                norm: &k.norm,
+                neg_w: -k.weight,
+                blurred: src,
+                next,
             });
+        }
+        dispatch!(isa, w, update(l, order, &neg_unary, &mut q, &mut pass, &mut scratch));
+        drop(pass);
+        // Keep "the input is in buffer a": swap when the blur count was odd.
+        for (k, b) in kernels.iter().zip(bufs.iter_mut()) {
+            if k.lattice.d % 2 == 1 {
+                std::mem::swap(&mut b.a, &mut b.b);
+            }
+        }
     }
     // Back to channel-major.
     let mut out = vec![0f32; l * n];
     for (lab, plane) in out.chunks_exact_mut(n).enumerate() {
         for (i, x) in plane.iter_mut().enumerate() {
-            *x = q[i * lp + lab];
+            *x = q[i * w + lab];
         }
     }
     out
-}
-
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 #[cfg(test)]
@@ -1196,29 +1162,7 @@ mod tests {
     }
 
     fn filter1(lat: &Lattice, input: &[f32], reverse: bool) -> Vec<f32> {
-        // one value per pixel, in lane 0 of a row of 4
-        let n = lat.n;
-        let mut inp = vec![0f32; n * 4];
-        for i in 0..n {
-            inp[i * 4] = input[i];
-        }
-        let out = std::sync::Mutex::new(vec![0f32; n]);
-        let mut buf = Blurbuf::new(lat.m, 4);
-        lat.filter(
-            Isa::Base,
-            4,
-            SliceOrder::Seq,
-            reverse,
-            &inp,
-            &mut buf,
-            &|range, rows| {
-                let mut o = out.lock().unwrap();
-                for (i, row) in range.zip(rows.chunks_exact(4)) {
-                    o[i] = row[0];
-                }
-            },
-        );
-        out.into_inner().unwrap()
+        lat.filter_scalar(input, reverse)
     }
 
     #[test]
@@ -1365,3 +1309,4 @@ mod tests {
         assert_eq!(crf_image(&rgb, CrfImage::Rgb), rgb.to_vec());
     }
 }
+
