@@ -442,7 +442,7 @@ impl Elevator {
         // Closest remainder-0 point: _mm_cvtps_epi32 under round-to-nearest(-even).
         let mut sum = 0f32;
         for i in 0..=d {
-            let v = (inv_dp1 * elevated[i]).round_ties_even();
+            let v = round_half_even(inv_dp1 * elevated[i]);
             rem0[i] = v * dp1;
             sum += v;
         }
@@ -491,6 +491,19 @@ impl Elevator {
     }
 }
 
+/// Round to nearest, ties to even (what `_mm_cvtps_epi32` does under the default rounding mode):
+/// adding and subtracting 1.5 * 2^23 leaves exactly the rounded value for |x| < 2^22, and
+/// larger floats are integers already. `f32::round_ties_even` is a libm call on baseline x86-64.
+#[inline(always)]
+fn round_half_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    if x.abs() < 4_194_304.0 {
+        (x + MAGIC) - MAGIC
+    } else {
+        x
+    }
+}
+
 /// A permutohedral lattice built once for a feature set, with everything the filter needs as
 /// flat index arrays.
 struct Lattice {
@@ -518,41 +531,51 @@ impl Lattice {
         assert_eq!(features.len(), n * d);
         let el = Elevator::new(d);
         let dp1 = d + 1;
-        let mut keys = vec![0u128; n * dp1];
         let mut bary = vec![0f32; n * dp1];
-        let mut dirs = [0u8; MAX_D + 1];
-        for (i, (kk, bb)) in keys
-            .chunks_exact_mut(dp1)
-            .zip(bary.chunks_exact_mut(dp1))
-            .enumerate()
-        {
-            el.simplex(&features[i * d..(i + 1) * d], kk, bb, &mut dirs[..dp1]);
-        }
-        // Vertex ids are given in order of first use; they never influence a number, only
-        // memory order. The table's slots are random reads, so they are prefetched ahead.
-        let mut table = KeyTable::new(n + n / 2);
+        let mut dirs = vec![0u8; n * dp1];
         let mut offset = vec![0u32; n * dp1];
-        for t in 0..keys.len() {
-            if let Some(&k) = keys.get(t + 2 * AHEAD) {
+        // Vertex ids are given in order of first use; they never influence a number, only
+        // memory order. Pixels are elevated a block at a time so that the table slots their
+        // keys hash to (random reads) can be prefetched before they are inserted.
+        let mut table = KeyTable::new(n + n / 2);
+        const BLOCK: usize = 16;
+        let mut kbuf = [0u128; BLOCK * (MAX_D + 1)];
+        for start in (0..n).step_by(BLOCK) {
+            let end = (start + BLOCK).min(n);
+            for i in start..end {
+                let r = i * dp1..(i + 1) * dp1;
+                let k = (i - start) * dp1;
+                el.simplex(
+                    &features[i * d..(i + 1) * d],
+                    &mut kbuf[k..k + dp1],
+                    &mut bary[r.clone()],
+                    &mut dirs[r],
+                );
+            }
+            let kb = &kbuf[..(end - start) * dp1];
+            for &k in kb {
                 table.prefetch(KeyTable::hash(k));
             }
-            offset[t] = table.insert(keys[t]) + 1;
+            for (o, &k) in offset[start * dp1..end * dp1].iter_mut().zip(kb) {
+                *o = table.insert(k) + 1;
+            }
         }
-        drop(keys);
         // pydensecrf's SSE init elevates 4 pixels at a time and pads the last block with the
         // all-zero feature; those lanes' vertices are inserted too (they are blur neighbours).
         if !n.is_multiple_of(4) {
             let zero = [0f32; MAX_D];
             let mut kk = [0u128; MAX_D + 1];
             let mut bb = [0f32; MAX_D + 1];
-            el.simplex(&zero[..d], &mut kk[..dp1], &mut bb[..dp1], &mut dirs[..dp1]);
+            let mut dd = [0u8; MAX_D + 1];
+            el.simplex(&zero[..d], &mut kk[..dp1], &mut bb[..dp1], &mut dd[..dp1]);
             for &k in &kk[..dp1] {
                 table.insert(k);
             }
         }
         let m = table.keys.len();
         table.seal();
-        let blur = blur_neighbours(&table, d);
+        let blur = blur_neighbours(&table, d, &offset, &dirs);
+        drop(dirs);
         let alpha = 1.0f32 / (1.0 + 2f32.powi(-(d as i32)));
         let bary_alpha = bary.iter().map(|&w| w * alpha).collect();
         Lattice {
@@ -598,47 +621,76 @@ impl Lattice {
 }
 
 /// Blur neighbours along each of the d+1 lattice directions (pydensecrf: n1 = key - 1 except
-/// n1[j] = key[j] + d, n2 = key + 1 except n2[j] = key[j] - d). The relation is symmetric
-/// (u = n2(v) exactly when v = n1(u)), so only the n2 side is looked up and each hit fills
-/// both. Most candidates are absent and are answered by the cache-resident presence filter;
-/// the rest are probed with their slots prefetched.
-fn blur_neighbours(table: &KeyTable, d: usize) -> Vec<[u32; 2]> {
+/// n1[j] = key[j] + d, n2 = key + 1 except n2[j] = key[j] - d).
+///
+/// The edges of every pixel's simplex are such neighbour pairs, which gives almost all of them
+/// without a lookup. The relation is symmetric (u = n2(v) exactly when v = n1(u)), so of the
+/// rest only the n2 side is looked up, each hit filling both sides; the candidates are almost
+/// all absent and are answered by the cache-resident presence filter, and the few that pass
+/// it are probed with their slots prefetched.
+fn blur_neighbours(table: &KeyTable, d: usize, offset: &[u32], dirs: &[u8]) -> Vec<[u32; 2]> {
+    const UNKNOWN: u32 = u32::MAX;
     let dp1 = d + 1;
     let m = table.keys.len();
-    let mut blur = vec![[0u32; 2]; dp1 * m];
+    let mut blur = vec![[UNKNOWN; 2]; dp1 * m];
+    for (i, (offs, dir)) in offset.chunks_exact(dp1).zip(dirs.chunks_exact(dp1)).enumerate() {
+        // Neighbouring pixels often share their simplex: its edges are already in.
+        if i > 0 && offs == &offset[(i - 1) * dp1..i * dp1] {
+            continue;
+        }
+        for r in 0..dp1 {
+            let a = offs[r];
+            let b = offs[if r == d { 0 } else { r + 1 }];
+            let j = dir[r] as usize;
+            blur[j * m + a as usize - 1][1] = b;
+            blur[j * m + b as usize - 1][0] = a;
+        }
+    }
     let dd = d as i16;
     let mut key = [0i16; MAX_D + 1];
-    let mut nk = [0i16; MAX_D + 1];
-    // (vertex, direction, key, slot) for the candidates the filter lets through, per batch.
-    let mut queries: Vec<(u32, u32, u128, usize)> = Vec::with_capacity(4096 * dp1);
+    let mut queries: Vec<(u32, u128, usize)> = Vec::new();
     const BATCH: usize = 4096;
-    for start in (0..m).step_by(BATCH) {
-        queries.clear();
-        for v in start..(start + BATCH).min(m) {
-            unpack_key(table.keys[v], d, &mut key);
-            for j in 0..dp1 {
+    for j in 0..dp1 {
+        for start in (0..m).step_by(BATCH) {
+            queries.clear();
+            for v in start..(start + BATCH).min(m) {
+                if blur[j * m + v][1] != UNKNOWN {
+                    continue;
+                }
+                unpack_key(table.keys[v], d, &mut key);
                 for t in 0..d {
-                    nk[t] = key[t].wrapping_add(1);
+                    key[t] = key[t].wrapping_add(1);
                 }
                 if j < d {
-                    nk[j] = key[j].wrapping_sub(dd);
+                    key[j] = key[j].wrapping_sub(dd + 1);
                 }
-                let q = pack_key(&nk[..d]);
+                let q = pack_key(&key[..d]);
                 let h = KeyTable::hash(q);
                 if table.maybe_present(h) {
-                    queries.push((v as u32, j as u32, q, h & table.mask));
+                    queries.push((v as u32, q, h & table.mask));
+                } else {
+                    blur[j * m + v][1] = 0;
+                }
+            }
+            for (t, &(v, q, h)) in queries.iter().enumerate() {
+                if let Some(&(_, _, ph)) = queries.get(t + 2 * AHEAD) {
+                    prefetch(table.slots.as_ptr().wrapping_add(ph));
+                }
+                let v = v as usize;
+                match table.find_from(q, h) {
+                    Some(u) => {
+                        blur[j * m + v][1] = u + 1;
+                        blur[j * m + u as usize][0] = v as u32 + 1;
+                    }
+                    None => blur[j * m + v][1] = 0,
                 }
             }
         }
-        for (t, &(v, j, q, h)) in queries.iter().enumerate() {
-            if let Some(&(_, _, _, ph)) = queries.get(t + 2 * AHEAD) {
-                prefetch(table.slots.as_ptr().wrapping_add(ph));
-            }
-            if let Some(u) = table.find_from(q, h) {
-                let (v, j, u) = (v as usize, j as usize, u as usize);
-                blur[j * m + v][1] = u as u32 + 1;
-                blur[j * m + u][0] = v as u32 + 1;
-            }
+    }
+    // Every present n1 neighbour is now known (from an edge or its n2 lookup).
+    for e in &mut blur {
+        if e[0] == UNKNOWN {
+            e[0] = 0;
         }
     }
     blur
