@@ -847,20 +847,26 @@ macro_rules! filter_kernels {
         /// buffer, scattering in pixel order: every vertex sums its contributions in increasing
         /// pixel order, as pydensecrf's splat does.
         $(#[$attr])?
-        pub fn splat<const W: usize>(w: usize, q: &[f32], kernels: &mut [PassKernel], scratch: &mut [f32]) {
+        pub fn splat<const W: usize>(w: usize, q: &[f32], kernels: &mut [PassKernel]) {
             let w = if W > 0 { W } else { w };
             let n = q.len() / w;
-            let inp = &mut scratch[..w];
             for i in 0..n {
                 let qrow = &q[i * w..(i + 1) * w];
                 for k in kernels.iter_mut() {
-                    splat_pixel::<W>(w, k, i, qrow, inp);
+                    splat_pixel::<W>(w, k, i, qrow);
                 }
             }
         }
 
+        /// Lanes are processed in blocks of 8 (and one of 4), accumulated in local arrays:
+        /// registers the compiler knows alias nothing, so the lane loops vectorise.
         #[inline(always)]
-        fn splat_pixel<const W: usize>(w: usize, k: &mut PassKernel, i: usize, qrow: &[f32], inp: &mut [f32]) {
+        fn lane_blocks(w: usize) -> impl Iterator<Item = (usize, usize)> {
+            (0..w / 8).map(|b| (b * 8, 8)).chain((w % 8 == 4).then_some((w / 8 * 8, 4)))
+        }
+
+        #[inline(always)]
+        fn splat_pixel<const W: usize>(w: usize, k: &mut PassKernel, i: usize, qrow: &[f32]) {
             let w = if W > 0 { W } else { w };
             let dp1 = k.lat.d + 1;
             let Some(next) = k.next.as_deref_mut() else { return };
@@ -869,17 +875,20 @@ macro_rules! filter_kernels {
                     prefetch_row(next.as_ptr().wrapping_add(o as usize * w), w);
                 }
             }
-            // DenseKernel::filter: in = Q ⊙ norm.
             let s = k.norm[i];
-            for t in 0..w {
-                inp[t] = qrow[t] * s;
-            }
             let offs = &k.lat.offset[i * dp1..(i + 1) * dp1];
             let ws = &k.lat.bary[i * dp1..(i + 1) * dp1];
-            for (&o, &bw) in offs.iter().zip(ws) {
-                let dst = &mut next[o as usize * w..o as usize * w + w];
-                for t in 0..w {
-                    dst[t] += bw * inp[t];
+            for (l0, len) in lane_blocks(w) {
+                // DenseKernel::filter: in = Q ⊙ norm.
+                let mut inp = [0f32; 8];
+                for t in 0..len {
+                    inp[t] = qrow[l0 + t] * s;
+                }
+                for (&o, &bw) in offs.iter().zip(ws) {
+                    let dst = &mut next[o as usize * w + l0..o as usize * w + l0 + len];
+                    for t in 0..len {
+                        dst[t] += bw * inp[t];
+                    }
                 }
             }
         }
@@ -895,56 +904,61 @@ macro_rules! filter_kernels {
             neg_unary: &[f32],
             q: &mut [f32],
             kernels: &mut [PassKernel],
-            scratch: &mut [f32],
         ) {
             let w = if W > 0 { W } else { w };
             let n = q.len() / w;
-            let (tmp, rest) = scratch.split_at_mut(w);
-            let (acc, inp) = rest.split_at_mut(w);
             for i in 0..n {
-                tmp.copy_from_slice(&neg_unary[i * w..(i + 1) * w]);
                 for k in kernels.iter() {
-                    let lat = k.lat;
-                    let dp1 = lat.d + 1;
-                    if let Some(ahead) = lat.offset.get((i + AHEAD) * dp1..(i + AHEAD + 1) * dp1) {
+                    let dp1 = k.lat.d + 1;
+                    if let Some(ahead) = k.lat.offset.get((i + AHEAD) * dp1..(i + AHEAD + 1) * dp1) {
                         for &o in ahead {
                             prefetch_row(k.blurred.as_ptr().wrapping_add(o as usize * w), w);
                         }
                     }
-                    let offs = &lat.offset[i * dp1..(i + 1) * dp1];
-                    acc.fill(0.0);
-                    match order {
-                        SliceOrder::Sse => {
-                            let ws = &lat.bary_alpha[i * dp1..(i + 1) * dp1];
-                            for (&o, &bw) in offs.iter().zip(ws) {
-                                let v = &k.blurred[o as usize * w..o as usize * w + w];
-                                for t in 0..w {
-                                    acc[t] += bw * v[t];
-                                }
-                            }
-                        }
-                        SliceOrder::Seq => {
-                            let ws = &lat.bary[i * dp1..(i + 1) * dp1];
-                            let alpha = lat.alpha;
-                            for (&o, &bw) in offs.iter().zip(ws) {
-                                let v = &k.blurred[o as usize * w..o as usize * w + w];
-                                for t in 0..w {
-                                    acc[t] += bw * v[t] * alpha;
-                                }
-                            }
-                        }
-                    }
-                    // out * norm, Potts: -w * out, tmp -= out.
-                    let s = k.norm[i];
-                    for t in 0..w {
-                        tmp[t] -= k.neg_w * (acc[t] * s);
-                    }
                 }
                 let qrow = &mut q[i * w..(i + 1) * w];
-                qrow[..l].copy_from_slice(&tmp[..l]);
+                for (l0, len) in lane_blocks(w) {
+                    let mut tmp = [0f32; 8];
+                    tmp[..len].copy_from_slice(&neg_unary[i * w + l0..i * w + l0 + len]);
+                    for k in kernels.iter() {
+                        let lat = k.lat;
+                        let dp1 = lat.d + 1;
+                        let offs = &lat.offset[i * dp1..(i + 1) * dp1];
+                        let mut acc = [0f32; 8];
+                        match order {
+                            SliceOrder::Sse => {
+                                let ws = &lat.bary_alpha[i * dp1..(i + 1) * dp1];
+                                for (&o, &bw) in offs.iter().zip(ws) {
+                                    let v = &k.blurred[o as usize * w + l0..o as usize * w + l0 + len];
+                                    for t in 0..len {
+                                        acc[t] += bw * v[t];
+                                    }
+                                }
+                            }
+                            SliceOrder::Seq => {
+                                let ws = &lat.bary[i * dp1..(i + 1) * dp1];
+                                let alpha = lat.alpha;
+                                for (&o, &bw) in offs.iter().zip(ws) {
+                                    let v = &k.blurred[o as usize * w + l0..o as usize * w + l0 + len];
+                                    for t in 0..len {
+                                        acc[t] += bw * v[t] * alpha;
+                                    }
+                                }
+                            }
+                        }
+                        // out * norm, Potts: -w * out, tmp -= out.
+                        let s = k.norm[i];
+                        for t in 0..len {
+                            tmp[t] -= k.neg_w * (acc[t] * s);
+                        }
+                    }
+                    qrow[l0..l0 + len].copy_from_slice(&tmp[..len]);
+                }
+                // Padding lanes stay 0 (their messages are 0: Q is 0 there).
+                qrow[l..].fill(0.0);
                 eigen_softmax(&mut qrow[..l]);
                 for k in kernels.iter_mut() {
-                    splat_pixel::<W>(w, k, i, qrow, inp);
+                    splat_pixel::<W>(w, k, i, qrow);
                 }
             }
         }
@@ -1147,7 +1161,6 @@ fn mean_field(
         .iter()
         .map(|k| VertexBuf::new(k.lattice.m, w))
         .collect();
-    let mut scratch = vec![0f32; 3 * w];
     if iterations > 0 {
         let mut pass: Vec<PassKernel> = kernels
             .iter()
@@ -1160,7 +1173,7 @@ fn mean_field(
                 next: Some(b.both().0),
             })
             .collect();
-        dispatch!(isa, w, splat(&q, &mut pass, &mut scratch));
+        dispatch!(isa, w, splat(&q, &mut pass));
     }
     for it in 0..iterations {
         // Blur each kernel's input (always in buffer a at this point) in place of its pair.
@@ -1187,7 +1200,7 @@ fn mean_field(
                 next,
             });
         }
-        dispatch!(isa, w, update(l, order, &neg_unary, &mut q, &mut pass, &mut scratch));
+        dispatch!(isa, w, update(l, order, &neg_unary, &mut q, &mut pass));
         drop(pass);
         // Keep "the input is in buffer a": swap when the blur count was odd.
         for (k, b) in kernels.iter().zip(bufs.iter_mut()) {
