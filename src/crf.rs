@@ -524,6 +524,8 @@ struct Lattice {
 
 /// How many items ahead the build and filter loops prefetch.
 const AHEAD: usize = 8;
+const BLUR_AHEAD: usize = 16;
+const PIX_AHEAD: usize = 8;
 
 impl Lattice {
     /// `features`: n x d, pixel-major.
@@ -819,7 +821,7 @@ struct PassKernel<'a> {
 /// Filter kernels over rows of w values, generic over W (= w when known at compile time, else 0).
 macro_rules! filter_kernels {
     ($($attr:meta)?) => {
-        use super::{eigen_softmax, prefetch_row, Lattice, PassKernel, SliceOrder, AHEAD};
+        use super::{eigen_softmax, prefetch_row, Lattice, PassKernel, SliceOrder, BLUR_AHEAD, PIX_AHEAD};
 
         /// One blur pass along direction `j`: dst[v] = src[v] + 0.5 (src[n1] + src[n2]).
         $(#[$attr])?
@@ -829,7 +831,7 @@ macro_rules! filter_kernels {
             let nb = &lat.blur[j * m..(j + 1) * m];
             dst[..w].fill(0.0);
             for (v, out) in dst[w..(m + 1) * w].chunks_exact_mut(w).enumerate() {
-                if let Some(&[pa, pb]) = nb.get(v + AHEAD) {
+                if let Some(&[pa, pb]) = nb.get(v + BLUR_AHEAD) {
                     prefetch_row(src.as_ptr().wrapping_add(pa as usize * w), w);
                     prefetch_row(src.as_ptr().wrapping_add(pb as usize * w), w);
                 }
@@ -870,7 +872,7 @@ macro_rules! filter_kernels {
             let w = if W > 0 { W } else { w };
             let dp1 = k.lat.d + 1;
             let Some(next) = k.next.as_deref_mut() else { return };
-            if let Some(ahead) = k.lat.offset.get((i + AHEAD) * dp1..(i + AHEAD + 1) * dp1) {
+            if let Some(ahead) = k.lat.offset.get((i + PIX_AHEAD) * dp1..(i + PIX_AHEAD + 1) * dp1) {
                 for &o in ahead {
                     prefetch_row(next.as_ptr().wrapping_add(o as usize * w), w);
                 }
@@ -910,7 +912,7 @@ macro_rules! filter_kernels {
             for i in 0..n {
                 for k in kernels.iter() {
                     let dp1 = k.lat.d + 1;
-                    if let Some(ahead) = k.lat.offset.get((i + AHEAD) * dp1..(i + AHEAD + 1) * dp1) {
+                    if let Some(ahead) = k.lat.offset.get((i + PIX_AHEAD) * dp1..(i + PIX_AHEAD + 1) * dp1) {
                         for &o in ahead {
                             prefetch_row(k.blurred.as_ptr().wrapping_add(o as usize * w), w);
                         }
