@@ -293,6 +293,12 @@ impl KeyTable {
     fn prefetch(&self, h: usize) {
         prefetch(self.slots.as_ptr().wrapping_add(h & self.mask));
     }
+    /// Prefetch the presence filter's word for hash `h`.
+    #[inline]
+    fn prefetch_filter(&self, h: usize) {
+        let b = (h as u64 >> self.bits_shift) as usize;
+        prefetch(self.bits.as_ptr().wrapping_add(b / 64));
+    }
     #[inline]
     fn maybe_present(&self, h: usize) -> bool {
         let b = (h as u64 >> self.bits_shift) as usize;
@@ -326,12 +332,17 @@ impl KeyTable {
     }
     #[inline]
     fn insert(&mut self, k: u128) -> u32 {
+        self.insert_hashed(k, Self::hash(k))
+    }
+    /// Insert `k` whose (unmasked) hash is `hash`.
+    #[inline]
+    fn insert_hashed(&mut self, k: u128, hash: usize) -> u32 {
         // keep the load factor below 0.6
         if 5 * (self.keys.len() + 1) > 3 * self.slots.len() {
             self.grow();
         }
         let (lo, hi) = (k as u64, (k >> 64) as u64);
-        let mut h = Self::hash(k) & self.mask;
+        let mut h = hash & self.mask;
         loop {
             let s = self.slots[h];
             if s.id == EMPTY {
@@ -540,8 +551,9 @@ impl Lattice {
         // memory order. Pixels are elevated a block at a time so that the table slots their
         // keys hash to (random reads) can be prefetched before they are inserted.
         let mut table = KeyTable::new(n + n / 2);
-        const BLOCK: usize = 16;
+        const BLOCK: usize = 64;
         let mut kbuf = [0u128; BLOCK * (MAX_D + 1)];
+        let mut hbuf = [0usize; BLOCK * (MAX_D + 1)];
         for start in (0..n).step_by(BLOCK) {
             let end = (start + BLOCK).min(n);
             for i in start..end {
@@ -554,12 +566,18 @@ impl Lattice {
                     &mut dirs[r],
                 );
             }
-            let kb = &kbuf[..(end - start) * dp1];
-            for &k in kb {
-                table.prefetch(KeyTable::hash(k));
+            let len = (end - start) * dp1;
+            for (h, &k) in hbuf[..len].iter_mut().zip(&kbuf[..len]) {
+                *h = KeyTable::hash(k);
             }
-            for (o, &k) in offset[start * dp1..end * dp1].iter_mut().zip(kb) {
-                *o = table.insert(k) + 1;
+            for &h in &hbuf[..len.min(2 * AHEAD)] {
+                table.prefetch(h);
+            }
+            for t in 0..len {
+                if let Some(&h) = hbuf[..len].get(t + 2 * AHEAD) {
+                    table.prefetch(h);
+                }
+                offset[start * dp1 + t] = table.insert_hashed(kbuf[t], hbuf[t]) + 1;
             }
         }
         // pydensecrf's SSE init elevates 4 pixels at a time and pads the last block with the
@@ -648,13 +666,16 @@ fn blur_neighbours(table: &KeyTable, d: usize, offset: &[u32], dirs: &[u8]) -> V
             blur[j * m + b as usize - 1][0] = a;
         }
     }
+    // Candidates go through a pipeline, each stage prefetching for the ones behind it: the
+    // presence filter's word, then (for those it lets through) the table slot.
     let dd = d as i16;
     let mut key = [0i16; MAX_D + 1];
+    let mut cands: Vec<(u32, u128, usize)> = Vec::new();
     let mut queries: Vec<(u32, u128, usize)> = Vec::new();
     const BATCH: usize = 4096;
     for j in 0..dp1 {
         for start in (0..m).step_by(BATCH) {
-            queries.clear();
+            cands.clear();
             for v in start..(start + BATCH).min(m) {
                 if blur[j * m + v][1] != UNKNOWN {
                     continue;
@@ -667,17 +688,21 @@ fn blur_neighbours(table: &KeyTable, d: usize, offset: &[u32], dirs: &[u8]) -> V
                     key[j] = key[j].wrapping_sub(dd + 1);
                 }
                 let q = pack_key(&key[..d]);
-                let h = KeyTable::hash(q);
+                cands.push((v as u32, q, KeyTable::hash(q)));
+            }
+            queries.clear();
+            for (t, &(v, q, h)) in cands.iter().enumerate() {
+                if let Some(&(_, _, ph)) = cands.get(t + 4 * AHEAD) {
+                    table.prefetch_filter(ph);
+                }
                 if table.maybe_present(h) {
-                    queries.push((v as u32, q, h & table.mask));
+                    queries.push((v, q, h & table.mask));
+                    table.prefetch(h);
                 } else {
-                    blur[j * m + v][1] = 0;
+                    blur[j * m + v as usize][1] = 0;
                 }
             }
-            for (t, &(v, q, h)) in queries.iter().enumerate() {
-                if let Some(&(_, _, ph)) = queries.get(t + 2 * AHEAD) {
-                    prefetch(table.slots.as_ptr().wrapping_add(ph));
-                }
+            for &(v, q, h) in &queries {
                 let v = v as usize;
                 match table.find_from(q, h) {
                     Some(u) => {
@@ -715,7 +740,10 @@ fn prefetch<T>(p: *const T) {
 #[inline(always)]
 fn prefetch_row(p: *const f32, w: usize) {
     prefetch(p);
-    prefetch(p.wrapping_add(w - 1));
+    let last = p.wrapping_add(w - 1);
+    if (p as usize ^ last as usize) >> 6 != 0 {
+        prefetch(last);
+    }
 }
 
 /// Which of pydensecrf's slicing orders to use: `seqCompute` (value_size <= 2) multiplies
