@@ -542,6 +542,11 @@ impl Lattice {
     /// `features`: n x d, pixel-major.
     fn new(features: &[f32], d: usize, n: usize) -> Lattice {
         assert_eq!(features.len(), n * d);
+        if d == 2 {
+            if let Some(lattice) = Lattice::new_dense2(features, n) {
+                return lattice;
+            }
+        }
         let el = Elevator::new(d);
         let dp1 = d + 1;
         let mut bary = vec![0f32; n * dp1];
@@ -596,6 +601,107 @@ impl Lattice {
         table.seal();
         let blur = blur_neighbours(&table, d, &offset, &dirs);
         drop(dirs);
+        Lattice::assemble(d, n, m, offset, bary, blur)
+    }
+
+    /// The lattice of a 2-d feature set (the Gaussian kernel's pixel grid) whose keys span a
+    /// small box: a dense array over the box replaces the hash table. Pixels in raster order
+    /// walk through it smoothly, so both vertex insertion and the neighbour lookups are cache
+    /// hits. None when the box is too large for that to pay.
+    fn new_dense2(features: &[f32], n: usize) -> Option<Lattice> {
+        const D: usize = 2;
+        const DP1: usize = 3;
+        let el = Elevator::new(D);
+        let mut keys = vec![0u32; n * DP1];
+        let mut bary = vec![0f32; n * DP1];
+        let mut kk = [0u128; DP1];
+        let mut dirs = [0u8; DP1];
+        let unpack = |k: u32| [k as u16 as i16 as i32, (k >> 16) as u16 as i16 as i32];
+        let (mut lo, mut hi) = ([i32::MAX; D], [i32::MIN; D]);
+        let mut bound = |k: u32| {
+            let c = unpack(k);
+            for t in 0..D {
+                lo[t] = lo[t].min(c[t]);
+                hi[t] = hi[t].max(c[t]);
+            }
+        };
+        for (i, (ks, bs)) in keys
+            .chunks_exact_mut(DP1)
+            .zip(bary.chunks_exact_mut(DP1))
+            .enumerate()
+        {
+            el.simplex(&features[i * D..(i + 1) * D], &mut kk, bs, &mut dirs);
+            for (k, &p) in ks.iter_mut().zip(&kk) {
+                *k = p as u32;
+                bound(*k);
+            }
+        }
+        // The padding lanes' vertices (see `new`).
+        let mut pad = [0u32; DP1];
+        let has_pad = !n.is_multiple_of(4);
+        if has_pad {
+            let mut bb = [0f32; DP1];
+            el.simplex(&[0.0; D], &mut kk, &mut bb, &mut dirs);
+            for (k, &p) in pad.iter_mut().zip(&kk) {
+                *k = p as u32;
+                bound(*k);
+            }
+        }
+        let r = [(hi[0] - lo[0] + 1) as usize, (hi[1] - lo[1] + 1) as usize];
+        if r[0].checked_mul(r[1])? > (16 * n).max(1 << 16) {
+            return None;
+        }
+        let pos = |c: [i32; D]| (c[0] - lo[0]) as usize * r[1] + (c[1] - lo[1]) as usize;
+        let mut index = vec![0u32; r[0] * r[1]];
+        let mut vertices: Vec<u32> = Vec::with_capacity(n + n / 4);
+        let mut insert = |k: u32| {
+            let p = pos(unpack(k));
+            if index[p] == 0 {
+                vertices.push(k);
+                index[p] = vertices.len() as u32;
+            }
+            index[p]
+        };
+        let offset: Vec<u32> = keys.iter().map(|&k| insert(k)).collect();
+        if has_pad {
+            for k in pad {
+                insert(k);
+            }
+        }
+        drop(keys);
+        let m = vertices.len();
+        // Neighbours along direction j: n1 = key - 1 except n1[j] = key[j] + d, n2 = key + 1
+        // except n2[j] = key[j] - d (see `blur_neighbours`); outside the box means absent.
+        let find = |c: [i32; D]| {
+            if (0..D).all(|t| c[t] >= lo[t] && c[t] <= hi[t]) {
+                index[pos(c)]
+            } else {
+                0
+            }
+        };
+        let mut blur = vec![[0u32; 2]; DP1 * m];
+        for j in 0..DP1 {
+            for (v, &k) in vertices.iter().enumerate() {
+                let c = unpack(k);
+                let (mut n1, mut n2) = ([c[0] - 1, c[1] - 1], [c[0] + 1, c[1] + 1]);
+                if j < D {
+                    n1[j] = c[j] + D as i32;
+                    n2[j] = c[j] - D as i32;
+                }
+                blur[j * m + v] = [find(n1), find(n2)];
+            }
+        }
+        Some(Lattice::assemble(D, n, m, offset, bary, blur))
+    }
+
+    fn assemble(
+        d: usize,
+        n: usize,
+        m: usize,
+        offset: Vec<u32>,
+        bary: Vec<f32>,
+        blur: Vec<[u32; 2]>,
+    ) -> Lattice {
         let alpha = 1.0f32 / (1.0 + 2f32.powi(-(d as i32)));
         let bary_alpha = bary.iter().map(|&w| w * alpha).collect();
         Lattice {
