@@ -547,6 +547,11 @@ impl Lattice {
                 return lattice;
             }
         }
+        Lattice::new_hashed(features, d, n)
+    }
+
+    /// The general lattice: vertices found through the hash table.
+    fn new_hashed(features: &[f32], d: usize, n: usize) -> Lattice {
         let el = Elevator::new(d);
         let dp1 = d + 1;
         let mut bary = vec![0f32; n * dp1];
@@ -1385,6 +1390,26 @@ mod tests {
             let k1 = filter1(&lat, &[1.0], false)[0];
             let want = (1.0 + 0.5f32.powi(d as i32 + 1)) / (1.0 + 0.5f32.powi(d as i32));
             assert!((k1 - want).abs() < 1e-6, "d={d}: {k1} vs {want}");
+        }
+    }
+
+    #[test]
+    fn dense_and_hashed_lattices_agree() {
+        // The Gaussian kernel's dense 2-d index must build the same lattice as the hash table.
+        for (w, h, sxy) in [(23usize, 17usize, 1.0f32), (40, 9, 3.0), (7, 30, 0.7)] {
+            let n = w * h;
+            let f = gaussian_features(w, h, sxy);
+            let dense = Lattice::new_dense2(&f, n).expect("small box");
+            let hashed = Lattice::new_hashed(&f, 2, n);
+            assert_eq!(dense.m, hashed.m);
+            let mut rng = Lcg(5);
+            let x: Vec<f32> = (0..n).map(|_| rng.next()).collect();
+            for reverse in [false, true] {
+                assert_eq!(
+                    dense.filter_scalar(&x, reverse),
+                    hashed.filter_scalar(&x, reverse)
+                );
+            }
         }
     }
 
