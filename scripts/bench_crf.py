@@ -5,9 +5,11 @@ all cores used across images).
 
 Both run in the same invocation on the same inputs: crf_bench writes the photo (faithful CRF
 image) and the CLIP-ES-like probabilities it times as .npy, and pydensecrf is timed on those.
-Each number is the median of --repeats runs. Prints a markdown table.
+The machines this runs on are shared and noisy, so the two are timed in paired rounds
+(clipmask, then pydensecrf, per label count) and the speed-up is the median of the per-round
+ratios; the ratio of the best times of each is printed too. Prints a markdown table.
 
-    python scripts/bench_crf.py [--bin target/release/crf_bench] [--labels 21,3] [--repeats 5]
+    python scripts/bench_crf.py [--bin target/release/crf_bench] [--labels 21,3,2] [--rounds 7]
 """
 import argparse
 import json
@@ -35,58 +37,53 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "crf_bench"))
     ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "voc-sample" / "JPEGImages"))
-    ap.add_argument("--labels", default="21,3")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--labels", default="21,3,2")
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--throughput-repeats", type=int, default=3)
     args = ap.parse_args()
     if not Path(args.bin).exists():
         sys.exit(f"{args.bin} not found: build it with `cargo build --release --bin crf_bench`")
     labels = [int(x) for x in args.labels.split(",")]
+    one = {"RAYON_NUM_THREADS": "1"}
 
+    ours = {l: [] for l in labels}
+    ref = {l: [] for l in labels}
     with tempfile.TemporaryDirectory() as tmp:
-        single = run_bench(
-            args.bin,
-            ["single", "--photos", args.photos, "--labels", args.labels, "--repeats", str(args.repeats), "--dump", tmp],
-            {"RAYON_NUM_THREADS": "1"},
-        )
-        ref = {}
+        first = run_bench(args.bin, ["single", "--photos", args.photos, "--labels", args.labels,
+                                     "--repeats", "1", "--dump", tmp], one)
+        inputs = {l: (np.load(f"{tmp}/image_{l}.npy"), np.load(f"{tmp}/probs_{l}.npy")) for l in labels}
         for l in labels:
-            img = np.load(f"{tmp}/image_{l}.npy")
-            probs = np.load(f"{tmp}/probs_{l}.npy")
-            reference_crf(img, probs)  # warm-up
-            times = []
-            for _ in range(args.repeats):
+            reference_crf(*inputs[l])  # warm-up
+        # Paired rounds: each round times clipmask then pydensecrf on the same input, so that
+        # the load of this shared machine changes both sides of a ratio alike.
+        for _ in range(args.rounds):
+            for l in labels:
+                res = run_bench(args.bin, ["single", "--photos", args.photos, "--labels", str(l),
+                                           "--repeats", "1"], one)
+                ours[l].append(res["results"][0]["times_s"][0])
                 t = time.perf_counter()
-                reference_crf(img, probs)
-                times.append(time.perf_counter() - t)
-            ref[l] = float(np.median(times))
-    # Same run, once more for clipmask after pydensecrf, so that load changes show up.
-    single2 = run_bench(
-        args.bin,
-        ["single", "--photos", args.photos, "--labels", args.labels, "--repeats", str(args.repeats)],
-        {"RAYON_NUM_THREADS": "1"},
-    )
+                reference_crf(*inputs[l])
+                ref[l].append(time.perf_counter() - t)
     through = run_bench(
         args.bin,
         ["throughput", "--photos", args.photos, "--labels", args.labels, "--repeats", str(args.throughput_repeats)],
         {},
     )
-
-    ours = {}
-    for res in single["results"] + single2["results"]:
-        ours.setdefault(res["labels"], []).append(res["median_s"])
     tput = {r["labels"]: r for r in through["results"]}
-    print(f"Dense CRF, {single['photo']} ({single['width']}x{single['height']}), CLIP-ES parameters "
-          f"(10 iterations, Gaussian sxy 1 w 3, bilateral sxy 67 srgb 3 w 4), faithful image, "
-          f"median of {args.repeats}; {os.cpu_count()} CPUs.\n")
-    print("| labels | pydensecrf s/image (1 thread) | clipmask s/image (1 thread) | speed-up | "
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    print(f"Dense CRF, {first['photo']} ({first['width']}x{first['height']}), CLIP-ES parameters "
+          f"(10 iterations, Gaussian sxy 1 w 3, bilateral sxy 67 srgb 3 w 4), faithful image; "
+          f"{args.rounds} paired rounds (clipmask, then pydensecrf, same input), one thread each; "
+          f"{os.cpu_count()} CPUs.\n")
+    print("| labels | pydensecrf s/image, median (min) | clipmask s/image, median (min) | speed-up, median of paired ratios | speed-up, min / min | "
           f"clipmask images/s ({through['threads']} threads, {tput[labels[0]]['images']} photos) |")
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for l in labels:
-        o = min(ours[l])  # the better of the two clipmask runs (bracketing pydensecrf's)
-        print(f"| {l} | {ref[l]:.3f} | {o:.3f} | {ref[l] / o:.2f}x | {tput[l]['images_per_s']:.2f} |")
+        ratio = med([r / o for r, o in zip(ref[l], ours[l])])
+        print(f"| {l} | {med(ref[l]):.3f} ({min(ref[l]):.3f}) | {med(ours[l]):.3f} ({min(ours[l]):.3f}) | "
+              f"{ratio:.2f}x | {min(ref[l]) / min(ours[l]):.2f}x | {tput[l]['images_per_s']:.2f} |")
     print()
-    print("raw: " + json.dumps({"pydensecrf_s": ref, "clipmask_single": [single, single2], "clipmask_throughput": through}))
+    print("raw: " + json.dumps({"pydensecrf_s": ref, "clipmask_s": ours, "clipmask_throughput": through}))
 
 
 if __name__ == "__main__":
