@@ -17,16 +17,21 @@
 //! - `PottsCompatibility` (-w ⊙ message), `DenseCRF::inference` (tmp = -unary - Σ messages) and
 //!   `expAndNormalize` with Eigen 3.3's SSE `pexp` polynomial and its reduction order.
 //!
-//! What is ours is the data layout and the parallelism, which do not change any number:
-//! each lattice is built once per image, values are stored pixel-major with the labels padded to
-//! a multiple of 4 (vectorisable inner loops), splatting is a gather per vertex over its pixels
-//! in increasing pixel order (the exact summation order of pydensecrf's scatter, but free of write
-//! conflicts), blur neighbours are index arrays, and splat, blur, slice and softmax run over
-//! rayon chunks. Building the lattice, most blur neighbours come for free from the edges of each
-//! pixel's simplex; the rest are looked up behind a cache-resident presence filter. The filter
-//! loops are bound by memory latency (random rows), so they prefetch a few rows ahead. On CPUs
-//! with AVX the hot loops are compiled a second time for AVX (no FMA, so the arithmetic is
-//! unchanged) and picked at run time.
+//! What is ours is the data layout and the order of the passes, which do not change any number:
+//! - each lattice is built once per image; values are stored pixel-major with the labels padded
+//!   to a multiple of 4 (vectorisable inner loops), and blur neighbours are index arrays;
+//! - each iteration blurs every kernel's vertex values, then makes one pass over the pixels that
+//!   slices the messages, updates Q and splats the new Q for the next iteration. The splat
+//!   scatters in pixel order, so every vertex sums its contributions in pydensecrf's order;
+//! - the Gaussian kernel's 2-d lattice is indexed by a dense array over its (small) key box; the
+//!   bilateral one by a hash table. Most blur neighbours come from the edges of each pixel's
+//!   simplex; the rest are looked up behind a cache-resident presence filter;
+//! - the loops are bound by memory latency (random rows), so they prefetch ahead. On CPUs with
+//!   AVX the hot loops are compiled a second time for AVX (no FMA, so the arithmetic is
+//!   unchanged) and picked at run time.
+//!
+//! One image runs on one thread: callers parallelise across images (`clipmask crf` with rayon,
+//! `generate --crf` with one CRF worker per core), which scales better than splitting an image.
 //!
 //! This module knows nothing about CLIP: it takes an image, per-label probabilities and
 //! parameters, and returns marginals.

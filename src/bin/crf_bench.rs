@@ -2,8 +2,8 @@
 //!
 //! crf_bench single     [--photos DIR] [--labels 21,3] [--repeats 5] [--dump DIR]
 //!     Time per image of `dense_crf` on one 500x375 photo (faithful image, CLIP-ES parameters),
-//!     median of the repeats, on the rayon pool as configured (run it with RAYON_NUM_THREADS=1
-//!     for the single-thread number). --dump writes the exact inputs as .npy
+//!     after one warm-up run; `dense_crf` runs an image on one thread. --dump writes the exact
+//!     inputs as .npy
 //!     (image_{L}.npy, probs_{L}.npy) so that pydensecrf can be timed on the same data.
 //! crf_bench throughput [--photos DIR] [--labels 21,3] [--repeats 3]
 //!     Images per second over all photos of DIR, rayon across images, all threads.
