@@ -6,8 +6,8 @@ all cores used across images).
 Both run in the same invocation on the same inputs: crf_bench writes the photo (faithful CRF
 image) and the CLIP-ES-like probabilities it times as .npy, and pydensecrf is timed on those.
 The machines this runs on are shared and noisy, so the two are timed in paired rounds
-(clipmask, then pydensecrf, per label count) and the speed-up is the median of the per-round
-ratios; the ratio of the best times of each is printed too. Prints a markdown table.
+(clipmask, then pydensecrf, per label count; each side the median of --per-round runs) and the
+speed-up is the median of the per-round ratios; the ratio of the best times is printed too. Prints a markdown table.
 
     python scripts/bench_crf.py [--bin target/release/crf_bench] [--labels 21,3,2] [--rounds 7]
 """
@@ -38,7 +38,8 @@ def main():
     ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "crf_bench"))
     ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "voc-sample" / "JPEGImages"))
     ap.add_argument("--labels", default="21,3,2")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--per-round", type=int, default=3, help="timed runs per side and round (median)")
     ap.add_argument("--throughput-repeats", type=int, default=3)
     args = ap.parse_args()
     if not Path(args.bin).exists():
@@ -59,11 +60,14 @@ def main():
         for _ in range(args.rounds):
             for l in labels:
                 res = run_bench(args.bin, ["single", "--photos", args.photos, "--labels", str(l),
-                                           "--repeats", "1"], one)
-                ours[l].append(res["results"][0]["times_s"][0])
-                t = time.perf_counter()
-                reference_crf(*inputs[l])
-                ref[l].append(time.perf_counter() - t)
+                                           "--repeats", str(args.per_round)], one)
+                ours[l].append(res["results"][0]["median_s"])
+                times = []
+                for _ in range(args.per_round):
+                    t = time.perf_counter()
+                    reference_crf(*inputs[l])
+                    times.append(time.perf_counter() - t)
+                ref[l].append(float(np.median(times)))
     through = run_bench(
         args.bin,
         ["throughput", "--photos", args.photos, "--labels", args.labels, "--repeats", str(args.throughput_repeats)],
@@ -73,7 +77,8 @@ def main():
     med = lambda xs: float(np.median(xs))  # noqa: E731
     print(f"Dense CRF, {first['photo']} ({first['width']}x{first['height']}), CLIP-ES parameters "
           f"(10 iterations, Gaussian sxy 1 w 3, bilateral sxy 67 srgb 3 w 4), faithful image; "
-          f"{args.rounds} paired rounds (clipmask, then pydensecrf, same input), one thread each; "
+          f"{args.rounds} paired rounds (clipmask, then pydensecrf, same input; each side the median of "
+          f"{args.per_round} runs after a warm-up), one thread each; "
           f"{os.cpu_count()} CPUs.\n")
     print("| labels | pydensecrf s/image, median (min) | clipmask s/image, median (min) | speed-up, median of paired ratios | speed-up, min / min | "
           f"clipmask images/s ({through['threads']} threads, {tput[labels[0]]['images']} photos) |")
