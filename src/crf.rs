@@ -520,6 +520,23 @@ fn round_half_even(x: f32) -> f32 {
     }
 }
 
+impl Elevator {
+    /// pydensecrf's SSE init elevates 4 pixels at a time and pads the last block with the
+    /// all-zero feature; those lanes' vertices are inserted in the lattice too (they are blur
+    /// neighbours, so they change the result). Their keys, none when n is a multiple of 4.
+    fn padding_keys(&self, n: usize) -> Vec<u128> {
+        if n.is_multiple_of(4) {
+            return Vec::new();
+        }
+        let dp1 = self.d + 1;
+        let mut kk = [0u128; MAX_D + 1];
+        let mut bb = [0f32; MAX_D + 1];
+        let mut dd = [0u8; MAX_D + 1];
+        self.simplex(&[0f32; MAX_D][..self.d], &mut kk[..dp1], &mut bb[..dp1], &mut dd[..dp1]);
+        kk[..dp1].to_vec()
+    }
+}
+
 /// A permutohedral lattice built once for a feature set, with everything the filter needs as
 /// flat index arrays.
 struct Lattice {
@@ -595,17 +612,8 @@ impl Lattice {
                 offset[start * dp1 + t] = table.insert_hashed(kbuf[t], hbuf[t]) + 1;
             }
         }
-        // pydensecrf's SSE init elevates 4 pixels at a time and pads the last block with the
-        // all-zero feature; those lanes' vertices are inserted too (they are blur neighbours).
-        if !n.is_multiple_of(4) {
-            let zero = [0f32; MAX_D];
-            let mut kk = [0u128; MAX_D + 1];
-            let mut bb = [0f32; MAX_D + 1];
-            let mut dd = [0u8; MAX_D + 1];
-            el.simplex(&zero[..d], &mut kk[..dp1], &mut bb[..dp1], &mut dd[..dp1]);
-            for &k in &kk[..dp1] {
-                table.insert(k);
-            }
+        for k in el.padding_keys(n) {
+            table.insert(k);
         }
         let m = table.keys.len();
         table.seal();
@@ -646,16 +654,9 @@ impl Lattice {
                 bound(*k);
             }
         }
-        // The padding lanes' vertices (see `new`).
-        let mut pad = [0u32; DP1];
-        let has_pad = !n.is_multiple_of(4);
-        if has_pad {
-            let mut bb = [0f32; DP1];
-            el.simplex(&[0.0; D], &mut kk, &mut bb, &mut dirs);
-            for (k, &p) in pad.iter_mut().zip(&kk) {
-                *k = p as u32;
-                bound(*k);
-            }
+        let pad: Vec<u32> = el.padding_keys(n).into_iter().map(|k| k as u32).collect();
+        for &k in &pad {
+            bound(k);
         }
         let r = [(hi[0] - lo[0] + 1) as usize, (hi[1] - lo[1] + 1) as usize];
         if r[0].checked_mul(r[1])? > (16 * n).max(1 << 16) {
@@ -673,10 +674,8 @@ impl Lattice {
             index[p]
         };
         let offset: Vec<u32> = keys.iter().map(|&k| insert(k)).collect();
-        if has_pad {
-            for k in pad {
-                insert(k);
-            }
+        for k in pad {
+            insert(k);
         }
         drop(keys);
         let m = vertices.len();
