@@ -15,7 +15,9 @@
 //! - `DenseKernel` with NORMALIZE_SYMMETRIC: norm = 1/sqrt(K·1 + 1e-20) computed in double,
 //!   message = norm ⊙ K(norm ⊙ Q), where K includes the pixel itself;
 //! - `PottsCompatibility` (-w ⊙ message), `DenseCRF::inference` (tmp = -unary - Σ messages) and
-//!   `expAndNormalize` with Eigen 3.3's SSE `pexp` polynomial and its reduction order.
+//!   `expAndNormalize` with Eigen 3.3's SSE `pexp` polynomial and its reduction order (Eigen
+//!   takes the last L mod 4 labels through libm's `expf`; we use `pexp` for those too, a few ulp
+//!   apart, so that the softmax vectorises across pixels).
 //!
 //! What is ours is the data layout and the order of the passes, which do not change any number:
 //! - each lattice is built once per image; values are stored pixel-major with the labels padded
@@ -26,6 +28,8 @@
 //! - the Gaussian kernel's 2-d lattice is indexed by a dense array over its (small) key box; the
 //!   bilateral one by a hash table. Most blur neighbours come from the edges of each pixel's
 //!   simplex; the rest are looked up behind a cache-resident presence filter;
+//! - the simplices are computed 8 pixels at a time, lane-wise (selects instead of indexing by
+//!   rank), and the softmax 8 pixels at a time;
 //! - the loops are bound by memory latency (random rows), so they prefetch ahead. On CPUs with
 //!   AVX the hot loops are compiled a second time for AVX (no FMA, so the arithmetic is
 //!   unchanged) and picked at run time.
@@ -520,7 +524,173 @@ fn round_half_even(x: f32) -> f32 {
     }
 }
 
+/// Pixels per block of the vectorised simplex.
+const SIMPLEX_LANES: usize = 8;
+
 impl Elevator {
+    /// `simplex` for every pixel of `features` (pixel-major, d per pixel), writing d+1 keys,
+    /// weights and directions per pixel. Blocks of 8 pixels take the vectorised path for the
+    /// dimensions the kernels use (2 and 5); results are identical to `simplex`.
+    fn simplices(
+        &self,
+        isa: Isa,
+        features: &[f32],
+        keys: &mut [u128],
+        bary: &mut [f32],
+        dirs: &mut [u8],
+    ) {
+        let (d, dp1) = (self.d, self.d + 1);
+        let n = features.len() / d;
+        let blocks = if d == 2 || d == 5 {
+            n / SIMPLEX_LANES
+        } else {
+            0
+        };
+        for b in 0..blocks {
+            let (p, v) = (b * SIMPLEX_LANES * d, b * SIMPLEX_LANES * dp1);
+            let f = &features[p..p + SIMPLEX_LANES * d];
+            let (k, w, r) = (
+                &mut keys[v..v + SIMPLEX_LANES * dp1],
+                &mut bary[v..v + SIMPLEX_LANES * dp1],
+                &mut dirs[v..v + SIMPLEX_LANES * dp1],
+            );
+            match (isa, d) {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: Isa::Avx is only chosen when the CPU has AVX.
+                (Isa::Avx, 2) => unsafe { avx::simplex8::<2>(self, f, k, w, r) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                (Isa::Avx, _) => unsafe { avx::simplex8::<5>(self, f, k, w, r) },
+                (_, 2) => base::simplex8::<2>(self, f, k, w, r),
+                _ => base::simplex8::<5>(self, f, k, w, r),
+            }
+        }
+        for i in blocks * SIMPLEX_LANES..n {
+            let r = i * dp1..(i + 1) * dp1;
+            self.simplex(
+                &features[i * d..(i + 1) * d],
+                &mut keys[r.clone()],
+                &mut bary[r.clone()],
+                &mut dirs[r],
+            );
+        }
+    }
+
+    /// `simplex` on 8 pixels at once, each step lane-wise with the same operations in the same
+    /// order, so every lane's result is bit-identical to `simplex`. The data-dependent indexing
+    /// of the scalar version (by rank) becomes selects, which is what lets it vectorise.
+    #[inline(always)]
+    fn simplex8_impl<const D: usize>(
+        &self,
+        f: &[f32],
+        keys: &mut [u128],
+        bary: &mut [f32],
+        dirs: &mut [u8],
+    ) {
+        const L: usize = SIMPLEX_LANES;
+        type V = [f32; L];
+        let inv_dp1 = 1.0f32 / (D as f32 + 1.0);
+        let dp1 = D as f32 + 1.0;
+        let mut ft = [[0f32; L]; MAX_D];
+        for l in 0..L {
+            for c in 0..D {
+                ft[c][l] = f[l * D + c];
+            }
+        }
+        let mut elevated = [[0f32; L]; MAX_D + 1];
+        let mut sm: V = [0.0; L];
+        for j in (1..=D).rev() {
+            for l in 0..L {
+                let cf = ft[j - 1][l] * self.scale[j - 1];
+                elevated[j][l] = sm[l] - j as f32 * cf;
+                sm[l] += cf;
+            }
+        }
+        elevated[0] = sm;
+        let mut rem0 = [[0f32; L]; MAX_D + 1];
+        let mut sum: V = [0.0; L];
+        for i in 0..=D {
+            for l in 0..L {
+                let v = round_half_even(inv_dp1 * elevated[i][l]);
+                rem0[i][l] = v * dp1;
+                sum[l] += v;
+            }
+        }
+        let mut diff = [[0f32; L]; MAX_D + 1];
+        for i in 0..=D {
+            for l in 0..L {
+                diff[i][l] = elevated[i][l] - rem0[i][l];
+            }
+        }
+        let mut rank = [[0f32; L]; MAX_D + 1];
+        for i in 0..D {
+            for j in i + 1..=D {
+                for l in 0..L {
+                    let lt = diff[i][l] < diff[j][l];
+                    rank[i][l] += if lt { 1.0 } else { 0.0 };
+                    rank[j][l] += if lt { 0.0 } else { 1.0 };
+                }
+            }
+        }
+        for i in 0..=D {
+            for l in 0..L {
+                let r = rank[i][l] + sum[l];
+                let add = if r < 0.0 { dp1 } else { 0.0 };
+                let sub = if r >= dp1 { dp1 } else { 0.0 };
+                rank[i][l] = r + (add - sub);
+                rem0[i][l] += add - sub;
+            }
+        }
+        // by_rank[r] = the coordinate of rank r, and its (elevated - rem0) / (d+1).
+        let mut by_rank = [[0f32; L]; MAX_D + 1];
+        let mut v_by_rank = [[0f32; L]; MAX_D + 1];
+        for i in 0..=D {
+            for l in 0..L {
+                let v = (elevated[i][l] - rem0[i][l]) * inv_dp1;
+                for r in 0..=D {
+                    let hit = rank[i][l] == r as f32;
+                    by_rank[r][l] = if hit { i as f32 } else { by_rank[r][l] };
+                    v_by_rank[r][l] = if hit { v } else { v_by_rank[r][l] };
+                }
+            }
+        }
+        // b[p] receives +v of rank d-p and -v of rank d-p+1; either order rounds the same.
+        let mut b = [[0f32; L]; MAX_D + 1];
+        for l in 0..L {
+            b[0][l] = (0.0 + v_by_rank[D][l]) + (1.0 + (0.0 - v_by_rank[0][l]));
+        }
+        for p in 1..=D {
+            for l in 0..L {
+                b[p][l] = (0.0 + v_by_rank[D - p][l]) - v_by_rank[D - p + 1][l];
+            }
+        }
+        // Vertex r: rem0 + canonical[r][rank], canonical[r][k] = r for k <= d - r, else r - (d+1).
+        let mut key = [[[0f32; L]; MAX_D]; MAX_D + 1];
+        for r in 0..=D {
+            for i in 0..D {
+                for l in 0..L {
+                    let c = if rank[i][l] <= (D - r) as f32 {
+                        r as f32
+                    } else {
+                        r as f32 - dp1
+                    };
+                    key[r][i][l] = rem0[i][l] + c;
+                }
+            }
+        }
+        for l in 0..L {
+            for r in 0..=D {
+                let mut k = 0u128;
+                for i in 0..D {
+                    k |= ((key[r][i][l] as i16 as u16) as u128) << (16 * i);
+                }
+                keys[l * (D + 1) + r] = k;
+                bary[l * (D + 1) + r] = b[r][l];
+                dirs[l * (D + 1) + r] = by_rank[D - r][l] as u8;
+            }
+        }
+    }
+
     /// pydensecrf's SSE init elevates 4 pixels at a time and pads the last block with the
     /// all-zero feature; those lanes' vertices are inserted in the lattice too (they are blur
     /// neighbours, so they change the result). Their keys, none when n is a multiple of 4.
@@ -532,7 +702,12 @@ impl Elevator {
         let mut kk = [0u128; MAX_D + 1];
         let mut bb = [0f32; MAX_D + 1];
         let mut dd = [0u8; MAX_D + 1];
-        self.simplex(&[0f32; MAX_D][..self.d], &mut kk[..dp1], &mut bb[..dp1], &mut dd[..dp1]);
+        self.simplex(
+            &[0f32; MAX_D][..self.d],
+            &mut kk[..dp1],
+            &mut bb[..dp1],
+            &mut dd[..dp1],
+        );
         kk[..dp1].to_vec()
     }
 }
@@ -564,16 +739,17 @@ impl Lattice {
     /// `features`: n x d, pixel-major.
     fn new(features: &[f32], d: usize, n: usize) -> Lattice {
         assert_eq!(features.len(), n * d);
+        let isa = detect_isa();
         if d == 2 {
-            if let Some(lattice) = Lattice::new_dense2(features, n) {
+            if let Some(lattice) = Lattice::new_dense2(isa, features, n) {
                 return lattice;
             }
         }
-        Lattice::new_hashed(features, d, n)
+        Lattice::new_hashed(isa, features, d, n)
     }
 
     /// The general lattice: vertices found through the hash table.
-    fn new_hashed(features: &[f32], d: usize, n: usize) -> Lattice {
+    fn new_hashed(isa: Isa, features: &[f32], d: usize, n: usize) -> Lattice {
         let el = Elevator::new(d);
         let dp1 = d + 1;
         let mut bary = vec![0f32; n * dp1];
@@ -588,17 +764,15 @@ impl Lattice {
         let mut hbuf = [0usize; BLOCK * (MAX_D + 1)];
         for start in (0..n).step_by(BLOCK) {
             let end = (start + BLOCK).min(n);
-            for i in start..end {
-                let r = i * dp1..(i + 1) * dp1;
-                let k = (i - start) * dp1;
-                el.simplex(
-                    &features[i * d..(i + 1) * d],
-                    &mut kbuf[k..k + dp1],
-                    &mut bary[r.clone()],
-                    &mut dirs[r],
-                );
-            }
             let len = (end - start) * dp1;
+            let r = start * dp1..end * dp1;
+            el.simplices(
+                isa,
+                &features[start * d..end * d],
+                &mut kbuf[..len],
+                &mut bary[r.clone()],
+                &mut dirs[r],
+            );
             for (h, &k) in hbuf[..len].iter_mut().zip(&kbuf[..len]) {
                 *h = KeyTable::hash(k);
             }
@@ -626,14 +800,24 @@ impl Lattice {
     /// small box: a dense array over the box replaces the hash table. Pixels in raster order
     /// walk through it smoothly, so both vertex insertion and the neighbour lookups are cache
     /// hits. None when the box is too large for that to pay.
-    fn new_dense2(features: &[f32], n: usize) -> Option<Lattice> {
+    fn new_dense2(isa: Isa, features: &[f32], n: usize) -> Option<Lattice> {
         const D: usize = 2;
         const DP1: usize = 3;
         let el = Elevator::new(D);
         let mut keys = vec![0u32; n * DP1];
         let mut bary = vec![0f32; n * DP1];
-        let mut kk = [0u128; DP1];
-        let mut dirs = [0u8; DP1];
+        const BLOCK: usize = 64;
+        let (mut kk, mut dirs) = ([0u128; BLOCK * DP1], [0u8; BLOCK * DP1]);
+        for ((f, ks), bs) in features
+            .chunks(BLOCK * D)
+            .zip(keys.chunks_mut(BLOCK * DP1))
+            .zip(bary.chunks_mut(BLOCK * DP1))
+        {
+            el.simplices(isa, f, &mut kk[..ks.len()], bs, &mut dirs[..ks.len()]);
+            for (k, &p) in ks.iter_mut().zip(&kk) {
+                *k = p as u32;
+            }
+        }
         let unpack = |k: u32| [k as u16 as i16 as i32, (k >> 16) as u16 as i16 as i32];
         let (mut lo, mut hi) = ([i32::MAX; D], [i32::MIN; D]);
         let mut bound = |k: u32| {
@@ -643,16 +827,8 @@ impl Lattice {
                 hi[t] = hi[t].max(c[t]);
             }
         };
-        for (i, (ks, bs)) in keys
-            .chunks_exact_mut(DP1)
-            .zip(bary.chunks_exact_mut(DP1))
-            .enumerate()
-        {
-            el.simplex(&features[i * D..(i + 1) * D], &mut kk, bs, &mut dirs);
-            for (k, &p) in ks.iter_mut().zip(&kk) {
-                *k = p as u32;
-                bound(*k);
-            }
+        for &k in &keys {
+            bound(k);
         }
         let pad: Vec<u32> = el.padding_keys(n).into_iter().map(|k| k as u32).collect();
         for &k in &pad {
@@ -747,7 +923,9 @@ impl Lattice {
             .map(|i| {
                 let mut acc = 0f32;
                 for r in 0..dp1 {
-                    acc += self.bary[i * dp1 + r] * src[self.offset[i * dp1 + r] as usize] * self.alpha;
+                    acc += self.bary[i * dp1 + r]
+                        * src[self.offset[i * dp1 + r] as usize]
+                        * self.alpha;
                 }
                 acc
             })
@@ -768,7 +946,11 @@ fn blur_neighbours(table: &KeyTable, d: usize, offset: &[u32], dirs: &[u8]) -> V
     let dp1 = d + 1;
     let m = table.keys.len();
     let mut blur = vec![[UNKNOWN; 2]; dp1 * m];
-    for (i, (offs, dir)) in offset.chunks_exact(dp1).zip(dirs.chunks_exact(dp1)).enumerate() {
+    for (i, (offs, dir)) in offset
+        .chunks_exact(dp1)
+        .zip(dirs.chunks_exact(dp1))
+        .enumerate()
+    {
         // Neighbouring pixels often share their simplex: its edges are already in.
         if i > 0 && offs == &offset[(i - 1) * dp1..i * dp1] {
             continue;
@@ -964,7 +1146,13 @@ struct PassKernel<'a> {
 /// Filter kernels over rows of w values, generic over W (= w when known at compile time, else 0).
 macro_rules! filter_kernels {
     ($($attr:meta)?) => {
-        use super::{eigen_softmax, prefetch_row, Lattice, PassKernel, SliceOrder, BLUR_AHEAD, PIX_AHEAD};
+        use super::{prefetch_row, softmax_block, Elevator, Lattice, PassKernel, SliceOrder, BLUR_AHEAD, PIX_AHEAD};
+
+        /// `Elevator::simplex8_impl`, compiled for this instruction set.
+        $(#[$attr])?
+        pub fn simplex8<const D: usize>(el: &Elevator, f: &[f32], keys: &mut [u128], bary: &mut [f32], dirs: &mut [u8]) {
+            el.simplex8_impl::<D>(f, keys, bary, dirs)
+        }
 
         /// One blur pass along direction `j`: dst[v] = src[v] + 0.5 (src[n1] + src[n2]).
         $(#[$attr])?
@@ -1052,7 +1240,41 @@ macro_rules! filter_kernels {
         ) {
             let w = if W > 0 { W } else { w };
             let n = q.len() / w;
-            for i in 0..n {
+            // Blocks of 8 pixels: slice each, softmax the block (vectorised across its pixels),
+            // splat each. Splats stay in pixel order.
+            for i0 in (0..n).step_by(8) {
+                let i1 = (i0 + 8).min(n);
+                for i in i0..i1 {
+                    slice_pixel::<W>(w, l, order, neg_unary, &mut q[i * w..(i + 1) * w], kernels, i);
+                }
+                if i1 - i0 == 8 {
+                    softmax_block::<8>(&mut q[i0 * w..i1 * w], w, l);
+                } else {
+                    for i in i0..i1 {
+                        softmax_block::<1>(&mut q[i * w..(i + 1) * w], w, l);
+                    }
+                }
+                for i in i0..i1 {
+                    for k in kernels.iter_mut() {
+                        splat_pixel::<W>(w, k, i, &q[i * w..(i + 1) * w]);
+                    }
+                }
+            }
+        }
+
+        /// Slice pixel i's messages from every kernel: qrow = -unary - Σ_k w_k norm_k ⊙ (K_k ...)_i.
+        #[inline(always)]
+        fn slice_pixel<const W: usize>(
+            w: usize,
+            l: usize,
+            order: SliceOrder,
+            neg_unary: &[f32],
+            qrow: &mut [f32],
+            kernels: &[PassKernel],
+            i: usize,
+        ) {
+            let w = if W > 0 { W } else { w };
+            {
                 for k in kernels.iter() {
                     let dp1 = k.lat.d + 1;
                     if let Some(ahead) = k.lat.offset.get((i + PIX_AHEAD) * dp1..(i + PIX_AHEAD + 1) * dp1) {
@@ -1061,7 +1283,6 @@ macro_rules! filter_kernels {
                         }
                     }
                 }
-                let qrow = &mut q[i * w..(i + 1) * w];
                 for (l0, len) in lane_blocks(w) {
                     let mut tmp = [0f32; 8];
                     tmp[..len].copy_from_slice(&neg_unary[i * w + l0..i * w + l0 + len]);
@@ -1101,10 +1322,6 @@ macro_rules! filter_kernels {
                 }
                 // Padding lanes stay 0 (their messages are 0: Q is 0 there).
                 qrow[l..].fill(0.0);
-                eigen_softmax(&mut qrow[..l]);
-                for k in kernels.iter_mut() {
-                    splat_pixel::<W>(w, k, i, qrow);
-                }
             }
         }
     };
@@ -1148,10 +1365,10 @@ impl Kernel {
 }
 
 /// Eigen 3.3's SSE `pexp<Packet4f>` (Cephes polynomial, no FMA), as used by pydensecrf's
-/// `expAndNormalize` for all but the last (L mod 4) labels. Written on a packet of four lanes
-/// with the same operations, so that it compiles to the same vector instructions.
+/// `expAndNormalize`. Lane-wise with the same operations as the packet code, so that it compiles
+/// to the same vector instructions; N lanes are independent (N = 8 fills an AVX register).
 #[inline(always)]
-fn eigen_pexp4(x0: [f32; 4]) -> [f32; 4] {
+fn eigen_pexp<const N: usize>(x0: [f32; N]) -> [f32; N] {
     const EXP_HI: f32 = 88.376_26;
     const EXP_LO: f32 = -88.376_26;
     const LOG2EF: f32 = std::f32::consts::LOG2_E;
@@ -1163,8 +1380,8 @@ fn eigen_pexp4(x0: [f32; 4]) -> [f32; 4] {
     const P3: f32 = 4.166_579_6e-2;
     const P4: f32 = 1.666_666_5e-1;
     const P5: f32 = 0.5; // Cephes' 5.0000001201E-1f rounds to exactly 0.5 in f32
-    let mut out = [0f32; 4];
-    for k in 0..4 {
+    let mut out = [0f32; N];
+    for k in 0..N {
         // pmin / pmax are _mm_min_ps / _mm_max_ps: min(a, b) = a < b ? a : b (NaN -> b).
         let mut x = if x0[k] < EXP_HI { x0[k] } else { EXP_HI };
         x = if x > EXP_LO { x } else { EXP_LO };
@@ -1194,75 +1411,96 @@ fn eigen_pexp4(x0: [f32; 4]) -> [f32; 4] {
     out
 }
 
-#[cfg(test)]
-fn eigen_pexp(x0: f32) -> f32 {
-    eigen_pexp4([x0; 4])[0]
-}
-
-/// pydensecrf `expAndNormalize` for one pixel, in place on `v` (the L real labels), with Eigen's
-/// evaluation: subtract the max, `pexp` on whole packets of 4 and `expf` on the tail, sum with
-/// Eigen's vectorised reduction order, divide.
+/// pydensecrf `expAndNormalize` (subtract the max, exp, sum with Eigen's vectorised reduction
+/// order, divide) on P pixels at once: `rows` holds P rows of `w` values whose first `l` are the
+/// labels, and every step is lane-wise across the pixels, so that it vectorises whatever l is.
+///
+/// Eigen evaluates whole packets of 4 labels with `pexp` and the last l mod 4 with libm's
+/// `expf`; here every label uses `pexp`, which differs from `expf` by at most a few ulp
+/// (2e-7 relative), far below what the marginals' tolerance could see, and keeps the loop
+/// vectorised across pixels.
 #[inline(always)]
-fn eigen_softmax(v: &mut [f32]) {
-    let l = v.len();
-    let mut mx = v[0];
-    for &x in &v[1..] {
-        if x > mx {
-            mx = x;
+fn softmax_block<const P: usize>(rows: &mut [f32], w: usize, l: usize) {
+    debug_assert_eq!(rows.len(), P * w);
+    let get = |rows: &[f32], c: usize| -> [f32; P] { std::array::from_fn(|p| rows[p * w + c]) };
+    let mut mx = get(rows, 0);
+    for c in 1..l {
+        let x = get(rows, c);
+        for p in 0..P {
+            if x[p] > mx[p] {
+                mx[p] = x[p];
+            }
         }
     }
-    let nv = l / 4 * 4;
-    for p in v[..nv].chunks_exact_mut(4) {
-        let e = eigen_pexp4([p[0] - mx, p[1] - mx, p[2] - mx, p[3] - mx]);
-        p.copy_from_slice(&e);
+    for c in 0..l {
+        let mut x = get(rows, c);
+        for p in 0..P {
+            x[p] -= mx[p];
+        }
+        let e = eigen_pexp(x);
+        for p in 0..P {
+            rows[p * w + c] = e[p];
+        }
     }
-    for x in &mut v[nv..] {
-        *x = (*x - mx).exp();
+    let s = eigen_sum(l, |c| get(rows, c));
+    for p in 0..P {
+        for c in 0..l {
+            rows[p * w + c] /= s[p];
+        }
     }
-    let s = eigen_sum(v);
-    for x in v.iter_mut() {
-        *x /= s;
+}
+
+/// `softmax_block` over all pixels of `q` (rows of w): blocks of 8, then one pixel at a time.
+#[inline(always)]
+fn softmax_rows(q: &mut [f32], w: usize, l: usize) {
+    let mut blocks = q.chunks_exact_mut(8 * w);
+    for b in &mut blocks {
+        softmax_block::<8>(b, w, l);
+    }
+    for row in blocks.into_remainder().chunks_exact_mut(w) {
+        softmax_block::<1>(row, w, l);
     }
 }
 
 /// Eigen 3.3 `redux` with `scalar_sum_op`, LinearVectorizedTraversal, SSE Packet4f, aligned
 /// start: two packet accumulators, then predux = (a0 + a2) + (a1 + a3), then the scalar tail.
+/// Over `l` values `v(0..l)`, each an array of P independent lanes (pixels).
 #[inline(always)]
-fn eigen_sum(v: &[f32]) -> f32 {
-    let l = v.len();
+fn eigen_sum<const P: usize>(l: usize, v: impl Fn(usize) -> [f32; P]) -> [f32; P] {
+    let add = |a: [f32; P], b: [f32; P]| -> [f32; P] { std::array::from_fn(|p| a[p] + b[p]) };
     let ps = 4;
     let aligned = l / ps * ps;
     if aligned == 0 {
-        let mut r = v[0];
-        for &x in &v[1..] {
-            r += x;
+        let mut r = v(0);
+        for c in 1..l {
+            r = add(r, v(c));
         }
         return r;
     }
     let aligned2 = l / (2 * ps) * (2 * ps);
-    let mut p0 = [v[0], v[1], v[2], v[3]];
+    let mut p0 = [v(0), v(1), v(2), v(3)];
     if aligned > ps {
-        let mut p1 = [v[4], v[5], v[6], v[7]];
+        let mut p1 = [v(4), v(5), v(6), v(7)];
         let mut i = 2 * ps;
         while i < aligned2 {
             for k in 0..4 {
-                p0[k] += v[i + k];
-                p1[k] += v[i + ps + k];
+                p0[k] = add(p0[k], v(i + k));
+                p1[k] = add(p1[k], v(i + ps + k));
             }
             i += 2 * ps;
         }
         for k in 0..4 {
-            p0[k] += p1[k];
+            p0[k] = add(p0[k], p1[k]);
         }
         if aligned > aligned2 {
             for k in 0..4 {
-                p0[k] += v[aligned2 + k];
+                p0[k] = add(p0[k], v(aligned2 + k));
             }
         }
     }
-    let mut r = (p0[0] + p0[2]) + (p0[1] + p0[3]);
-    for &x in &v[aligned..] {
-        r += x;
+    let mut r = add(add(p0[0], p0[2]), add(p0[1], p0[3]));
+    for c in aligned..l {
+        r = add(r, v(c));
     }
     r
 }
@@ -1294,9 +1532,7 @@ fn mean_field(
     }
     // Q0 = softmax(-unary)
     let mut q = neg_unary.clone();
-    for row in q.chunks_exact_mut(w) {
-        eigen_softmax(&mut row[..l]);
-    }
+    softmax_rows(&mut q, w, l);
     let order = if l <= 2 {
         SliceOrder::Seq
     } else {
@@ -1398,13 +1634,59 @@ mod tests {
     }
 
     #[test]
+    fn vectorised_simplex_matches_scalar() {
+        // Random features, plus grid-like ones (integers over a scale) that produce ties and
+        // exact remainder-0 points; every instruction-set variant must match `simplex` bit
+        // for bit.
+        let mut rng = Lcg(7);
+        for d in [2usize, 5] {
+            let el = Elevator::new(d);
+            let dp1 = d + 1;
+            let n = 8 * 40 + 5;
+            let f: Vec<f32> = (0..n * d)
+                .map(|i| match i % 3 {
+                    0 => (rng.next() - 0.5) * 400.0,
+                    1 => (i / 7) as f32 / 3.0,
+                    _ => (i % 11) as f32,
+                })
+                .collect();
+            for isa in [Isa::Base, detect_isa()] {
+                let (mut k, mut b, mut r) = (
+                    vec![0u128; n * dp1],
+                    vec![0f32; n * dp1],
+                    vec![0u8; n * dp1],
+                );
+                el.simplices(isa, &f, &mut k, &mut b, &mut r);
+                for i in 0..n {
+                    let (mut k1, mut b1, mut r1) =
+                        ([0u128; MAX_D + 1], [0f32; MAX_D + 1], [0u8; MAX_D + 1]);
+                    el.simplex(
+                        &f[i * d..(i + 1) * d],
+                        &mut k1[..dp1],
+                        &mut b1[..dp1],
+                        &mut r1[..dp1],
+                    );
+                    let s = i * dp1..(i + 1) * dp1;
+                    assert_eq!(&k[s.clone()], &k1[..dp1], "keys, d={d} pixel {i}");
+                    assert_eq!(&r[s.clone()], &r1[..dp1], "directions, d={d} pixel {i}");
+                    let (bv, bs): (Vec<u32>, Vec<u32>) = (
+                        b[s].iter().map(|x| x.to_bits()).collect(),
+                        b1[..dp1].iter().map(|x| x.to_bits()).collect(),
+                    );
+                    assert_eq!(bv, bs, "weights, d={d} pixel {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn dense_and_hashed_lattices_agree() {
         // The Gaussian kernel's dense 2-d index must build the same lattice as the hash table.
         for (w, h, sxy) in [(23usize, 17usize, 1.0f32), (40, 9, 3.0), (7, 30, 0.7)] {
             let n = w * h;
             let f = gaussian_features(w, h, sxy);
-            let dense = Lattice::new_dense2(&f, n).expect("small box");
-            let hashed = Lattice::new_hashed(&f, 2, n);
+            let dense = Lattice::new_dense2(detect_isa(), &f, n).expect("small box");
+            let hashed = Lattice::new_hashed(detect_isa(), &f, 2, n);
             assert_eq!(dense.m, hashed.m);
             let mut rng = Lcg(5);
             let x: Vec<f32> = (0..n).map(|_| rng.next()).collect();
@@ -1498,7 +1780,7 @@ mod tests {
         // eigen_pexp agrees with exp to float precision over the range the softmax sees.
         for k in 0..1600 {
             let x = -(k as f32) * 0.05;
-            let (a, b) = (eigen_pexp(x) as f64, (x as f64).exp());
+            let (a, b) = (eigen_pexp([x])[0] as f64, (x as f64).exp());
             assert!((a - b).abs() <= 3e-7 * b + 1e-38, "{x}: {a} vs {b}");
         }
     }
@@ -1548,4 +1830,3 @@ mod tests {
         assert_eq!(crf_image(&rgb, CrfImage::Rgb), rgb.to_vec());
     }
 }
-
