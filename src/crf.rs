@@ -724,9 +724,8 @@ struct Lattice {
     offset: Vec<u32>,
     /// Per pixel, d+1 barycentric weights.
     bary: Vec<f32>,
-    /// Per pixel, d+1 barycentric weights times alpha (SSE slicing multiplies these first).
-    bary_alpha: Vec<f32>,
-    /// Blur neighbours, direction-major: [(d+1) * m] of (n1 row, n2 row), 0 = missing.
+    /// Blur neighbours, direction-major: [(d+1) * m] of (n1 row, n2 row), 0 = missing, then
+    /// BLUR_AHEAD zero entries so that the blur's look-ahead never leaves the array.
     blur: Vec<[u32; 2]>,
     alpha: f32,
 }
@@ -886,17 +885,21 @@ impl Lattice {
         m: usize,
         offset: Vec<u32>,
         bary: Vec<f32>,
-        blur: Vec<[u32; 2]>,
+        mut blur: Vec<[u32; 2]>,
     ) -> Lattice {
+        // The filter loops index vertex rows without bounds checks, relying on this.
+        assert!(offset.len() == n * (d + 1) && bary.len() == n * (d + 1));
+        assert!(blur.len() == (d + 1) * m);
+        assert!(offset.iter().all(|&o| o as usize <= m));
+        assert!(blur.iter().all(|&[a, b]| a as usize <= m && b as usize <= m));
+        blur.resize((d + 1) * m + BLUR_AHEAD, [0, 0]);
         let alpha = 1.0f32 / (1.0 + 2f32.powi(-(d as i32)));
-        let bary_alpha = bary.iter().map(|&w| w * alpha).collect();
         Lattice {
             d,
             n,
             m,
             offset,
             bary,
-            bary_alpha,
             blur,
             alpha,
         }
@@ -1034,13 +1037,13 @@ fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
-/// Prefetch a row of `w` f32 starting at `p` (first and last cache line).
+/// Prefetch a row of `w` f32 starting at `p` (first and last cache line). Rows of 1, 2, 4 or 8
+/// values in a 32-byte aligned buffer never straddle a cache line, so they need one prefetch.
 #[inline(always)]
 fn prefetch_row(p: *const f32, w: usize) {
     prefetch(p);
-    let last = p.wrapping_add(w - 1);
-    if (p as usize ^ last as usize) >> 6 != 0 {
-        prefetch(last);
+    if !matches!(w, 1 | 2 | 4 | 8) {
+        prefetch(p.wrapping_add(w - 1));
     }
 }
 
@@ -1162,19 +1165,23 @@ macro_rules! filter_kernels {
         pub fn blur<const W: usize>(w: usize, lat: &Lattice, j: usize, src: &[f32], dst: &mut [f32]) {
             let w = if W > 0 { W } else { w };
             let m = lat.m;
-            let nb = &lat.blur[j * m..(j + 1) * m];
+            let nb = &lat.blur[j * m..(j + 1) * m + BLUR_AHEAD];
+            let (src, dst) = (&src[..(m + 1) * w], &mut dst[..(m + 1) * w]);
             dst[..w].fill(0.0);
-            for (v, out) in dst[w..(m + 1) * w].chunks_exact_mut(w).enumerate() {
-                if let Some(&[pa, pb]) = nb.get(v + BLUR_AHEAD) {
-                    prefetch_row(src.as_ptr().wrapping_add(pa as usize * w), w);
-                    prefetch_row(src.as_ptr().wrapping_add(pb as usize * w), w);
-                }
+            let (s, out) = (src.as_ptr(), dst.as_mut_ptr());
+            for v in 0..m {
+                let [pa, pb] = nb[v + BLUR_AHEAD];
                 let [a, b] = nb[v];
-                let old = &src[(v + 1) * w..(v + 2) * w];
-                let a = &src[a as usize * w..a as usize * w + w];
-                let b = &src[b as usize * w..b as usize * w + w];
-                for t in 0..w {
-                    out[t] = old[t] + 0.5 * (a[t] + b[t]);
+                // SAFETY: `Lattice::assemble` checked that every neighbour row is <= m, and
+                // src and dst hold m + 1 rows of w; v + 1 <= m.
+                unsafe {
+                    prefetch_row(s.add(pa as usize * w), w);
+                    prefetch_row(s.add(pb as usize * w), w);
+                    let (old, a, b) = (s.add((v + 1) * w), s.add(a as usize * w), s.add(b as usize * w));
+                    let o = out.add((v + 1) * w);
+                    for t in 0..w {
+                        *o.add(t) = *old.add(t) + 0.5 * (*a.add(t) + *b.add(t));
+                    }
                 }
             }
         }
@@ -1203,27 +1210,47 @@ macro_rules! filter_kernels {
 
         #[inline(always)]
         fn splat_pixel<const W: usize>(w: usize, k: &mut PassKernel, i: usize, qrow: &[f32]) {
-            let w = if W > 0 { W } else { w };
             let dp1 = k.lat.d + 1;
-            let Some(next) = k.next.as_deref_mut() else { return };
-            if let Some(ahead) = k.lat.offset.get((i + PIX_AHEAD) * dp1..(i + PIX_AHEAD + 1) * dp1) {
-                for &o in ahead {
-                    prefetch_row(next.as_ptr().wrapping_add(o as usize * w), w);
-                }
+            match dp1 {
+                3 => splat_rows::<W, 3>(w, dp1, k, i, qrow),
+                6 => splat_rows::<W, 6>(w, dp1, k, i, qrow),
+                _ => splat_rows::<W, 0>(w, dp1, k, i, qrow),
             }
-            let s = k.norm[i];
-            let offs = &k.lat.offset[i * dp1..(i + 1) * dp1];
-            let ws = &k.lat.bary[i * dp1..(i + 1) * dp1];
-            for (l0, len) in lane_blocks(w) {
-                // DenseKernel::filter: in = Q ⊙ norm.
-                let mut inp = [0f32; 8];
-                for t in 0..len {
-                    inp[t] = qrow[l0 + t] * s;
+        }
+
+        /// `splat_pixel` for d + 1 = DP (0: dp1 at run time).
+        #[inline(always)]
+        fn splat_rows<const W: usize, const DP: usize>(w: usize, dp1: usize, k: &mut PassKernel, i: usize, qrow: &[f32]) {
+            let w = if W > 0 { W } else { w };
+            let dp1 = if DP > 0 { DP } else { dp1 };
+            let lat = k.lat;
+            let Some(next) = k.next.as_deref_mut() else { return };
+            assert!(next.len() >= (lat.m + 1) * w && qrow.len() == w && i < lat.n);
+            let next = next.as_mut_ptr();
+            // SAFETY: offsets are <= m (`Lattice::assemble`) and `next` holds m + 1 rows of w;
+            // i < n, so the pixel's d + 1 offsets and weights are in bounds.
+            unsafe {
+                if i + PIX_AHEAD < lat.n {
+                    let ahead = lat.offset.as_ptr().add((i + PIX_AHEAD) * dp1);
+                    for r in 0..dp1 {
+                        prefetch_row(next.add(*ahead.add(r) as usize * w), w);
+                    }
                 }
-                for (&o, &bw) in offs.iter().zip(ws) {
-                    let dst = &mut next[o as usize * w + l0..o as usize * w + l0 + len];
+                let s = *k.norm.get_unchecked(i);
+                let offs = lat.offset.as_ptr().add(i * dp1);
+                let ws = lat.bary.as_ptr().add(i * dp1);
+                for (l0, len) in lane_blocks(w) {
+                    // DenseKernel::filter: in = Q ⊙ norm.
+                    let mut inp = [0f32; 8];
                     for t in 0..len {
-                        dst[t] += bw * inp[t];
+                        inp[t] = qrow[l0 + t] * s;
+                    }
+                    for r in 0..dp1 {
+                        let dst = next.add(*offs.add(r) as usize * w + l0);
+                        let bw = *ws.add(r);
+                        for t in 0..len {
+                            *dst.add(t) += bw * inp[t];
+                        }
                     }
                 }
             }
@@ -1277,55 +1304,84 @@ macro_rules! filter_kernels {
             i: usize,
         ) {
             let w = if W > 0 { W } else { w };
-            {
-                for k in kernels.iter() {
-                    let dp1 = k.lat.d + 1;
-                    if let Some(ahead) = k.lat.offset.get((i + PIX_AHEAD) * dp1..(i + PIX_AHEAD + 1) * dp1) {
-                        for &o in ahead {
-                            prefetch_row(k.blurred.as_ptr().wrapping_add(o as usize * w), w);
+            assert!(qrow.len() == w && neg_unary.len() >= (i + 1) * w);
+            for k in kernels.iter() {
+                let lat = k.lat;
+                let dp1 = lat.d + 1;
+                assert!(k.blurred.len() >= (lat.m + 1) * w && i < lat.n);
+                if i + PIX_AHEAD < lat.n {
+                    // SAFETY: in bounds (checked just above); offsets are <= m.
+                    unsafe {
+                        let ahead = lat.offset.as_ptr().add((i + PIX_AHEAD) * dp1);
+                        for r in 0..dp1 {
+                            prefetch_row(k.blurred.as_ptr().add(*ahead.add(r) as usize * w), w);
                         }
                     }
                 }
-                for (l0, len) in lane_blocks(w) {
-                    let mut tmp = [0f32; 8];
-                    tmp[..len].copy_from_slice(&neg_unary[i * w + l0..i * w + l0 + len]);
-                    for k in kernels.iter() {
-                        let lat = k.lat;
-                        let dp1 = lat.d + 1;
-                        let offs = &lat.offset[i * dp1..(i + 1) * dp1];
-                        let mut acc = [0f32; 8];
-                        match order {
-                            SliceOrder::Sse => {
-                                let ws = &lat.bary_alpha[i * dp1..(i + 1) * dp1];
-                                for (&o, &bw) in offs.iter().zip(ws) {
-                                    let v = &k.blurred[o as usize * w + l0..o as usize * w + l0 + len];
-                                    for t in 0..len {
-                                        acc[t] += bw * v[t];
-                                    }
-                                }
-                            }
-                            SliceOrder::Seq => {
-                                let ws = &lat.bary[i * dp1..(i + 1) * dp1];
-                                let alpha = lat.alpha;
-                                for (&o, &bw) in offs.iter().zip(ws) {
-                                    let v = &k.blurred[o as usize * w + l0..o as usize * w + l0 + len];
-                                    for t in 0..len {
-                                        acc[t] += bw * v[t] * alpha;
-                                    }
-                                }
-                            }
-                        }
-                        // out * norm, Potts: -w * out, tmp -= out.
-                        let s = k.norm[i];
-                        for t in 0..len {
-                            tmp[t] -= k.neg_w * (acc[t] * s);
-                        }
-                    }
-                    qrow[l0..l0 + len].copy_from_slice(&tmp[..len]);
-                }
-                // Padding lanes stay 0 (their messages are 0: Q is 0 there).
-                qrow[l..].fill(0.0);
             }
+            for (l0, len) in lane_blocks(w) {
+                let mut tmp = [0f32; 8];
+                tmp[..len].copy_from_slice(&neg_unary[i * w + l0..i * w + l0 + len]);
+                for k in kernels.iter() {
+                    let acc = match k.lat.d + 1 {
+                        3 => slice_rows::<W, 3>(w, 3, k, i, l0, len, order),
+                        6 => slice_rows::<W, 6>(w, 6, k, i, l0, len, order),
+                        dp1 => slice_rows::<W, 0>(w, dp1, k, i, l0, len, order),
+                    };
+                    // out * norm, Potts: -w * out, tmp -= out.
+                    let s = k.norm[i];
+                    for t in 0..len {
+                        tmp[t] -= k.neg_w * (acc[t] * s);
+                    }
+                }
+                qrow[l0..l0 + len].copy_from_slice(&tmp[..len]);
+            }
+            // Padding lanes stay 0 (their messages are 0: Q is 0 there).
+            qrow[l..].fill(0.0);
+        }
+
+        /// One kernel's message at pixel i, lanes l0..l0 + len: Σ_r weight_r · blurred[offset_r],
+        /// with pydensecrf's order of multiplications (see `SliceOrder`). DP = d + 1, or 0 when
+        /// only known at run time. The caller checked that `blurred` holds m + 1 rows and i < n.
+        #[inline(always)]
+        fn slice_rows<const W: usize, const DP: usize>(
+            w: usize,
+            dp1: usize,
+            k: &PassKernel,
+            i: usize,
+            l0: usize,
+            len: usize,
+            order: SliceOrder,
+        ) -> [f32; 8] {
+            let w = if W > 0 { W } else { w };
+            let dp1 = if DP > 0 { DP } else { dp1 };
+            let lat = k.lat;
+            let mut acc = [0f32; 8];
+            // SAFETY: i < n, offsets are <= m (`Lattice::assemble`), l0 + len <= w.
+            unsafe {
+                let offs = lat.offset.as_ptr().add(i * dp1);
+                let ws = lat.bary.as_ptr().add(i * dp1);
+                let rows = k.blurred.as_ptr();
+                for r in 0..dp1 {
+                    let v = rows.add(*offs.add(r) as usize * w + l0);
+                    let bw = *ws.add(r);
+                    match order {
+                        // sseCompute multiplies the weight by alpha first.
+                        SliceOrder::Sse => {
+                            let bw = bw * lat.alpha;
+                            for t in 0..len {
+                                acc[t] += bw * *v.add(t);
+                            }
+                        }
+                        SliceOrder::Seq => {
+                            for t in 0..len {
+                                acc[t] += bw * *v.add(t) * lat.alpha;
+                            }
+                        }
+                    }
+                }
+            }
+            acc
         }
     };
 }
@@ -1424,7 +1480,8 @@ fn eigen_pexp<const N: usize>(x0: [f32; N]) -> [f32; N] {
 /// vectorised across pixels.
 #[inline(always)]
 fn softmax_block<const P: usize>(rows: &mut [f32], w: usize, l: usize) {
-    debug_assert_eq!(rows.len(), P * w);
+    // Lets the compiler drop the bounds checks of the gathers below.
+    assert!(rows.len() == P * w && l >= 1 && l <= w);
     let get = |rows: &[f32], c: usize| -> [f32; P] { std::array::from_fn(|p| rows[p * w + c]) };
     let mut mx = get(rows, 0);
     for c in 1..l {
