@@ -31,6 +31,8 @@
 //!   simplex; the rest are looked up behind a cache-resident presence filter;
 //! - the simplices are computed 8 pixels at a time, lane-wise (selects instead of indexing by
 //!   rank), and the softmax 8 pixels at a time;
+//! - the filter loops index vertex rows without bounds checks: `Lattice::assemble` checks once
+//!   that every pixel offset and blur neighbour is a valid row;
 //! - the loops are bound by memory latency (random rows), so they prefetch ahead. On CPUs with
 //!   AVX the hot loops are compiled a second time for AVX (no FMA, so the arithmetic is
 //!   unchanged) and picked at run time.
@@ -891,7 +893,9 @@ impl Lattice {
         assert!(offset.len() == n * (d + 1) && bary.len() == n * (d + 1));
         assert!(blur.len() == (d + 1) * m);
         assert!(offset.iter().all(|&o| o as usize <= m));
-        assert!(blur.iter().all(|&[a, b]| a as usize <= m && b as usize <= m));
+        assert!(blur
+            .iter()
+            .all(|&[a, b]| a as usize <= m && b as usize <= m));
         blur.resize((d + 1) * m + BLUR_AHEAD, [0, 0]);
         let alpha = 1.0f32 / (1.0 + 2f32.powi(-(d as i32)));
         Lattice {
