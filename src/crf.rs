@@ -1151,6 +1151,24 @@ struct PassKernel<'a> {
     neg_w: f32,
     blurred: &'a [f32],
     next: Option<&'a mut [f32]>,
+    /// Rows 1..=zeroed of `next` are known to be zero. `next` is cleared just ahead of the
+    /// splat (vertex ids follow first use in pixel order, so this walks forward through it
+    /// while its lines are being written anyway) rather than in a separate pass.
+    zeroed: usize,
+}
+
+impl PassKernel<'_> {
+    /// After a splat: clear the rows of `next` that no pixel reached (vertices of the padding
+    /// lanes), which the splat's running clear has not.
+    fn zero_rest(&mut self, w: usize) {
+        let m = self.lat.m;
+        if let Some(next) = self.next.as_deref_mut() {
+            if self.zeroed < m {
+                next[(self.zeroed + 1) * w..(m + 1) * w].fill(0.0);
+                self.zeroed = m;
+            }
+        }
+    }
 }
 
 /// Filter kernels over rows of w values, generic over W (= w when known at compile time, else 0).
@@ -1203,6 +1221,9 @@ macro_rules! filter_kernels {
                     splat_pixel::<W>(w, k, i, qrow);
                 }
             }
+            for k in kernels.iter_mut() {
+                k.zero_rest(w);
+            }
         }
 
         /// Lanes are processed in blocks of 8 (and one of 4), accumulated in local arrays:
@@ -1230,6 +1251,12 @@ macro_rules! filter_kernels {
             let lat = k.lat;
             let Some(next) = k.next.as_deref_mut() else { return };
             assert!(next.len() >= (lat.m + 1) * w && qrow.len() == w && i < lat.n);
+            let offs = &lat.offset[i * dp1..(i + 1) * dp1];
+            let hi = offs.iter().fold(0, |a, &o| a.max(o as usize));
+            if hi > k.zeroed {
+                next[(k.zeroed + 1) * w..(hi + 1) * w].fill(0.0);
+                k.zeroed = hi;
+            }
             let next = next.as_mut_ptr();
             // SAFETY: offsets are <= m (`Lattice::assemble`) and `next` holds m + 1 rows of w;
             // i < n, so the pixel's d + 1 offsets and weights are in bounds.
@@ -1293,6 +1320,9 @@ macro_rules! filter_kernels {
                         splat_pixel::<W>(w, k, i, &q[i * w..(i + 1) * w]);
                     }
                 }
+            }
+            for k in kernels.iter_mut() {
+                k.zero_rest(w);
             }
         }
 
@@ -1618,6 +1648,7 @@ fn mean_field(
                 neg_w: -k.weight,
                 blurred: &[],
                 next: Some(b.both().0),
+                zeroed: k.lattice.m,
             })
             .collect();
         dispatch!(isa, w, splat(&q, &mut pass));
@@ -1633,18 +1664,14 @@ fn mean_field(
                 std::mem::swap(&mut src, &mut dst);
             }
             // `src` holds the blurred values; the other buffer receives the next splat.
-            let next = if it + 1 < iterations {
-                dst.fill(0.0);
-                Some(dst)
-            } else {
-                None
-            };
+            let next = (it + 1 < iterations).then_some(dst);
             pass.push(PassKernel {
                 lat,
                 norm: &k.norm,
                 neg_w: -k.weight,
                 blurred: src,
                 next,
+                zeroed: 0,
             });
         }
         dispatch!(isa, w, update(l, order, &neg_unary, &mut q, &mut pass));
@@ -1658,9 +1685,9 @@ fn mean_field(
     }
     // Back to channel-major.
     let mut out = vec![0f32; l * n];
-    for (lab, plane) in out.chunks_exact_mut(n).enumerate() {
-        for (i, x) in plane.iter_mut().enumerate() {
-            *x = q[i * w + lab];
+    for (i, row) in q.chunks_exact(w).enumerate() {
+        for (lab, &x) in row[..l].iter().enumerate() {
+            out[lab * n + i] = x;
         }
     }
     out
