@@ -1174,11 +1174,20 @@ impl PassKernel<'_> {
 /// Filter kernels over rows of w values, generic over W (= w when known at compile time, else 0).
 macro_rules! filter_kernels {
     ($($attr:meta)?) => {
-        use super::{prefetch_row, softmax_block, Elevator, Lattice, PassKernel, SliceOrder, BLUR_AHEAD, PIX_AHEAD};
+        use super::{
+            prefetch_row, softmax_block, Elevator, Lattice, PassKernel, SliceOrder, BLUR_AHEAD,
+            PIX_AHEAD,
+        };
 
         /// `Elevator::simplex8_impl`, compiled for this instruction set.
         $(#[$attr])?
-        pub fn simplex8<const D: usize>(el: &Elevator, f: &[f32], keys: &mut [u128], bary: &mut [f32], dirs: &mut [u8]) {
+        pub fn simplex8<const D: usize>(
+            el: &Elevator,
+            f: &[f32],
+            keys: &mut [u128],
+            bary: &mut [f32],
+            dirs: &mut [u8],
+        ) {
             el.simplex8_impl::<D>(f, keys, bary, dirs)
         }
 
@@ -1199,7 +1208,8 @@ macro_rules! filter_kernels {
                 unsafe {
                     prefetch_row(s.add(pa as usize * w), w);
                     prefetch_row(s.add(pb as usize * w), w);
-                    let (old, a, b) = (s.add((v + 1) * w), s.add(a as usize * w), s.add(b as usize * w));
+                    let old = s.add((v + 1) * w);
+                    let (a, b) = (s.add(a as usize * w), s.add(b as usize * w));
                     let o = out.add((v + 1) * w);
                     for t in 0..w {
                         *o.add(t) = *old.add(t) + 0.5 * (*a.add(t) + *b.add(t));
@@ -1226,8 +1236,8 @@ macro_rules! filter_kernels {
             }
         }
 
-        /// Lanes are processed in blocks of 8 (and one of 4), accumulated in local arrays:
-        /// registers the compiler knows alias nothing, so the lane loops vectorise.
+        /// Lanes are processed in blocks of 8 (and one of the remainder), accumulated in local
+        /// arrays: registers the compiler knows alias nothing, so the lane loops vectorise.
         #[inline(always)]
         fn lane_blocks(w: usize) -> impl Iterator<Item = (usize, usize)> {
             (0..w / 8).map(|b| (b * 8, 8)).chain((w % 8 != 0).then_some((w / 8 * 8, w % 8)))
@@ -1245,7 +1255,13 @@ macro_rules! filter_kernels {
 
         /// `splat_pixel` for d + 1 = DP (0: dp1 at run time).
         #[inline(always)]
-        fn splat_rows<const W: usize, const DP: usize>(w: usize, dp1: usize, k: &mut PassKernel, i: usize, qrow: &[f32]) {
+        fn splat_rows<const W: usize, const DP: usize>(
+            w: usize,
+            dp1: usize,
+            k: &mut PassKernel,
+            i: usize,
+            qrow: &[f32],
+        ) {
             let w = if W > 0 { W } else { w };
             let dp1 = if DP > 0 { DP } else { dp1 };
             let lat = k.lat;
@@ -1306,7 +1322,8 @@ macro_rules! filter_kernels {
             for i0 in (0..n).step_by(8) {
                 let i1 = (i0 + 8).min(n);
                 for i in i0..i1 {
-                    slice_pixel::<W>(w, l, order, neg_unary, &mut q[i * w..(i + 1) * w], kernels, i);
+                    let qrow = &mut q[i * w..(i + 1) * w];
+                    slice_pixel::<W>(w, l, order, neg_unary, qrow, kernels, i);
                 }
                 if i1 - i0 == 8 {
                     softmax_block::<8>(&mut q[i0 * w..i1 * w], w, l);
@@ -1326,7 +1343,8 @@ macro_rules! filter_kernels {
             }
         }
 
-        /// Slice pixel i's messages from every kernel: qrow = -unary - Σ_k w_k norm_k ⊙ (K_k ...)_i.
+        /// Slice pixel i's messages from every kernel:
+        /// qrow = -unary - Σ_k w_k norm_k ⊙ (K_k (norm_k ⊙ Q))_i.
         #[inline(always)]
         fn slice_pixel<const W: usize>(
             w: usize,
