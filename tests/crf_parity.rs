@@ -267,6 +267,11 @@ fn cases() -> Vec<Case> {
         (120, 90, 5, Rgb, Both),
         (99, 77, 3, Rgb, Bilateral),
         (64, 48, 21, Rgb, Both),
+        // With the cases above, every label count meets every kernel choice.
+        (90, 70, 2, Faithful, Bilateral),
+        (111, 83, 3, Rgb, Gaussian),
+        (77, 59, 5, Faithful, Bilateral),
+        (80, 61, 21, Faithful, Gaussian),
     ];
     for (k, (w, h, labels, mode, kernels)) in spec.into_iter().enumerate() {
         out.push(Case {
