@@ -33,7 +33,9 @@
 //!   rank), and the softmax 8 pixels at a time;
 //! - the filter loops index vertex rows without bounds checks: `Lattice::assemble` checks once
 //!   that every pixel offset and blur neighbour is a valid row;
-//! - the loops are bound by memory latency (random rows), so they prefetch ahead. On CPUs with
+//! - the next splat buffer is cleared just ahead of the splat rather than in a separate pass;
+//! - the loops are bound by memory (the blur streams every vertex row d+1 times per iteration;
+//!   slice, splat and blur also read random rows), so they prefetch ahead. On CPUs with
 //!   AVX the hot loops are compiled a second time for AVX (no FMA, so the arithmetic is
 //!   unchanged) and picked at run time.
 //!
