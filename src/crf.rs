@@ -1132,7 +1132,7 @@ macro_rules! dispatch {
             Isa::Avx => unsafe {
                 match $w {
                     2 => avx::$f::<2>($w, $($arg),*),
-                4 => avx::$f::<4>($w, $($arg),*),
+                    4 => avx::$f::<4>($w, $($arg),*),
                     8 => avx::$f::<8>($w, $($arg),*),
                     12 => avx::$f::<12>($w, $($arg),*),
                     16 => avx::$f::<16>($w, $($arg),*),
@@ -1160,6 +1160,15 @@ struct PassKernel<'a> {
 }
 
 impl PassKernel<'_> {
+    /// What the unchecked row accesses of a pass over n pixels with rows of w rely on (checked
+    /// once per pass, not per pixel): the buffers hold m + 1 rows and the lattice has n pixels.
+    fn check(&self, w: usize, n: usize) {
+        let rows = (self.lat.m + 1) * w;
+        assert!(n <= self.lat.n && self.norm.len() >= n);
+        assert!(self.blurred.is_empty() || self.blurred.len() >= rows);
+        assert!(self.next.as_ref().is_none_or(|next| next.len() >= rows));
+    }
+
     /// After a splat: clear the rows of `next` that no pixel reached (vertices of the padding
     /// lanes), which the splat's running clear has not.
     fn zero_rest(&mut self, w: usize) {
@@ -1177,7 +1186,7 @@ impl PassKernel<'_> {
 macro_rules! filter_kernels {
     ($($attr:meta)?) => {
         use super::{
-            prefetch_row, softmax_block, Elevator, Lattice, PassKernel, SliceOrder, BLUR_AHEAD,
+            prefetch_row, softmax_rows, Elevator, Lattice, PassKernel, SliceOrder, BLUR_AHEAD,
             PIX_AHEAD,
         };
 
@@ -1227,10 +1236,14 @@ macro_rules! filter_kernels {
         pub fn splat<const W: usize>(w: usize, q: &[f32], kernels: &mut [PassKernel]) {
             let w = if W > 0 { W } else { w };
             let n = q.len() / w;
+            for k in kernels.iter() {
+                k.check(w, n);
+            }
             for i in 0..n {
                 let qrow = &q[i * w..(i + 1) * w];
                 for k in kernels.iter_mut() {
-                    splat_pixel::<W>(w, k, i, qrow);
+                    // SAFETY: checked above.
+                    unsafe { splat_pixel::<W>(w, k, i, qrow) };
                 }
             }
             for k in kernels.iter_mut() {
@@ -1245,19 +1258,29 @@ macro_rules! filter_kernels {
             (0..w / 8).map(|b| (b * 8, 8)).chain((w % 8 != 0).then_some((w / 8 * 8, w % 8)))
         }
 
+        /// # Safety
+        /// `k.check(w, n)` passed for the pass, and i < n.
         #[inline(always)]
-        fn splat_pixel<const W: usize>(w: usize, k: &mut PassKernel, i: usize, qrow: &[f32]) {
+        unsafe fn splat_pixel<const W: usize>(
+            w: usize,
+            k: &mut PassKernel,
+            i: usize,
+            qrow: &[f32],
+        ) {
             let dp1 = k.lat.d + 1;
-            match dp1 {
-                3 => splat_rows::<W, 3>(w, dp1, k, i, qrow),
-                6 => splat_rows::<W, 6>(w, dp1, k, i, qrow),
-                _ => splat_rows::<W, 0>(w, dp1, k, i, qrow),
+            // SAFETY: passed on from the caller.
+            unsafe {
+                match dp1 {
+                    3 => splat_rows::<W, 3>(w, dp1, k, i, qrow),
+                    6 => splat_rows::<W, 6>(w, dp1, k, i, qrow),
+                    _ => splat_rows::<W, 0>(w, dp1, k, i, qrow),
+                }
             }
         }
 
-        /// `splat_pixel` for d + 1 = DP (0: dp1 at run time).
+        /// `splat_pixel` for d + 1 = DP (0: dp1 at run time); same safety contract.
         #[inline(always)]
-        fn splat_rows<const W: usize, const DP: usize>(
+        unsafe fn splat_rows<const W: usize, const DP: usize>(
             w: usize,
             dp1: usize,
             k: &mut PassKernel,
@@ -1268,7 +1291,6 @@ macro_rules! filter_kernels {
             let dp1 = if DP > 0 { DP } else { dp1 };
             let lat = k.lat;
             let Some(next) = k.next.as_deref_mut() else { return };
-            assert!(next.len() >= (lat.m + 1) * w && qrow.len() == w && i < lat.n);
             let offs = &lat.offset[i * dp1..(i + 1) * dp1];
             let hi = offs.iter().fold(0, |a, &o| a.max(o as usize));
             if hi > k.zeroed {
@@ -1276,8 +1298,8 @@ macro_rules! filter_kernels {
                 k.zeroed = hi;
             }
             let next = next.as_mut_ptr();
-            // SAFETY: offsets are <= m (`Lattice::assemble`) and `next` holds m + 1 rows of w;
-            // i < n, so the pixel's d + 1 offsets and weights are in bounds.
+            // SAFETY: offsets are <= m (`Lattice::assemble`), `next` holds m + 1 rows of w and
+            // i < n (`PassKernel::check`), so the pixel's offsets, weights and rows are in bounds.
             unsafe {
                 if i + PIX_AHEAD < lat.n {
                     let ahead = lat.offset.as_ptr().add((i + PIX_AHEAD) * dp1);
@@ -1286,7 +1308,7 @@ macro_rules! filter_kernels {
                     }
                 }
                 let s = *k.norm.get_unchecked(i);
-                let offs = lat.offset.as_ptr().add(i * dp1);
+                let offs = offs.as_ptr();
                 let ws = lat.bary.as_ptr().add(i * dp1);
                 for (l0, len) in lane_blocks(w) {
                     // DenseKernel::filter: in = Q ⊙ norm.
@@ -1319,24 +1341,24 @@ macro_rules! filter_kernels {
         ) {
             let w = if W > 0 { W } else { w };
             let n = q.len() / w;
+            assert!(neg_unary.len() >= n * w);
+            for k in kernels.iter() {
+                k.check(w, n);
+            }
             // Blocks of 8 pixels: slice each, softmax the block (vectorised across its pixels),
             // splat each. Splats stay in pixel order.
             for i0 in (0..n).step_by(8) {
                 let i1 = (i0 + 8).min(n);
                 for i in i0..i1 {
                     let qrow = &mut q[i * w..(i + 1) * w];
-                    slice_pixel::<W>(w, l, order, neg_unary, qrow, kernels, i);
+                    // SAFETY: checked above.
+                    unsafe { slice_pixel::<W>(w, l, order, neg_unary, qrow, kernels, i) };
                 }
-                if i1 - i0 == 8 {
-                    softmax_block::<8>(&mut q[i0 * w..i1 * w], w, l);
-                } else {
-                    for i in i0..i1 {
-                        softmax_block::<1>(&mut q[i * w..(i + 1) * w], w, l);
-                    }
-                }
+                softmax_rows(&mut q[i0 * w..i1 * w], w, l);
                 for i in i0..i1 {
                     for k in kernels.iter_mut() {
-                        splat_pixel::<W>(w, k, i, &q[i * w..(i + 1) * w]);
+                        // SAFETY: checked above.
+                        unsafe { splat_pixel::<W>(w, k, i, &q[i * w..(i + 1) * w]) };
                     }
                 }
             }
@@ -1347,8 +1369,11 @@ macro_rules! filter_kernels {
 
         /// Slice pixel i's messages from every kernel:
         /// qrow = -unary - Σ_k w_k norm_k ⊙ (K_k (norm_k ⊙ Q))_i.
+        ///
+        /// # Safety
+        /// `k.check(w, n)` passed for every kernel of the pass, and i < n.
         #[inline(always)]
-        fn slice_pixel<const W: usize>(
+        unsafe fn slice_pixel<const W: usize>(
             w: usize,
             l: usize,
             order: SliceOrder,
@@ -1358,13 +1383,12 @@ macro_rules! filter_kernels {
             i: usize,
         ) {
             let w = if W > 0 { W } else { w };
-            assert!(qrow.len() == w && neg_unary.len() >= (i + 1) * w);
             for k in kernels.iter() {
                 let lat = k.lat;
                 let dp1 = lat.d + 1;
-                assert!(k.blurred.len() >= (lat.m + 1) * w && i < lat.n);
                 if i + PIX_AHEAD < lat.n {
-                    // SAFETY: in bounds (checked just above); offsets are <= m.
+                    // SAFETY: pixel i + PIX_AHEAD exists; offsets are <= m and `blurred` holds
+                    // m + 1 rows (`PassKernel::check`).
                     unsafe {
                         let ahead = lat.offset.as_ptr().add((i + PIX_AHEAD) * dp1);
                         for r in 0..dp1 {
@@ -1377,10 +1401,13 @@ macro_rules! filter_kernels {
                 let mut tmp = [0f32; 8];
                 tmp[..len].copy_from_slice(&neg_unary[i * w + l0..i * w + l0 + len]);
                 for k in kernels.iter() {
-                    let acc = match k.lat.d + 1 {
-                        3 => slice_rows::<W, 3>(w, 3, k, i, l0, len, order),
-                        6 => slice_rows::<W, 6>(w, 6, k, i, l0, len, order),
-                        dp1 => slice_rows::<W, 0>(w, dp1, k, i, l0, len, order),
+                    // SAFETY: passed on from the caller.
+                    let acc = unsafe {
+                        match k.lat.d + 1 {
+                            3 => slice_rows::<W, 3>(w, 3, k, i, l0, len, order),
+                            6 => slice_rows::<W, 6>(w, 6, k, i, l0, len, order),
+                            dp1 => slice_rows::<W, 0>(w, dp1, k, i, l0, len, order),
+                        }
                     };
                     // out * norm, Potts: -w * out, tmp -= out.
                     let s = k.norm[i];
@@ -1396,9 +1423,9 @@ macro_rules! filter_kernels {
 
         /// One kernel's message at pixel i, lanes l0..l0 + len: Σ_r weight_r · blurred[offset_r],
         /// with pydensecrf's order of multiplications (see `SliceOrder`). DP = d + 1, or 0 when
-        /// only known at run time. The caller checked that `blurred` holds m + 1 rows and i < n.
+        /// only known at run time. Same safety contract as `slice_pixel`.
         #[inline(always)]
-        fn slice_rows<const W: usize, const DP: usize>(
+        unsafe fn slice_rows<const W: usize, const DP: usize>(
             w: usize,
             dp1: usize,
             k: &PassKernel,
@@ -1620,10 +1647,10 @@ fn eigen_sum<const P: usize>(l: usize, v: impl Fn(usize) -> [f32; P]) -> [f32; P
 }
 
 /// Mean-field loop of pydensecrf `DenseCRF::inference`, on pixel-major rows of the labels padded
-/// to a multiple of 4 (one filter pass carries all labels: the blur is bound by the latency of
-/// its random neighbour reads, so fewer, wider rows beat more, narrower ones). One or two labels
-/// are not padded: the vertex rows are then half as wide or less, which matters more than
-/// alignment (3 labels in rows of 3 were slower than in aligned rows of 4). Each iteration
+/// to a multiple of 4 (one filter pass carries all labels: the blur is bound by memory, so
+/// fewer, wider rows beat more, narrower ones). One or two labels are not padded: the vertex
+/// rows are then half as wide or less, which matters more than alignment (3 labels in rows of
+/// 3 were slower than in aligned rows of 4). Each iteration
 /// blurs every kernel's splatted input, then one pass over the pixels slices the messages,
 /// updates Q and splats it for the next iteration, so each pixel's vertex rows are visited
 /// once per iteration.
