@@ -138,6 +138,16 @@ impl DatasetConfig {
                 bail!("duplicate background word {w:?}");
             }
         }
+        if !self.palette.is_empty() && self.palette.len() < self.classes.len() + 1 {
+            bail!(
+                "`palette` has {} colours but needs {} (background + {} classes); give one [r, g, b] per \
+                 label id 0..={}, or leave `palette` out for the PASCAL VOC colour map",
+                self.palette.len(),
+                self.classes.len() + 1,
+                self.classes.len(),
+                self.classes.len()
+            );
+        }
         if !(0.0..1.0).contains(&self.box_threshold) {
             bail!("`box_threshold` must be in [0, 1), got {}", self.box_threshold);
         }
@@ -153,9 +163,34 @@ impl DatasetConfig {
         self.classes.iter().position(|c| c.name == name)
     }
 
-    /// 768-byte PNG palette: config colours, then black; 255 is white (ignore).
+    /// The class a label names: the exact name, else the name with surrounding whitespace
+    /// removed, else a case-insensitive match when exactly one class matches. The one
+    /// normalisation of every label source.
+    pub fn find_class(&self, name: &str) -> Option<usize> {
+        if let Some(i) = self.class_index(name) {
+            return Some(i);
+        }
+        let name = name.trim();
+        if let Some(i) = self.class_index(name) {
+            return Some(i);
+        }
+        let lower = name.to_lowercase();
+        let mut matches = self.classes.iter().enumerate().filter(|(_, c)| c.name.trim().to_lowercase() == lower);
+        match (matches.next(), matches.next()) {
+            (Some((i, _)), None) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// 768-byte PNG palette: config colours (the PASCAL VOC colour map when the config has no
+    /// `palette`), then black; 255 is white (ignore).
     pub fn png_palette(&self) -> Vec<u8> {
         let mut pal = vec![0u8; 256 * 3];
+        if self.palette.is_empty() {
+            for (i, c) in pal.chunks_exact_mut(3).enumerate() {
+                c.copy_from_slice(&voc_colour(i as u8));
+            }
+        }
         for (i, c) in self.palette.iter().take(256).enumerate() {
             pal[i * 3..i * 3 + 3].copy_from_slice(c);
         }
@@ -164,6 +199,19 @@ impl DatasetConfig {
         }
         pal
     }
+}
+
+/// Colour of label id `i` in the PASCAL VOC colour map (bits of `i` spread over r, g, b).
+fn voc_colour(i: u8) -> [u8; 3] {
+    let mut c = [0u8; 3];
+    let mut id = i;
+    for shift in (0..8).rev() {
+        for (ch, v) in c.iter_mut().enumerate() {
+            *v |= ((id >> ch) & 1) << shift;
+        }
+        id >>= 3;
+    }
+    c
 }
 
 /// `configs/` of the installed crate: next to the binary's source tree, or CLIPMASK_CONFIGS.

@@ -55,8 +55,10 @@ pub fn read_voc_annotations(dir: &Path) -> Result<BTreeMap<String, Result<Vec<St
         let p = e?.path();
         if p.extension().is_some_and(|x| x == "xml") {
             let id = p.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-            let parsed = std::fs::read_to_string(&p)
-                .map_err(|e| e.to_string())
+            // Only a regular file is read (a FIFO would block), and at most 16 MiB of it.
+            let parsed = crate::files::read_regular(&p, 16 << 20)
+                .and_then(|b| String::from_utf8(b).map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", p.display())))
+                .map_err(|e| format!("{e:#}"))
                 .and_then(|t| parse_voc_xml(&t).map_err(|e| format!("{}: {e}", p.display())));
             out.insert(id, parsed);
         }
@@ -88,11 +90,13 @@ pub fn read_split(path: &Path) -> Result<Vec<String>> {
 }
 
 /// Class names to 0-based indices, first occurrence kept. An empty list or an unknown name
-/// is an error for that image only.
+/// is an error for that image only. Every label source (JSON, text, VOC XML, COCO) goes
+/// through here, so all share one normalisation: [`DatasetConfig::find_class`] (surrounding
+/// whitespace ignored, case-insensitive when unambiguous).
 pub fn resolve_labels(cfg: &DatasetConfig, names: &[String]) -> Result<Vec<usize>, String> {
     let mut out = Vec::new();
     for n in names {
-        match cfg.class_index(n) {
+        match cfg.find_class(n) {
             Some(i) if !out.contains(&i) => out.push(i),
             Some(_) => {}
             None => return Err(format!("unknown class {n:?} (not in config {})", cfg.name)),
@@ -104,30 +108,65 @@ pub fn resolve_labels(cfg: &DatasetConfig, names: &[String]) -> Result<Vec<usize
     Ok(out)
 }
 
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "JPG", "JPEG", "PNG", "bmp", "webp", "tif", "tiff"];
+/// Longest id accepted, in bytes: `<id>.npz` plus the temporary suffix of
+/// [`crate::outputs::write_atomic`] (`.` + `.tmp-<pid>`) stays under the 255-byte file-name
+/// limit of common file systems.
+pub const MAX_ID_BYTES: usize = 200;
 
-/// `<dir>/<id>.<ext>` for the first extension that exists; `<dir>/<id>.jpg` otherwise (so the
-/// error names a plausible file).
-pub fn find_image(dir: &Path, id: &str) -> PathBuf {
-    for ext in IMAGE_EXTENSIONS {
-        let p = dir.join(format!("{id}.{ext}"));
-        if p.exists() {
-            return p;
-        }
+/// Checks that an id names one file in a directory: every output path is `OUT/<kind>/<id>.<ext>`,
+/// so an id is a single relative path segment. Rejects the empty id, `.` and `..` and any id
+/// starting with `.` (hidden and temporary names), `/`, `\\`, NUL and other control characters,
+/// and ids over [`MAX_ID_BYTES`]. The error says why.
+pub fn validate_id(id: &str) -> Result<(), String> {
+    let shown: String = id.chars().take(60).collect();
+    let shown = if shown.len() < id.len() { format!("{shown:?}...") } else { format!("{shown:?}") };
+    if id.is_empty() {
+        return Err("invalid id \"\": empty".into());
     }
-    dir.join(format!("{id}.jpg"))
+    if id.len() > MAX_ID_BYTES {
+        return Err(format!("invalid id {shown}: {} bytes, at most {MAX_ID_BYTES}", id.len()));
+    }
+    if id.starts_with('.') {
+        return Err(format!("invalid id {shown}: starts with '.' (ids name one file inside OUT)"));
+    }
+    if let Some(c) = id.chars().find(|&c| c == '/' || c == '\\' || c.is_control()) {
+        return Err(format!("invalid id {shown}: contains {c:?} (ids name one file inside OUT, no path separators)"));
+    }
+    Ok(())
+}
+
+/// Image file extensions looked up for an id, in order (one list for every command).
+pub const IMAGE_EXTENSIONS: &[&str] =
+    &["jpg", "jpeg", "png", "JPG", "JPEG", "PNG", "bmp", "BMP", "gif", "GIF", "webp", "WEBP", "tif", "tiff", "TIF", "TIFF"];
+
+/// `<dir>/<id>.<ext>` for the first extension of [`IMAGE_EXTENSIONS`] that exists. The id must
+/// be valid ([`validate_id`]); an invalid one finds nothing.
+pub fn find_image(dir: &Path, id: &str) -> Option<PathBuf> {
+    if validate_id(id).is_err() {
+        return None;
+    }
+    IMAGE_EXTENSIONS.iter().map(|ext| dir.join(format!("{id}.{ext}"))).find(|p| p.symlink_metadata().is_ok())
+}
+
+/// Why no image was found for `id` in `dir`, naming the directory and the extensions tried.
+pub fn missing_image_reason(dir: &Path, id: &str) -> String {
+    format!("no image for id {id:?} in {} (looked for <id>.{})", dir.display(), IMAGE_EXTENSIONS.join("|"))
 }
 
 /// One image to process.
 #[derive(Debug, Clone)]
 pub struct Item {
     pub id: String,
+    /// The image file; for an invalid id or a missing image, the images directory (nothing is
+    /// looked up outside it).
     pub path: PathBuf,
-    /// 0-based class indices in label order, or why the labels are unusable.
+    /// 0-based class indices in label order, or why the image cannot be processed (invalid id,
+    /// unusable labels, no image file).
     pub labels: Result<Vec<usize>, String>,
 }
 
 /// The work list: ids from the split (or every labelled id, sorted), with labels resolved.
+/// Ids are checked ([`validate_id`]) before any file is looked up for them.
 pub fn work_list(
     cfg: &DatasetConfig,
     images: &Path,
@@ -140,12 +179,21 @@ pub fn work_list(
     };
     ids.into_iter()
         .map(|id| {
+            if let Err(e) = validate_id(&id) {
+                return Item { path: images.to_path_buf(), id, labels: Err(e) };
+            }
             let labels = match labels.get(&id) {
                 None => Err("no labels for this id".to_string()),
                 Some(Err(e)) => Err(e.clone()),
                 Some(Ok(names)) => resolve_labels(cfg, names),
             };
-            Item { path: find_image(images, &id), id, labels }
+            match find_image(images, &id) {
+                Some(path) => Item { path, id, labels },
+                None => {
+                    let labels = labels.and_then(|_| Err(missing_image_reason(images, &id)));
+                    Item { path: images.to_path_buf(), id, labels }
+                }
+            }
         })
         .collect()
 }

@@ -729,9 +729,10 @@ fn resolve_ids(args: &EvalArgs, pred_dir: &Path, pred_ext: &str) -> Result<(Vec<
         ));
     }
     if !problems.is_empty() && !args.allow_missing {
+        // One line: the CLI prints the first line of each error.
         bail!(
-            "ids do not match:\n  {}\n(pass --allow-missing to evaluate the ids that have both{})",
-            problems.join("\n  "),
+            "ids do not match: {} (pass --allow-missing to evaluate the ids that have both{})",
+            problems.join("; "),
             if args.split.is_none() { ", or --split to choose the ids" } else { "" }
         );
     }

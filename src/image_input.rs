@@ -9,59 +9,124 @@ use tch::Tensor;
 pub const MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 pub const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
+/// Default pixel budget (`--max-pixels`): images whose header claims more pixels are refused
+/// before decoding.
+pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
+
+/// Bytes per pixel the budget allows a decoder (the widest decoded layout, 32-bit float RGBA).
+const MAX_DECODED_BYTES_PER_PIXEL: u64 = 16;
+
+/// Largest image file read for a budget of `max_pixels`: no supported format needs more than
+/// the widest decoded layout plus 64 MiB of headers and metadata.
+pub fn max_file_bytes(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(MAX_DECODED_BYTES_PER_PIXEL).saturating_add(64 << 20)
+}
+
+/// Refuses a `width` x `height` image over the budget, naming the file.
+fn check_budget(width: u64, height: u64, max_pixels: u64, path: &Path) -> Result<()> {
+    if width == 0 || height == 0 {
+        bail!("image {} has no pixels ({width}x{height})", path.display());
+    }
+    let pixels = width.saturating_mul(height);
+    if pixels > max_pixels {
+        bail!(
+            "image {} is {width}x{height} = {:.1} megapixels, over the pixel budget of {:.1} (raise --max-pixels to allow it)",
+            path.display(),
+            pixels as f64 / 1e6,
+            max_pixels as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
+/// [`load_rgb_limited`] with the default pixel budget.
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    load_rgb_limited(path, DEFAULT_MAX_PIXELS)
+}
+
 /// Decodes any supported image (grayscale, 16-bit, alpha, palette, CMYK JPEG) to 8-bit RGB in
 /// stored pixel orientation (EXIF rotation is not applied: VOC and COCO masks are stored
 /// unrotated). JPEGs go through libjpeg-turbo's decoder (mozjpeg), giving the same pixels as
 /// PIL, which the reference uses; other formats and JPEGs it cannot convert (CMYK) through the
 /// `image` crate.
-pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let data = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+///
+/// Hostile input: only a regular file is read ([`crate::files::open_regular`]); the size in its
+/// header is checked against `max_pixels` before anything is decoded, the `image` crate's
+/// decoders get an allocation limit derived from the budget (a header that lies cannot make
+/// them allocate more), and the large buffers are reserved fallibly, so an image that does not
+/// fit fails alone with a reason instead of aborting the process.
+pub fn load_rgb_limited(path: &Path, max_pixels: u64) -> Result<RgbImage> {
+    let data = crate::files::read_regular(path, max_file_bytes(max_pixels))
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    decode_rgb_limited(&data, path, max_pixels)
+}
+
+/// [`load_rgb_limited`] on bytes already read; `path` only names the image in errors.
+pub fn decode_rgb_limited(data: &[u8], path: &Path, max_pixels: u64) -> Result<RgbImage> {
     if data.is_empty() {
         bail!("image {} is empty (0 bytes)", path.display());
     }
     if data.starts_with(&[0xFF, 0xD8]) {
-        if let Some(img) = decode_jpeg_libjpeg(&data, path)? {
+        if let Some(img) = decode_jpeg_libjpeg(data, path, max_pixels)? {
             return Ok(img);
         }
     }
-    let reader = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?
+    // PNG's size sits at a fixed offset: checked before the decoder sizes its row buffers.
+    if let (Some(b"\x89PNG\r\n\x1a\n"), Some(b"IHDR"), Some(wh)) = (data.get(..8), data.get(12..16), data.get(16..24)) {
+        let (w, h) = (u32::from_be_bytes([wh[0], wh[1], wh[2], wh[3]]), u32::from_be_bytes([wh[4], wh[5], wh[6], wh[7]]));
+        check_budget(w as u64, h as u64, max_pixels, path)?;
+    }
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(data))
         .with_guessed_format()
         .with_context(|| format!("cannot read image {}", path.display()))?;
-    let mut reader = reader;
-    reader.no_limits();
-    let img = reader.decode().with_context(|| format!("cannot decode image {}", path.display()))?;
-    Ok(img.to_rgb8())
+    let mut limits = image::Limits::default();
+    // Header parsing gets at least 64 MiB (PNG text chunks, ICC profiles): the budget error
+    // below should name the size, not a parser's limit. The image buffer is checked after.
+    limits.max_alloc = Some(max_pixels.saturating_mul(MAX_DECODED_BYTES_PER_PIXEL).max(64 << 20));
+    reader.limits(limits.clone());
+    limits.max_alloc = Some(max_pixels.saturating_mul(MAX_DECODED_BYTES_PER_PIXEL));
+    let mut decoder = reader.into_decoder().with_context(|| format!("cannot decode image {}", path.display()))?;
+    let (w, h) = image::ImageDecoder::dimensions(&decoder);
+    check_budget(w as u64, h as u64, max_pixels, path)?;
+    let total = image::ImageDecoder::total_bytes(&decoder);
+    limits.reserve(total).with_context(|| format!("cannot decode image {}: over the memory budget", path.display()))?;
+    image::ImageDecoder::set_limits(&mut decoder, limits)
+        .with_context(|| format!("cannot decode image {}: over the memory budget", path.display()))?;
+    // The decoded buffer, then the RGB copy.
+    crate::files::probe_alloc(total.saturating_add(w as u64 * h as u64 * 3), &format!("image {}", path.display()))?;
+    let img = image::DynamicImage::from_decoder(decoder).with_context(|| format!("cannot decode image {}", path.display()))?;
+    Ok(img.into_rgb8())
 }
 
 /// libjpeg-turbo decoding with libjpeg's defaults (ISLOW IDCT, fancy upsampling), as PIL does.
 /// Ok(None) for colour spaces it does not convert to RGB (CMYK/YCCK): the caller falls back.
-fn decode_jpeg_libjpeg(data: &[u8], path: &Path) -> Result<Option<RgbImage>> {
+/// The header's size is checked against `max_pixels` before decoding starts.
+fn decode_jpeg_libjpeg(data: &[u8], path: &Path, max_pixels: u64) -> Result<Option<RgbImage>> {
     // libjpeg fills a truncated file with grey and only warns; PIL refuses it, so do we.
     let end = data.iter().rposition(|&b| b != 0).unwrap_or(0);
     if end < 1 || data[end - 1..=end] != [0xFF, 0xD9] {
         bail!("image {} is truncated (JPEG without end marker)", path.display());
     }
-    let result = std::panic::catch_unwind(|| -> std::io::Result<Option<(usize, usize, Vec<[u8; 3]>)>> {
+    let result = std::panic::catch_unwind(|| -> Result<Option<(usize, usize, Vec<u8>)>> {
         let d = mozjpeg::Decompress::new_mem(data)?;
+        check_budget(d.width() as u64, d.height() as u64, max_pixels, path)?;
         if matches!(d.color_space(), mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK) {
             return Ok(None);
         }
         let mut started = d.rgb()?;
         let (w, h) = (started.width(), started.height());
-        let pixels: Vec<[u8; 3]> = started.read_scanlines()?;
+        // Reserves its buffer fallibly: out of memory is an error, not an abort.
+        let pixels: Vec<u8> = started.read_scanlines()?;
         started.finish()?;
         Ok(Some((w, h, pixels)))
     });
     match result {
-        Ok(Ok(Some((w, h, pixels)))) => {
-            let raw: Vec<u8> = pixels.into_iter().flatten().collect();
-            RgbImage::from_raw(w as u32, h as u32, raw)
-                .map(Some)
-                .with_context(|| format!("cannot decode image {}: short pixel data", path.display()))
-        }
+        Ok(Ok(Some((w, h, raw)))) => RgbImage::from_raw(w as u32, h as u32, raw)
+            .map(Some)
+            .with_context(|| format!("cannot decode image {}: short pixel data", path.display())),
         Ok(Ok(None)) => Ok(None),
-        Ok(Err(e)) => bail!("cannot decode image {}: {e}", path.display()),
+        Ok(Err(e)) if e.downcast_ref::<std::io::Error>().is_some() => bail!("cannot decode image {}: {e}", path.display()),
+        Ok(Err(e)) => Err(e),
         Err(_) => bail!("cannot decode image {}: corrupt JPEG data", path.display()),
     }
 }

@@ -18,6 +18,9 @@ where
     let result = (|| -> Result<()> {
         let file = std::fs::File::create(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
+        // Held until the file is closed: tells `files::sweep_temp_files` in another process
+        // (maybe on another machine sharing OUT) that this temporary file is being written.
+        let _ = file.try_lock();
         let mut w = BufWriter::new(file);
         write(&mut w)?;
         w.flush()?;
@@ -51,7 +54,7 @@ pub fn write_label_png(path: &Path, labels: &[u8], width: u32, height: u32, pale
 
 /// Reads a label PNG as raw indices (palette or 8-bit grayscale), not as colours.
 pub fn read_label_png(path: &Path) -> Result<(Vec<u8>, u32, u32)> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file = crate::files::open_regular(path)?;
     let mut dec = png::Decoder::new(std::io::BufReader::new(file));
     // Keep palette indices: no expansion to RGB.
     dec.set_transformations(png::Transformations::IDENTITY);
@@ -90,15 +93,51 @@ impl CamArchive {
         })
     }
 
+    /// Reads an archive without trusting it: only a regular file, each entry's size checked
+    /// against its compressed size (deflate expands at most ~1032x) and its `.npy` header
+    /// against the bytes it holds before any array is allocated, so a crafted archive cannot
+    /// make the reader allocate more than about a thousand times its own size. Values are
+    /// not checked here: see [`CamArchive::validate`].
     pub fn read(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let mut npz = ndarray_npy::NpzReader::new(file)
+        let file = crate::files::open_regular(path)?;
+        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
             .with_context(|| format!("{} is not an .npz archive", path.display()))?;
-        let keys: Array1<i64> = npz.by_name("keys").with_context(|| format!("{}: no `keys`", path.display()))?;
-        let cams: Array3<f32> = npz.by_name("cams").with_context(|| format!("{}: no `cams`", path.display()))?;
-        let raw_cams: Array3<f32> =
-            npz.by_name("raw_cams").with_context(|| format!("{}: no `raw_cams`", path.display()))?;
+        let keys: Array1<i64> = read_npz_entry(&mut zip, "keys", path)?;
+        let cams: Array3<f32> = read_npz_entry(&mut zip, "cams", path)?;
+        let raw_cams: Array3<f32> = read_npz_entry(&mut zip, "raw_cams", path)?;
         Ok(CamArchive { keys: keys.to_vec(), cams, raw_cams })
+    }
+
+    /// Checks the archive against a config of `n_classes` foreground classes before its maps
+    /// `key` ("cams" or "raw_cams") are used: at least one key, keys unique and in
+    /// 0..n_classes, one key per map, every value finite and in [0, 1]. Values within
+    /// [`MAP_TOLERANCE`] of [0, 1] (rounding in resizing) are clamped into it; anything else is
+    /// an error naming the problem.
+    pub fn validate(&mut self, key: &str, n_classes: usize) -> Result<()> {
+        let maps = if key == "raw_cams" { &mut self.raw_cams } else { &mut self.cams };
+        let k = maps.dim().0;
+        if self.keys.is_empty() {
+            bail!("no keys: an archive needs one class index per map");
+        }
+        if self.keys.len() != k {
+            bail!("{} keys but {} maps in `{key}`", self.keys.len(), k);
+        }
+        if let Some(bad) = self.keys.iter().find(|&&c| c < 0 || c as u64 >= n_classes as u64) {
+            bail!("key {bad} is not a class index of the config (0..={})", n_classes - 1);
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = self.keys.iter().find(|&&c| !seen.insert(c)) {
+            bail!("key {dup} appears twice: keys must be unique");
+        }
+        if let Some(v) = maps.iter().find(|v| !v.is_finite()) {
+            bail!("`{key}` holds a non-finite value ({v})");
+        }
+        let range = -MAP_TOLERANCE..=1.0 + MAP_TOLERANCE;
+        if let Some(v) = maps.iter().find(|v| !range.contains(*v)) {
+            bail!("`{key}` holds {v}, outside [0, 1]: maps are normalised scores");
+        }
+        maps.mapv_inplace(|v| v.clamp(0.0, 1.0));
+        Ok(())
     }
 }
 
@@ -121,7 +160,86 @@ pub fn write_overlay(path: &Path, rgb: &image::RgbImage, labels: &[u8], palette:
     })
 }
 
-/// `OUT/<kind>/<id>.<ext>`
-pub fn output_path(out: &Path, kind: &str, id: &str, ext: &str) -> PathBuf {
-    out.join(kind).join(format!("{id}.{ext}"))
+/// Largest expansion of a deflate stream (a 258-byte match per 2 bits, about 1032:1).
+const MAX_DEFLATE_RATIO: u64 = 1032;
+
+/// Longest `.npy` header accepted: numpy writes a few hundred bytes; a bound keeps the header
+/// parser's work (and recursion) small.
+const MAX_NPY_HEADER: usize = 4096;
+
+/// Array `name` of an `.npz` archive, with every size checked before it is allocated.
+fn read_npz_entry<A, R>(zip: &mut zip::ZipArchive<R>, name: &str, path: &Path) -> Result<A>
+where
+    A: ndarray_npy::ReadNpyExt + HasElementSize,
+    R: std::io::Read + std::io::Seek,
+{
+    use std::io::Read;
+    let bad = |why: String| anyhow::anyhow!("{}: `{name}` {why}", path.display());
+    let entry = match zip.by_name(&format!("{name}.npy")) {
+        Ok(e) => e,
+        Err(zip::result::ZipError::FileNotFound) => bail!("{}: no `{name}`", path.display()),
+        Err(e) => return Err(bad(format!("cannot be read: {e}"))),
+    };
+    let size = entry.size();
+    if size > entry.compressed_size().saturating_mul(MAX_DEFLATE_RATIO).saturating_add(4096) {
+        return Err(bad(format!("claims {size} bytes from {} compressed bytes", entry.compressed_size())));
+    }
+    let mut bytes = Vec::new();
+    let n = usize::try_from(size).map_err(|_| bad(format!("claims {size} bytes")))?;
+    bytes.try_reserve_exact(n).map_err(|_| bad(format!("needs {size} bytes: not enough memory")))?;
+    entry.take(size + 1).read_to_end(&mut bytes).map_err(|e| bad(format!("cannot be read: {e}")))?;
+    if bytes.len() as u64 != size {
+        return Err(bad(format!("holds {} bytes, not the {size} its entry declares", bytes.len())));
+    }
+    // The header's length field first (the parser would allocate it blindly), then the header,
+    // then the data length its shape implies.
+    let (start, header_len) = match (bytes.get(..8), bytes.get(8..12)) {
+        (Some(m), Some(l)) if m.starts_with(b"\x93NUMPY") && m[6] == 1 => (10, u16::from_le_bytes([l[0], l[1]]) as usize),
+        (Some(m), Some(l)) if m.starts_with(b"\x93NUMPY") && (m[6] == 2 || m[6] == 3) => {
+            (12, u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize)
+        }
+        _ => return Err(bad("is not an .npy array".into())),
+    };
+    if header_len > MAX_NPY_HEADER || start + header_len > bytes.len() {
+        return Err(bad(format!("has a {header_len}-byte header")));
+    }
+    let depth = bytes[start..start + header_len].iter().try_fold((0i32, 0i32), |(d, max), &b| match b {
+        b'(' | b'[' | b'{' => Some((d + 1, max.max(d + 1))),
+        b')' | b']' | b'}' => Some((d - 1, max)),
+        _ => Some((d, max)),
+    });
+    if depth.is_none_or(|(_, max)| max > 4) {
+        return Err(bad("has a malformed header".into()));
+    }
+    let mut reader = &bytes[..];
+    let header = ndarray_npy::npy::header::Header::from_reader(&mut reader).map_err(|e| bad(format!("has a bad header: {e}")))?;
+    let elements = header.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+    let data = reader.len() as u64;
+    if elements.and_then(|e| e.checked_mul(A::ELEMENT_SIZE)) != Some(data) {
+        return Err(bad(format!("has shape {:?} but {data} bytes of data", header.shape)));
+    }
+    A::read_npy(&bytes[..]).map_err(|e| bad(format!("cannot be read: {e}")))
+}
+
+/// Bytes per element of the arrays an archive holds.
+trait HasElementSize {
+    const ELEMENT_SIZE: u64;
+}
+
+impl HasElementSize for Array1<i64> {
+    const ELEMENT_SIZE: u64 = 8;
+}
+
+impl HasElementSize for Array3<f32> {
+    const ELEMENT_SIZE: u64 = 4;
+}
+
+/// How far outside [0, 1] a saved map value may be and still be accepted (and clamped).
+pub const MAP_TOLERANCE: f32 = 1e-3;
+
+/// `OUT/<kind>/<id>.<ext>`, for a valid id only ([`crate::datasets::validate_id`]): the path
+/// is always a file directly inside `OUT/<kind>`.
+pub fn output_path(out: &Path, kind: &str, id: &str, ext: &str) -> Result<PathBuf> {
+    crate::datasets::validate_id(id).map_err(anyhow::Error::msg)?;
+    Ok(out.join(kind).join(format!("{id}.{ext}")))
 }

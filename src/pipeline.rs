@@ -5,7 +5,7 @@ use crate::affinity::{affinity, box_mask, refine};
 use crate::cam::grad_cam;
 use crate::config::DatasetConfig;
 use crate::datasets::Item;
-use crate::image_input::{clipes_size, load_rgb, resize_bicubic, to_tensor};
+use crate::image_input::{clipes_size, load_rgb_limited, resize_bicubic, to_tensor};
 use crate::model::Clip;
 use crate::outputs::{output_path, write_label_png, write_overlay, CamArchive};
 use crate::prompts::TextFeatures;
@@ -179,6 +179,8 @@ pub struct GenerateOptions {
     pub save_cams: bool,
     pub overlays: bool,
     pub overwrite: bool,
+    /// Pixel budget: images whose header claims more are failures (`--max-pixels`).
+    pub max_pixels: u64,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -195,11 +197,12 @@ pub struct Summary {
     pub peak_rss_mib: Option<f64>,
 }
 
-#[derive(serde::Serialize)]
-struct Failure<'a> {
-    id: &'a str,
-    path: String,
-    reason: String,
+/// One line of `OUT/failures.jsonl`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub id: String,
+    pub path: String,
+    pub reason: String,
 }
 
 /// What the decode stage hands to the model stage.
@@ -210,16 +213,25 @@ struct Decoded {
 }
 
 fn is_complete(item: &Item, opts: &GenerateOptions) -> bool {
-    output_path(&opts.out, "masks", &item.id, "png").exists()
-        && (!opts.save_cams || output_path(&opts.out, "cams", &item.id, "npz").exists())
-        && (!opts.crf.as_ref().is_some_and(|c| c.save_confidence)
-            || output_path(&opts.out, "confidence", &item.id, "npy").exists())
-        && (!opts.overlays || output_path(&opts.out, "overlays", &item.id, "jpg").exists())
+    // An invalid id has no output path: never complete (it fails with its reason).
+    let exists = |kind: &str, ext: &str| output_path(&opts.out, kind, &item.id, ext).is_ok_and(|p| p.exists());
+    exists("masks", "png")
+        && (!opts.save_cams || exists("cams", "npz"))
+        && (!opts.crf.as_ref().is_some_and(|c| c.save_confidence) || exists("confidence", "npy"))
+        && (!opts.overlays || exists("overlays", "jpg"))
+}
+
+/// The directories a run writes temporary files into.
+pub fn temp_dirs(out: &std::path::Path) -> Vec<PathBuf> {
+    std::iter::once(out.to_path_buf())
+        .chain(["masks", "cams", "overlays", "confidence"].iter().map(|k| out.join(k)))
+        .collect()
 }
 
 /// Runs the whole dataset: decode (parallel, ahead of the model) -> maps (model thread) ->
 /// labels and files (writer thread). A bad image is recorded in `OUT/failures.jsonl` and
-/// skipped; `stop` (Ctrl-C) ends the run after the image in flight.
+/// skipped; `stop` (set by the first signal, [`crate::signals`]) ends the run after the image
+/// in flight.
 pub fn generate(
     model: &Clip,
     text: &TextFeatures,
@@ -228,8 +240,10 @@ pub fn generate(
     opts: &GenerateOptions,
     stop: Arc<AtomicBool>,
 ) -> Result<Summary> {
-    std::fs::create_dir_all(opts.out.join("masks"))
-        .with_context(|| format!("cannot create output directory {}", opts.out.display()))?;
+    let masks_dir = opts.out.join("masks");
+    std::fs::create_dir_all(&masks_dir).with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
+    // Temporary files of runs that were killed (SIGKILL, power loss) are removed.
+    crate::files::sweep_temp_files(&temp_dirs(&opts.out), false);
     let start = Instant::now();
     let total = items.len();
     let (todo, done_before): (Vec<Item>, Vec<Item>) =
@@ -240,6 +254,7 @@ pub fn generate(
     let bar = progress_bar(todo.len() as u64);
     let patch = model.visual.patch;
     let max_side = opts.maps.max_side;
+    let max_pixels = opts.max_pixels;
 
     // Stage 1: decode + resize ahead of the model, a few images at a time, on rayon.
     let (dec_tx, dec_rx) = mpsc::sync_channel::<Decoded>(8);
@@ -256,7 +271,7 @@ pub fn generate(
                     let t = Instant::now();
                     let image = match &item.labels {
                         Err(e) => Err(e.clone()),
-                        Ok(_) => load_rgb(&item.path)
+                        Ok(_) => load_rgb_limited(&item.path, max_pixels)
                             .map(|img| {
                                 let p = prepare(&img, patch, max_side);
                                 (img, p)
@@ -283,9 +298,14 @@ pub fn generate(
     let writers: Vec<_> = (0..n_writers)
         .map(|_| {
             let (wopts, palette, out_rx, res_tx) = (opts.clone(), cfg.png_palette(), out_rx.clone(), res_tx.clone());
+            let stop = stop.clone();
             std::thread::spawn(move || loop {
                 let next = out_rx.lock().map(|rx| rx.recv());
                 let Ok(Ok((item, img, maps))) = next else { return };
+                // Stopping: images still queued are left for the next run.
+                if stop.load(Ordering::SeqCst) {
+                    continue;
+                }
                 let t = Instant::now();
                 let r = write_outputs(&item, &img, &maps, &wopts, &palette)
                     .map(|_| t.elapsed().as_secs_f64())
@@ -324,6 +344,10 @@ pub fn generate(
         summary.stages.decode += seconds;
         let computed = image.and_then(|(img, prepared)| {
             let labels = item.labels.clone()?;
+            // The maps at full size (raw and refined, each as a tensor and a copy) must fit:
+            // probed first, as a failed allocation in Rust aborts the process.
+            let map_bytes = (labels.len() as u64) * (prepared.width * prepared.height) as u64 * 4 * 4;
+            crate::files::probe_alloc(map_bytes, &format!("maps of {}", item.path.display())).map_err(|e| format!("{e:#}"))?;
             // libtorch errors (out of memory on a huge input, ...) surface as panics in tch:
             // they fail this image, not the run.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -370,7 +394,11 @@ pub fn generate(
     }
     bar.finish_and_clear();
     drop(handle_result);
-    write_failures(opts, &failures, &attempted)?;
+    let failures: Vec<Failure> = failures
+        .into_iter()
+        .map(|(item, reason)| Failure { id: item.id, path: item.path.display().to_string(), reason })
+        .collect();
+    write_failures(&opts.out, &failures, &attempted)?;
     summary.seconds = start.elapsed().as_secs_f64();
     summary.peak_rss_mib = peak_rss_mib();
     Ok(summary)
@@ -384,7 +412,7 @@ fn write_outputs(item: &Item, img: &RgbImage, maps: &ImageMaps, opts: &GenerateO
         Some(crf) => {
             let (labels, conf) = crf_labels(img, &maps.refined, &keys, opts.alpha, crf)?;
             if crf.save_confidence {
-                write_confidence(&output_path(&opts.out, "confidence", &item.id, "npy"), conf, h, w)?;
+                write_confidence(&output_path(&opts.out, "confidence", &item.id, "npy")?, conf, h, w)?;
             }
             labels
         }
@@ -392,12 +420,12 @@ fn write_outputs(item: &Item, img: &RgbImage, maps: &ImageMaps, opts: &GenerateO
     // Maps and overlays first, the mask last: the mask's presence marks the image complete.
     if opts.save_cams {
         let archive = CamArchive { keys: keys.clone(), cams: maps.refined.clone(), raw_cams: maps.raw.clone() };
-        archive.write(&output_path(&opts.out, "cams", &item.id, "npz"))?;
+        archive.write(&output_path(&opts.out, "cams", &item.id, "npz")?)?;
     }
     if opts.overlays {
-        write_overlay(&output_path(&opts.out, "overlays", &item.id, "jpg"), img, &labels, palette, 0.55)?;
+        write_overlay(&output_path(&opts.out, "overlays", &item.id, "jpg")?, img, &labels, palette, 0.55)?;
     }
-    write_label_png(&output_path(&opts.out, "masks", &item.id, "png"), &labels, w, h, palette)
+    write_label_png(&output_path(&opts.out, "masks", &item.id, "png")?, &labels, w, h, palette)
 }
 
 /// Largest CRF marginal per pixel as a float32 H x W `.npy`.
@@ -410,9 +438,9 @@ pub fn write_confidence(path: &std::path::Path, conf: Vec<f32>, h: u32, w: u32) 
 /// Updates OUT/failures.jsonl: entries of images this run attempted are replaced by this run's
 /// outcome, others (other shards, images not reached) are kept. A lock on the output directory
 /// serialises shards that finish at the same time.
-fn write_failures(opts: &GenerateOptions, failures: &[(Item, String)], attempted: &HashSet<String>) -> Result<()> {
-    let path = opts.out.join("failures.jsonl");
-    let lock = std::fs::File::open(&opts.out).with_context(|| format!("cannot open {}", opts.out.display()))?;
+pub fn write_failures(out: &std::path::Path, failures: &[Failure], attempted: &HashSet<String>) -> Result<()> {
+    let path = out.join("failures.jsonl");
+    let lock = std::fs::File::open(out).with_context(|| format!("cannot open {}", out.display()))?;
     lock.lock().with_context(|| format!("cannot lock {}", path.display()))?;
     let mut lines: Vec<String> = std::fs::read_to_string(&path)
         .unwrap_or_default()
@@ -423,9 +451,8 @@ fn write_failures(opts: &GenerateOptions, failures: &[(Item, String)], attempted
         })
         .map(String::from)
         .collect();
-    for (item, reason) in failures {
-        let f = Failure { id: &item.id, path: item.path.display().to_string(), reason: reason.clone() };
-        lines.push(serde_json::to_string(&f)?);
+    for f in failures {
+        lines.push(serde_json::to_string(f)?);
     }
     let r = if lines.is_empty() {
         match std::fs::remove_file(&path) {

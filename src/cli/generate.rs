@@ -5,8 +5,6 @@ use crate::pipeline::{generate, GenerateOptions, MapOptions};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 #[command(after_long_help = "OUTPUTS
@@ -18,12 +16,18 @@ use std::sync::Arc;
                          K x H x W, GradCAM maps resized the same way).
   OUT/overlays/<id>.jpg  with --overlays: the photo blended with its mask colours.
   OUT/failures.jsonl     one {\"id\", \"path\", \"reason\"} per image that failed (bad file,
-                         unknown class, no labels); absent when nothing failed.
+                         unknown class, no labels, invalid id, over --max-pixels, not a regular
+                         file); absent when nothing failed.
 
 Every file is written under a temporary name and renamed, so an interrupted run leaves no partial
 file; rerunning the same command skips images whose outputs exist (use --overwrite to redo).
+An id names one file: ids that are empty, start with '.', contain '/', '\\' or control characters,
+or are longer than 200 bytes fail alone, so no output lands outside OUT. Inputs are only read.
+
 Exit status: 0 when every image succeeded, 1 when some failed (0 with --allow-failures),
-130 when interrupted, 2 on a fatal error before processing (bad model, config or paths).")]
+2 on a fatal error before processing (bad model, config or paths), and 128 + the signal when
+stopped by one: 130 SIGINT (Ctrl-C), 143 SIGTERM, 129 SIGHUP. The first signal finishes the
+image in flight and writes the summary and failures.jsonl; a second one quits at once.")]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -66,14 +70,26 @@ pub struct GenerateArgs {
     /// upsampled back to the original size. Attention memory grows with the fourth power of
     /// this side (1024 px is 4,096 tokens, ~1 GiB of attention for ViT-B/16); VOC and COCO
     /// images (<= 640 px) are never downscaled by the default.
+    /// At least 2 patches (32 px for ViT-B/16).
     #[arg(long, default_value_t = 1024)]
     pub max_side: u32,
+    /// Pixel budget: an image whose header claims more than this many pixels (width x height)
+    /// fails with a reason before it is decoded, and decoders may not allocate more than 16
+    /// bytes per budget pixel, so a crafted header cannot exhaust memory.
+    #[arg(long, default_value_t = crate::image_input::DEFAULT_MAX_PIXELS, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pixels: u64,
     /// Keep the interpolated positional table in full precision instead of rounding it to fp16
     /// as the reference does (moves maps by ~1e-3).
     #[arg(long)]
     pub exact_positions: bool,
+    /// Refine the labels with a dense CRF (method §6: unary -log P on P = [bg; maps], Potts
+    /// Gaussian + bilateral kernels, 10 mean-field iterations; parameters from the config's
+    /// "crf" section) and mark pixels below --confidence as 255. Alpha 1 is CLIP-ES's choice.
+    #[arg(long)]
+    pub crf: bool,
     #[command(flatten)]
-    pub crf: CrfArgs,
+    pub crf_settings: CrfArgs,
     /// Recompute images whose outputs already exist.
     #[arg(long)]
     pub overwrite: bool,
@@ -85,14 +101,9 @@ pub struct GenerateArgs {
     pub summary_json: Option<PathBuf>,
 }
 
-/// Dense CRF flags, shared by `generate --crf` and `clipmask crf`.
+/// Dense CRF settings, shared by `generate --crf` and `clipmask crf`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CrfArgs {
-    /// Refine the labels with a dense CRF (method §6: unary -log P on P = [bg; maps], Potts
-    /// Gaussian + bilateral kernels, 10 mean-field iterations; parameters from the config's
-    /// "crf" section) and mark pixels below --confidence as 255. Alpha 1 is CLIP-ES's choice.
-    #[arg(long)]
-    pub crf: bool,
     /// Image the CRF's bilateral kernel sees. faithful: the reference's OpenCV BGR image minus
     /// the mean (104.008, 116.669, 122.675) wrapped to uint8, which produced the published
     /// 75.0 mIoU; rgb: the plain photo (what the paper describes).
@@ -115,14 +126,11 @@ pub enum CrfImageArg {
 }
 
 impl CrfArgs {
-    pub fn options(&self, cfg: &crate::config::DatasetConfig) -> Result<Option<crate::pipeline::CrfOptions>> {
-        if !self.crf {
-            return Ok(None);
-        }
+    pub fn options(&self, cfg: &crate::config::DatasetConfig) -> Result<crate::pipeline::CrfOptions> {
         if !(0.0..=1.0).contains(&self.confidence) {
             bail!("--confidence must be in [0, 1], got {}", self.confidence);
         }
-        Ok(Some(crate::pipeline::CrfOptions {
+        Ok(crate::pipeline::CrfOptions {
             params: cfg.crf,
             image: match self.crf_image {
                 CrfImageArg::Faithful => crate::crf::CrfImage::Faithful,
@@ -130,8 +138,20 @@ impl CrfArgs {
             },
             confidence: self.confidence,
             save_confidence: self.save_confidence,
-        }))
+        })
     }
+}
+
+/// Refuses an images directory that is one of OUT's output folders (the outputs would
+/// overwrite the inputs).
+fn check_images_not_in_outputs(images: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let Ok(images) = images.canonicalize() else { return Ok(()) };
+    for dir in crate::pipeline::temp_dirs(out).into_iter().skip(1) {
+        if dir.canonicalize().is_ok_and(|d| d == images) {
+            bail!("--images {} is an output folder of --out {}: outputs would overwrite inputs", images.display(), out.display());
+        }
+    }
+    Ok(())
 }
 
 pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
@@ -166,13 +186,23 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     };
     let split = args.split.as_deref().map(read_split).transpose()?;
     let shard_spec = args.shard.as_deref().map(parse_shard).transpose()?;
-    std::fs::create_dir_all(args.out.join("masks"))
-        .with_context(|| format!("cannot create output directory {}", args.out.display()))?;
+    let crf = if args.crf { Some(args.crf_settings.options(&cfg)?) } else { None };
+    let masks_dir = args.out.join("masks");
+    std::fs::create_dir_all(&masks_dir).with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
+    check_images_not_in_outputs(&args.images, &args.out)?;
     let probe = args.out.join(format!(".clipmask-write-test-{}", std::process::id()));
     std::fs::write(&probe, b"").with_context(|| format!("output directory {} is not writable", args.out.display()))?;
     let _ = std::fs::remove_file(&probe);
 
+    // From here a signal stops the run cleanly: during the model load (or download) the run
+    // then ends before its first image with the summary and the signal's exit status; a second
+    // signal quits at once.
+    let interrupt = crate::signals::Interrupt::install(crate::pipeline::temp_dirs(&args.out))?;
     let model = args.model.load_model()?;
+    let patch = model.visual.patch as u32;
+    if args.max_side < 2 * patch {
+        bail!("--max-side {}: at least 2 patches ({} px) for this model (patch {patch} px)", args.max_side, 2 * patch);
+    }
     let mut items = work_list(&cfg, &args.images, &labels, split.as_deref());
     if let Some((i, n)) = shard_spec {
         items = shard(items, i, n);
@@ -182,16 +212,6 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     model.text = None; // the text tower is not needed any more
     text.classes = text.classes.to_device(model.device);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupted: finishing the image in flight (Ctrl-C again to quit now)");
-        });
-    }
     let opts = GenerateOptions {
         out: args.out.clone(),
         maps: MapOptions {
@@ -200,12 +220,13 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
             round_pos_fp16: !args.exact_positions,
         },
         alpha: args.alpha,
-        crf: args.crf.options(&cfg)?,
+        crf,
         save_cams: args.save_cams,
         overlays: args.overlays,
         overwrite: args.overwrite,
+        max_pixels: args.max_pixels,
     };
-    let s = generate(&model, &text, &cfg, items, &opts, stop)?;
+    let s = generate(&model, &text, &cfg, items, &opts, interrupt.stop_flag())?;
     eprintln!(
         "{} images: {} done, {} skipped (already complete), {} failed{} in {:.1} s ({:.2} images/s)",
         s.total,
@@ -224,7 +245,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
         eprintln!("failures are listed in {}", args.out.join("failures.jsonl").display());
     }
     Ok(if s.interrupted {
-        130
+        interrupt.exit_code()
     } else if s.failed > 0 && !args.allow_failures {
         1
     } else {

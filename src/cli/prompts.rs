@@ -135,8 +135,10 @@ fn rank(args: &RankArgs) -> Result<i32> {
         if gt.len() < 2 {
             continue;
         }
-        let path = find_image(&args.images, id);
-        match load_rgb(&path) {
+        let loaded = find_image(&args.images, id)
+            .ok_or_else(|| anyhow::anyhow!(crate::datasets::missing_image_reason(&args.images, id)))
+            .and_then(|path| load_rgb(&path));
+        match loaded {
             Ok(img) => {
                 let x = to_tensor(&zero_shot_crop(&img, res)).to_device(model.device);
                 let f = model.visual.encode_standard(&x).to_kind(Kind::Float);
