@@ -954,7 +954,7 @@ fn url_component(s: &str) -> String {
 }
 
 fn find_photo(dir: &Path, id: &str) -> Option<PathBuf> {
-    ["jpg", "jpeg", "png", "JPG", "JPEG", "PNG"].iter().map(|e| dir.join(format!("{id}.{e}"))).find(|p| p.is_file())
+    crate::datasets::find_image(dir, id).filter(|p| p.is_file())
 }
 
 /// Label colours over `base` (or plain colours without a photo). Background stays the photo;

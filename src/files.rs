@@ -68,7 +68,8 @@ pub fn read_regular(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
 pub fn probe_alloc(bytes: u64, what: &str) -> Result<()> {
     let mut v: Vec<u8> = Vec::new();
     let n = usize::try_from(bytes).map_err(|_| anyhow::anyhow!("{what}: {bytes} bytes do not fit in memory"))?;
-    v.try_reserve_exact(n).map_err(|_| anyhow::anyhow!("{what}: cannot allocate {:.1} MiB", bytes as f64 / (1 << 20) as f64))
+    v.try_reserve_exact(n)
+        .map_err(|_| anyhow::anyhow!("{what}: cannot allocate {:.1} MiB", bytes as f64 / (1 << 20) as f64))
 }
 
 /// The pid in a temporary name `.<name>.tmp-<pid>` written by [`crate::outputs::write_atomic`].

@@ -40,7 +40,8 @@ impl Interrupt {
     /// temporary files, swept when a second signal quits at once.
     pub fn install(temp_dirs: Vec<PathBuf>) -> Result<Interrupt> {
         let me = Interrupt { stop: Arc::new(AtomicBool::new(false)), signal: Arc::new(AtomicI32::new(0)) };
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
+        let mut signals =
+            signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
         let (stop, first) = (me.stop.clone(), me.signal.clone());
         std::thread::Builder::new()
             .name("signals".into())

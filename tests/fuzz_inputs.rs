@@ -126,7 +126,11 @@ fn run_cases(what: &str, cases: &[Vec<u8>], limit: Duration, mut f: impl FnMut(&
     for (i, c) in cases.iter().enumerate() {
         busy.0.store(i, Ordering::SeqCst);
         if let Err(e) = catch_unwind(AssertUnwindSafe(|| f(c))) {
-            let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
             panics.push(format!("case {i} ({} bytes): {msg}", c.len()));
         }
         busy.0.store(usize::MAX, Ordering::SeqCst);
@@ -141,7 +145,14 @@ fn run_cases(what: &str, cases: &[Vec<u8>], limit: Duration, mut f: impl FnMut(&
 fn seeds() -> Vec<Vec<u8>> {
     let img = image::DynamicImage::ImageRgb8(common::synthetic_image(40, 30, 7));
     let mut out = Vec::new();
-    for fmt in [image::ImageFormat::Jpeg, image::ImageFormat::Png, image::ImageFormat::Gif, image::ImageFormat::Bmp, image::ImageFormat::Tiff, image::ImageFormat::WebP] {
+    for fmt in [
+        image::ImageFormat::Jpeg,
+        image::ImageFormat::Png,
+        image::ImageFormat::Gif,
+        image::ImageFormat::Bmp,
+        image::ImageFormat::Tiff,
+        image::ImageFormat::WebP,
+    ] {
         let mut b = Vec::new();
         img.write_to(&mut std::io::Cursor::new(&mut b), fmt).unwrap();
         out.push(b);
@@ -150,7 +161,8 @@ fn seeds() -> Vec<Vec<u8>> {
     img.to_luma16().write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Png).unwrap();
     out.push(b);
     if let Some(voc) = common::voc_sample() {
-        let mut photos: Vec<_> = std::fs::read_dir(voc.join("JPEGImages")).unwrap().flatten().map(|e| e.path()).collect();
+        let mut photos: Vec<_> =
+            std::fs::read_dir(voc.join("JPEGImages")).unwrap().flatten().map(|e| e.path()).collect();
         photos.sort();
         out.extend(photos.iter().take(2).map(|p| std::fs::read(p).unwrap()));
     }
@@ -210,7 +222,12 @@ fn image_decoding_survives_random_and_mutated_files_within_the_budget() {
             decoded += 1;
         }
     });
-    eprintln!("{} inputs, {decoded} decoded, worst peak {:.1} MiB, {:.1} s", cases.len(), worst as f64 / (1 << 20) as f64, t.elapsed().as_secs_f64());
+    eprintln!(
+        "{} inputs, {decoded} decoded, worst peak {:.1} MiB, {:.1} s",
+        cases.len(),
+        worst as f64 / (1 << 20) as f64,
+        t.elapsed().as_secs_f64()
+    );
     assert!(decoded >= seeds.len(), "the unmutated-like cases should decode sometimes ({decoded})");
 }
 

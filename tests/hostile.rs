@@ -50,8 +50,12 @@ fn failures(out: &Path) -> BTreeMap<String, (String, String)> {
     let Ok(text) = std::fs::read_to_string(out.join("failures.jsonl")) else { return BTreeMap::new() };
     text.lines()
         .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("bad failures.jsonl line {l:?}: {e}"));
-            (v["id"].as_str().unwrap().to_string(), (v["path"].as_str().unwrap().to_string(), v["reason"].as_str().unwrap().to_string()))
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad failures.jsonl line {l:?}: {e}"));
+            (
+                v["id"].as_str().unwrap().to_string(),
+                (v["path"].as_str().unwrap().to_string(), v["reason"].as_str().unwrap().to_string()),
+            )
         })
         .collect()
 }
@@ -92,10 +96,15 @@ fn tree(root: &Path, skip: &[PathBuf]) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
     out
 }
 
-fn assert_tree_unchanged(before: &BTreeMap<PathBuf, Option<Vec<u8>>>, after: &BTreeMap<PathBuf, Option<Vec<u8>>>, what: &str) {
+fn assert_tree_unchanged(
+    before: &BTreeMap<PathBuf, Option<Vec<u8>>>,
+    after: &BTreeMap<PathBuf, Option<Vec<u8>>>,
+    what: &str,
+) {
     let added: Vec<&PathBuf> = after.keys().filter(|k| !before.contains_key(*k)).collect();
     let removed: Vec<&PathBuf> = before.keys().filter(|k| !after.contains_key(*k)).collect();
-    let changed: Vec<&PathBuf> = before.iter().filter(|(k, v)| after.get(*k).is_some_and(|a| a != *v)).map(|(k, _)| k).collect();
+    let changed: Vec<&PathBuf> =
+        before.iter().filter(|(k, v)| after.get(*k).is_some_and(|a| a != *v)).map(|(k, _)| k).collect();
     assert!(
         added.is_empty() && removed.is_empty() && changed.is_empty(),
         "{what}: files outside OUT changed: added {added:?}, removed {removed:?}, changed {changed:?}"
@@ -164,7 +173,8 @@ fn hostile_ids_fail_alone_and_nothing_outside_out_changes() {
     std::fs::write(&lj, serde_json::to_string(&labels).unwrap()).unwrap();
     // --split naming the hostile ids (labels from the JSON).
     let split = outs.join("split.txt");
-    let split_ids: Vec<(String, &str)> = hostile.iter().filter(|(id, _)| !id.is_empty() && !id.contains(['\0', '\n'])).cloned().collect();
+    let split_ids: Vec<(String, &str)> =
+        hostile.iter().filter(|(id, _)| !id.is_empty() && !id.contains(['\0', '\n'])).cloned().collect();
     let text: String = good.iter().chain(split_ids.iter().map(|(id, _)| id)).map(|id| format!("{id}\n")).collect();
     std::fs::write(&split, text).unwrap();
     // Text labels (an empty id is a line starting with a tab).
@@ -176,8 +186,11 @@ fn hostile_ids_fail_alone_and_nothing_outside_out_changes() {
     let ann = outs.join("ann");
     std::fs::create_dir_all(&ann).unwrap();
     let xml = "<annotation><object><name>dog</name></object></annotation>";
-    let xml_ids: Vec<(String, &str)> =
-        hostile.iter().filter(|(id, _)| [".", ".hidden", "a\\b"].contains(&id.as_str()) || id.len() == 250).cloned().collect();
+    let xml_ids: Vec<(String, &str)> = hostile
+        .iter()
+        .filter(|(id, _)| [".", ".hidden", "a\\b"].contains(&id.as_str()) || id.len() == 250)
+        .cloned()
+        .collect();
     for id in good.iter().chain(xml_ids.iter().map(|(id, _)| id)) {
         std::fs::write(ann.join(format!("{id}.xml")), xml).unwrap();
     }
@@ -187,15 +200,36 @@ fn hostile_ids_fail_alone_and_nothing_outside_out_changes() {
     let files: Vec<String> = good
         .iter()
         .map(|g| format!("{g}.jpg"))
-        .chain([".hidden.jpg".to_string(), "..".to_string(), "a\\b.jpg".to_string(), format!("{}.jpg", "x".repeat(250))])
+        .chain([
+            ".hidden.jpg".to_string(),
+            "..".to_string(),
+            "a\\b.jpg".to_string(),
+            format!("{}.jpg", "x".repeat(250)),
+        ])
         .collect();
-    let images: Vec<String> = files.iter().enumerate().map(|(i, f)| format!(r#"{{"id":{i},"file_name":{}}}"#, serde_json::json!(f))).collect();
+    let images: Vec<String> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| format!(r#"{{"id":{i},"file_name":{}}}"#, serde_json::json!(f)))
+        .collect();
     // Category 12 is the 12th by rank: "dog".
     let anns: Vec<String> = (0..files.len()).map(|i| format!(r#"{{"image_id":{i},"category_id":12}}"#)).collect();
     let cj = outs.join("instances.json");
-    std::fs::write(&cj, format!(r#"{{"images":[{}],"annotations":[{}],"categories":[{}]}}"#, images.join(","), anns.join(","), cats.join(","))).unwrap();
-    let coco_ids: Vec<(String, &str)> =
-        hostile.iter().filter(|(id, _)| ["", ".hidden", "a\\b"].contains(&id.as_str()) || id.len() == 250).cloned().collect();
+    std::fs::write(
+        &cj,
+        format!(
+            r#"{{"images":[{}],"annotations":[{}],"categories":[{}]}}"#,
+            images.join(","),
+            anns.join(","),
+            cats.join(",")
+        ),
+    )
+    .unwrap();
+    let coco_ids: Vec<(String, &str)> = hostile
+        .iter()
+        .filter(|(id, _)| ["", ".hidden", "a\\b"].contains(&id.as_str()) || id.len() == 250)
+        .cloned()
+        .collect();
 
     let before = tree(&root, &skip);
     let check = |name: &str, out: &Path, r: &Run, expect_failed: &[(String, &str)]| {
@@ -206,7 +240,10 @@ fn hostile_ids_fail_alone_and_nothing_outside_out_changes() {
         let f = failures(out);
         for (id, word) in expect_failed {
             let (path, reason) = f.get(id).unwrap_or_else(|| panic!("{name}: {id:?} not in failures.jsonl: {f:?}"));
-            assert!(reason.contains("invalid id") && reason.contains(word), "{name}: {id:?}: reason {reason:?} should say {word:?}");
+            assert!(
+                reason.contains("invalid id") && reason.contains(word),
+                "{name}: {id:?}: reason {reason:?} should say {word:?}"
+            );
             assert!(Path::new(path).starts_with(&imgs) || path.ends_with(".xml"), "{name}: {id:?}: path {path}");
         }
         assert_eq!(mask_ids(out), good.iter().cloned().collect(), "{name}: only the good ids have masks");
@@ -215,7 +252,8 @@ fn hostile_ids_fail_alone_and_nothing_outside_out_changes() {
         // Everything the run wrote is OUT/<kind>/<id>.<ext> for a good id, or failures.jsonl.
         for p in files_under(out) {
             let ok = p == Path::new("failures.jsonl")
-                || (p.components().count() == 2 && good.iter().any(|g| p.file_stem().unwrap().to_str() == Some(g.as_str())));
+                || (p.components().count() == 2
+                    && good.iter().any(|g| p.file_stem().unwrap().to_str() == Some(g.as_str())));
             assert!(ok, "{name}: unexpected output {}", p.display());
         }
     };
@@ -330,7 +368,8 @@ fn images_over_the_pixel_budget_fail_alone_under_a_memory_limit() {
     // Within the default budget but over a small --max-pixels: a valid image.
     synthetic_image(100, 100, 13).save(imgs.join("m_valid.gif")).unwrap();
     let ids = ["a_good", "m_jpeg", "m_png", "m_bmp", "m_wide", "m_valid", "z_good"];
-    let labels: serde_json::Map<String, serde_json::Value> = ids.iter().map(|id| (id.to_string(), serde_json::json!(["dog"]))).collect();
+    let labels: serde_json::Map<String, serde_json::Value> =
+        ids.iter().map(|id| (id.to_string(), serde_json::json!(["dog"]))).collect();
     let lf = tmp.path().join("labels.json");
     std::fs::write(&lf, serde_json::to_string(&labels).unwrap()).unwrap();
 
@@ -455,7 +494,11 @@ fn signal_setup(n: usize) -> SignalSetup {
 impl SignalSetup {
     fn cmd(&self, out: &Path) -> Command {
         let mut c = generate(&self.root, &self.imgs, out);
-        c.arg("--labels").arg(&self.labels).args(["--save-cams", "--overlays"]).stdout(Stdio::null()).stderr(Stdio::piped());
+        c.arg("--labels")
+            .arg(&self.labels)
+            .args(["--save-cams", "--overlays"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         c
     }
 }
@@ -511,7 +554,11 @@ fn stale_temp_files_of_dead_processes_are_swept_and_live_ones_kept() {
     let dead_pid = dead.id();
     dead.wait().unwrap();
     let live_pid = std::process::id();
-    let stale = [out.join(format!("masks/.s00.png.tmp-{dead_pid}")), out.join(format!("cams/.s01.npz.tmp-{dead_pid}")), out.join(format!(".failures.jsonl.tmp-{dead_pid}"))];
+    let stale = [
+        out.join(format!("masks/.s00.png.tmp-{dead_pid}")),
+        out.join(format!("cams/.s01.npz.tmp-{dead_pid}")),
+        out.join(format!(".failures.jsonl.tmp-{dead_pid}")),
+    ];
     let live = out.join(format!("overlays/.s02.jpg.tmp-{live_pid}"));
     let unrelated = out.join("masks/.keep-me");
     for p in stale.iter().chain([&live, &unrelated]) {
@@ -589,12 +636,19 @@ fn fifos_devices_and_sockets_among_the_images_fail_without_blocking() {
     let ann = tmp.path().join("ann");
     std::fs::create_dir_all(&ann).unwrap();
     for id in ["a_good", "z_good", "fifo", "device", "sock"] {
-        std::fs::write(ann.join(format!("{id}.xml")), "<annotation><object><name>dog</name></object></annotation>").unwrap();
+        std::fs::write(ann.join(format!("{id}.xml")), "<annotation><object><name>dog</name></object></annotation>")
+            .unwrap();
     }
     save_png(&imgs, "ann_fifo", 64, 48, 23);
     mkfifo(&ann.join("ann_fifo.xml"));
     let out = tmp.path().join("out");
-    let child = generate(tmp.path(), &imgs, &out).arg("--annotations").arg(&ann).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = generate(tmp.path(), &imgs, &out)
+        .arg("--annotations")
+        .arg(&ann)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let (status, stderr) = wait_output(child, Duration::from_secs(120));
     assert_eq!(status, Some(1), "{stderr}");
     assert_eq!(mask_ids(&out), ["a_good", "z_good"].iter().map(|s| s.to_string()).collect());
@@ -626,7 +680,11 @@ fn crf_validates_every_archive_and_bad_ones_fail_alone() {
     let (w, h) = (48usize, 40usize);
     let cams = tmp.path().join("cams");
     std::fs::create_dir_all(&cams).unwrap();
-    let good = ndarray::Array3::from_shape_fn((2, h, w), |(k, y, x)| if k == 0 { x as f32 / w as f32 } else { y as f32 / h as f32 });
+    let good =
+        ndarray::Array3::from_shape_fn(
+            (2, h, w),
+            |(k, y, x)| if k == 0 { x as f32 / w as f32 } else { y as f32 / h as f32 },
+        );
     let one = good.slice(ndarray::s![0..1, .., ..]).to_owned();
     let with = |v: f32| {
         let mut m = good.clone();
@@ -663,7 +721,15 @@ fn crf_validates_every_archive_and_bad_ones_fail_alone() {
 
     let out = tmp.path().join("out");
     let child = clipmask(&tmp.path().join("cache"))
-        .args(["crf", "--cams", cams.to_str().unwrap(), "--images", imgs.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args([
+            "crf",
+            "--cams",
+            cams.to_str().unwrap(),
+            "--images",
+            imgs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -690,7 +756,8 @@ fn crf_validates_every_archive_and_bad_ones_fail_alone() {
             assert!(w.split('|').any(|alt| reason.contains(alt)), "{id}: reason should mention {w:?}: {reason}");
         }
     }
-    for (id, word) in [("garbage", "npz"), ("fifo", "FIFO"), ("no_image", "no image for id"), (".hidden", "invalid id")] {
+    for (id, word) in [("garbage", "npz"), ("fifo", "FIFO"), ("no_image", "no image for id"), (".hidden", "invalid id")]
+    {
         let (_, reason) = f.get(id).unwrap_or_else(|| panic!("{id} not in failures.jsonl: {f:?}"));
         assert!(reason.contains(word), "{id}: {reason}");
     }
@@ -700,7 +767,8 @@ fn crf_validates_every_archive_and_bad_ones_fail_alone() {
     no_temp_files(&out);
 
     // The dead `crf --crf` flag is gone.
-    let r = run(clipmask(&tmp.path().join("cache")).args(["crf", "--crf", "--cams", "c", "--images", "i", "--out", "o"]));
+    let r =
+        run(clipmask(&tmp.path().join("cache")).args(["crf", "--crf", "--cams", "c", "--images", "i", "--out", "o"]));
     assert_eq!(r.code, Some(2), "{}", r.show());
     assert!(r.stderr.contains("--crf"), "{}", r.show());
 }
@@ -721,7 +789,15 @@ fn eval_names_the_mismatched_ids_and_the_allow_missing_hint() {
     }
     clipmask::outputs::write_label_png(&pred.join("im0.png"), &[0, 1, 1, 0], 2, 2, &pal).unwrap();
     clipmask::outputs::write_label_png(&pred.join("stray.png"), &[0, 1, 1, 0], 2, 2, &pal).unwrap();
-    let r = run(clipmask(&tmp.path().join("cache")).args(["eval", "--config", "voc12", "--pred", pred.to_str().unwrap(), "--gt", gt.to_str().unwrap()]));
+    let r = run(clipmask(&tmp.path().join("cache")).args([
+        "eval",
+        "--config",
+        "voc12",
+        "--pred",
+        pred.to_str().unwrap(),
+        "--gt",
+        gt.to_str().unwrap(),
+    ]));
     let line = assert_one_line_error(&r, 2);
     for w in ["ids do not match", "im1", "im2", "stray", "--allow-missing"] {
         assert!(line.contains(w), "{w:?} missing from: {line}");
@@ -736,26 +812,34 @@ fn max_side_below_two_patches_is_an_error() {
     let lf = tmp.path().join("labels.json");
     std::fs::write(&lf, r#"{"a": ["dog"]}"#).unwrap();
     for v in ["0", "1", "15", "16", "31"] {
-        let r = run(generate(tmp.path(), &imgs, &tmp.path().join(format!("out{v}"))).arg("--labels").arg(&lf).args(["--max-side", v]));
+        let r = run(generate(tmp.path(), &imgs, &tmp.path().join(format!("out{v}")))
+            .arg("--labels")
+            .arg(&lf)
+            .args(["--max-side", v]));
         let line = assert_one_line_error(&r, 2);
         assert!(line.contains("--max-side") && line.contains("32 px"), "{line}");
         assert!(!tmp.path().join(format!("out{v}/masks/a.png")).exists());
     }
-    let r = run(generate(tmp.path(), &imgs, &tmp.path().join("out32")).arg("--labels").arg(&lf).args(["--max-side", "32"]));
+    let r =
+        run(generate(tmp.path(), &imgs, &tmp.path().join("out32")).arg("--labels").arg(&lf).args(["--max-side", "32"]));
     assert_eq!(r.code, Some(0), "{}", r.show());
 }
 
 #[test]
 fn a_palette_shorter_than_the_classes_is_rejected() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root().join("configs/voc12.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("configs/voc12.json")).unwrap()).unwrap();
     cfg["palette"] = serde_json::json!(cfg["palette"].as_array().unwrap()[..5].to_vec());
     let p = tmp.path().join("short.json");
     std::fs::write(&p, cfg.to_string()).unwrap();
     let e = format!("{:#}", clipmask::config::DatasetConfig::load(&p).unwrap_err());
     assert!(e.contains("palette") && e.contains("5 colours") && e.contains("needs 21"), "{e}");
     // Through the CLI: exit 2 with one line, before the model loads.
-    let r = run(clipmask(&tmp.path().join("cache")).args(["generate", "--config", p.to_str().unwrap(), "--images", tmp.path().to_str().unwrap()]).args(["--labels", "x.json", "--out"]).arg(tmp.path().join("o")));
+    let r = run(clipmask(&tmp.path().join("cache"))
+        .args(["generate", "--config", p.to_str().unwrap(), "--images", tmp.path().to_str().unwrap()])
+        .args(["--labels", "x.json", "--out"])
+        .arg(tmp.path().join("o")));
     let line = assert_one_line_error(&r, 2);
     assert!(line.contains("palette"), "{line}");
     // No palette at all: the PASCAL VOC colour map, not black.
@@ -781,7 +865,10 @@ fn gif_images_are_found_and_a_missing_image_names_no_made_up_path() {
     let f = failures(&out);
     let (path, reason) = &f["gone"];
     assert!(!path.ends_with(".jpg") && !reason.contains("gone.jpg"), "{path} / {reason}");
-    assert!(reason.contains("no image for id") && reason.contains("|gif|") && reason.contains(imgs.to_str().unwrap()), "{reason}");
+    assert!(
+        reason.contains("no image for id") && reason.contains("|gif|") && reason.contains(imgs.to_str().unwrap()),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -791,7 +878,8 @@ fn json_and_text_labels_share_one_normalisation() {
     let dog = cfg.class_index("dog").unwrap();
     let cat = cfg.class_index("cat").unwrap();
     let tv = cfg.class_index("tvmonitor").unwrap();
-    let json: clipmask::datasets::RawLabels = serde_json::from_str(r#"{"a": ["Dog", " dog", "CAT ", "TVMonitor"]}"#).unwrap();
+    let json: clipmask::datasets::RawLabels =
+        serde_json::from_str(r#"{"a": ["Dog", " dog", "CAT ", "TVMonitor"]}"#).unwrap();
     let text = parse_labels_text("a\tDog, dog,CAT ,TVMonitor\n", "t").unwrap();
     assert_eq!(resolve_labels(&cfg, &json["a"]), Ok(vec![dog, cat, tv]));
     assert_eq!(resolve_labels(&cfg, &text["a"]), resolve_labels(&cfg, &json["a"]));
@@ -807,7 +895,10 @@ fn json_and_text_labels_share_one_normalisation() {
         let r = run(generate(tmp.path(), &imgs, &tmp.path().join(out)).arg("--labels").arg(lf));
         assert_eq!(r.code, Some(0), "{}", r.show());
     }
-    assert_eq!(std::fs::read(tmp.path().join("p/masks/a.png")).unwrap(), std::fs::read(tmp.path().join("o/masks/a.png")).unwrap());
+    assert_eq!(
+        std::fs::read(tmp.path().join("p/masks/a.png")).unwrap(),
+        std::fs::read(tmp.path().join("o/masks/a.png")).unwrap()
+    );
 }
 
 #[test]
