@@ -531,7 +531,7 @@ fn stop_and_resume(s: &SignalSetup, out: &Path, sig: &str, code: i32, after: usi
 
 #[test]
 fn sigterm_at_several_moments_stops_cleanly_with_143_and_a_rerun_completes() {
-    let s = signal_setup(24);
+    let s = signal_setup(16);
     for (i, after) in [0, 1, 6].into_iter().enumerate() {
         stop_and_resume(&s, &s.root.join(format!("term{i}")), "TERM", 143, after);
     }
@@ -539,8 +539,8 @@ fn sigterm_at_several_moments_stops_cleanly_with_143_and_a_rerun_completes() {
 
 #[test]
 fn sighup_at_several_moments_stops_cleanly_with_129_and_a_rerun_completes() {
-    let s = signal_setup(24);
-    for (i, after) in [0, 3, 12].into_iter().enumerate() {
+    let s = signal_setup(16);
+    for (i, after) in [0, 3, 9].into_iter().enumerate() {
         stop_and_resume(&s, &s.root.join(format!("hup{i}")), "HUP", 129, after);
     }
 }
@@ -588,7 +588,7 @@ fn stale_temp_files_of_dead_processes_are_swept_and_live_ones_kept() {
 
 #[test]
 fn a_second_signal_quits_at_once_without_crashing_many_times_over() {
-    let s = signal_setup(30);
+    let s = signal_setup(20);
     let out = s.root.join("out");
     let (mut codes, mut quick) = (Vec::new(), 0);
     for i in 0..20u64 {
@@ -596,7 +596,7 @@ fn a_second_signal_quits_at_once_without_crashing_many_times_over() {
         let child = s.cmd(&out).arg("--overwrite").spawn().unwrap();
         assert!(wait_for(|| handlers_installed(&child), Duration::from_secs(60)), "no signal handlers");
         // Varied moments: during the model load, the forward and backward passes, the writes.
-        std::thread::sleep(Duration::from_millis((i * 97) % 1500));
+        std::thread::sleep(Duration::from_millis((i * 97) % 1000));
         kill(&child, "INT");
         std::thread::sleep(Duration::from_millis((i * 7) % 25));
         kill(&child, "INT");
