@@ -691,8 +691,9 @@ fn crf_validates_every_archive_and_bad_ones_fail_alone() {
         m[[1, 3, 4]] = v;
         m
     };
-    // id -> (keys, maps, words of the reason; empty = must succeed)
-    let cases: Vec<(&str, Vec<i64>, ndarray::Array3<f32>, &[&str])> = vec![
+    // id, keys, maps, words of the reason (empty = must succeed)
+    type Case<'a> = (&'a str, Vec<i64>, ndarray::Array3<f32>, &'a [&'a str]);
+    let cases: Vec<Case> = vec![
         ("a_good", vec![11, 14], good.clone(), &[]),
         ("a_tolerance", vec![11, 14], with(1.0005), &[]),
         ("key_300", vec![11, 300], good.clone(), &["key 300", "class index"]),
