@@ -256,7 +256,8 @@ impl Clip {
         let config = ClipConfig::infer(&w)?;
         let visual = VisionTransformer::new(&w, &config).with_context(|| format!("loading {}", path.display()))?;
         let text = TextTransformer::new(&w, &config).with_context(|| format!("loading {}", path.display()))?;
-        let logit_scale = w.get_kind("logit_scale", Kind::Double)?.exp().double_value(&[]);
+        // exp in fp32, as the reference's `self.logit_scale.exp()` on its fp32 parameter.
+        let logit_scale = w.get_kind("logit_scale", Kind::Float)?.exp().double_value(&[]);
         Ok(Self { config, visual, text: Some(text), logit_scale, device, kind, digest, path: path.to_path_buf() })
     }
 }

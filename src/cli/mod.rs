@@ -70,11 +70,16 @@ pub struct ModelArgs {
     /// prompt names (synonyms), background words, templates, box threshold and palette.
     #[arg(long, short = 'c', default_value = "voc12")]
     pub config: String,
-    /// Device: auto (CUDA when available), cpu, cuda or cuda:N. fp16 on CUDA, fp32 on CPU.
+    /// Device: auto (CUDA when available), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Keep fp32 on CUDA (slower; the reference runs fp16 there).
-    #[arg(long)]
+    /// Precision of weights and activations. auto: fp16 on CUDA (as the reference runs there),
+    /// fp32 on CPU. fp16: the state OpenAI's clip.load leaves on CUDA (conv, linear and
+    /// projection weights fp16, LayerNorms computed in fp32), also on CPU, where it is slow.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: crate::device::Precision,
+    /// Same as --precision fp32 (kept for older scripts).
+    #[arg(long, hide = true, conflicts_with = "precision")]
     pub fp32: bool,
 }
 
@@ -87,7 +92,8 @@ impl ModelArgs {
     /// The model alone, for callers that have already read the config.
     pub fn load_model(&self) -> Result<crate::model::Clip> {
         let device = crate::device::parse_device(&self.device)?;
-        let kind = crate::device::kind_for(device, self.fp32);
+        let precision = if self.fp32 { crate::device::Precision::Fp32 } else { self.precision };
+        let kind = crate::device::kind_for(device, precision);
         crate::model::Clip::load(&self.model, device, kind)
     }
 }
