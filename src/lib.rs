@@ -21,5 +21,6 @@ pub mod outputs;
 pub mod pipeline;
 pub mod prompts;
 pub mod text;
+pub mod torch_pickle;
 pub mod transformer;
 pub mod vit;

@@ -33,18 +33,24 @@ impl Weights {
             read_safetensors(path).with_context(|| {
                 format!("model {} is not a readable safetensors file: expected a CLIP ViT checkpoint", path.display())
             })?
+        } else if path.extension().is_some_and(|e| e == "bin") {
+            // torch.save'd state dicts (pytorch_model.bin, open_clip_pytorch_model.bin).
+            crate::torch_pickle::read_state_dict(path)?
         } else {
-            let module = tch::CModule::load_on_device(path, Device::Cpu).map_err(|e| {
-                anyhow::anyhow!(
-                    "model {} is not a readable TorchScript archive ({}): expected an OpenAI CLIP ViT \
-                     checkpoint (.pt) or a .safetensors file",
-                    path.display(),
-                    first_line(&e.to_string())
-                )
-            })?;
-            module.named_parameters().map_err(|e| {
-                anyhow::anyhow!("cannot list parameters of {}: {}", path.display(), first_line(&e.to_string()))
-            })?
+            match tch::CModule::load_on_device(path, Device::Cpu) {
+                Ok(module) => module.named_parameters().map_err(|e| {
+                    anyhow::anyhow!("cannot list parameters of {}: {}", path.display(), first_line(&e.to_string()))
+                })?,
+                // Not TorchScript: perhaps a torch.save'd state dict under another extension.
+                Err(e) => crate::torch_pickle::read_state_dict(path).map_err(|_| {
+                    anyhow::anyhow!(
+                        "model {} is not a readable TorchScript archive ({}): expected an OpenAI CLIP ViT \
+                         checkpoint (.pt), a torch.save'd state dict (.bin) or a .safetensors file",
+                        path.display(),
+                        first_line(&e.to_string())
+                    )
+                })?,
+            }
         };
         Ok(list.into_iter().collect())
     }

@@ -39,8 +39,28 @@ pub enum Command {
     Prompts(prompts::PromptsArgs),
 }
 
+/// `clipmask --version`: the crate, the libtorch it was built against, and whether CUDA is
+/// visible (the first thing to check when a GPU run falls back or fails).
+pub fn version_text() -> String {
+    let cuda = if tch::Cuda::is_available() {
+        format!("available, {} device(s), cuDNN {}", tch::Cuda::device_count(), if tch::Cuda::cudnn_is_available() { "yes" } else { "no" })
+    } else {
+        "no device visible to libtorch (no GPU, no driver, a CPU-only torch, or CUDA_VISIBLE_DEVICES)".to_string()
+    };
+    format!(
+        "clipmask {}\nlibtorch {} (built against)\nCUDA: {cuda}",
+        env!("CARGO_PKG_VERSION"),
+        env!("CLIPMASK_TORCH_VERSION")
+    )
+}
+
 /// Parses the command line and runs it; returns the process exit code.
 pub fn run() -> Result<i32> {
+    // Checked before clap, so that CUDA is only probed when the version is asked for.
+    if matches!(std::env::args().nth(1).as_deref(), Some("--version" | "-V")) {
+        println!("{}", version_text());
+        return Ok(0);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Classify(a) => classify::run(&a),

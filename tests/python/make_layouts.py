@@ -9,6 +9,8 @@ layouts users download, for the layout tests:
   OUT/openclip/      open_clip_model.safetensors (OpenAI names) + open_clip_config.json with
                      "quick_gelu": true (OpenAI/DFN/MetaCLIP style)
   OUT/openclip-gelu/ the same without quick_gelu (LAION/DataComp style: GELU)
+  OUT/hf-bin/        save_pretrained(safe_serialization=False): config.json + pytorch_model.bin
+  OUT/openclip-bin/  torch.save(state_dict) as open_clip_pytorch_model.bin (quick_gelu)
 """
 import json
 import os
@@ -80,6 +82,10 @@ def main(fixture, out):
         d = os.path.join(out, name)
         shutil.rmtree(d, ignore_errors=True)
         model.save_pretrained(d, safe_serialization=True)
+        if act == "quick_gelu":
+            d = os.path.join(out, "hf-bin")
+            shutil.rmtree(d, ignore_errors=True)
+            model.save_pretrained(d, safe_serialization=False)
     for name, quick in [("openclip", True), ("openclip-gelu", None)]:
         d = os.path.join(out, name)
         os.makedirs(d, exist_ok=True)
@@ -89,6 +95,11 @@ def main(fixture, out):
             cfg["model_cfg"]["quick_gelu"] = quick
         with open(os.path.join(d, "open_clip_config.json"), "w") as f:
             json.dump(cfg, f)
+        if quick:
+            b = os.path.join(out, "openclip-bin")
+            os.makedirs(b, exist_ok=True)
+            torch.save(sd, os.path.join(b, "open_clip_pytorch_model.bin"))
+            shutil.copy(os.path.join(d, "open_clip_config.json"), b)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-//! Issue 15: the weights users already have. One random-weight CLIP written in OpenAI's,
+//! Issue 15, fitting the pipelines users already have. The weights they have: One random-weight CLIP written in OpenAI's,
 //! Hugging Face's (by transformers' own CLIPModel.save_pretrained) and OpenCLIP's layouts gives
 //! identical maps; the activation comes from each layout's config; `--model org/name` fetches
 //! through a local stand-in for the Hub into the standard HF cache and then works offline from
@@ -19,9 +19,9 @@ fn layouts() -> PathBuf {
     ONCE.get_or_init(|| {
         let fx = fixture("tiny", 0, false);
         let out = fx.join("layouts");
-        if !out.join(".complete").exists() {
+        if !out.join(".complete-v2").exists() {
             run_python(&[root().join("tests/python/make_layouts.py").to_str().unwrap(), fx.to_str().unwrap(), out.to_str().unwrap()]);
-            std::fs::write(out.join(".complete"), b"").unwrap();
+            std::fs::write(out.join(".complete-v2"), b"").unwrap();
         }
         out
     })
@@ -43,7 +43,12 @@ fn openai_huggingface_and_openclip_layouts_give_identical_maps() {
     let fx = fixture("tiny", 0, false);
     let l = layouts();
     let (raw, refined) = maps(&fx.join("model.safetensors"));
-    for dir in ["hf/model.safetensors", "openclip/open_clip_model.safetensors"] {
+    for dir in [
+        "hf/model.safetensors",
+        "hf-bin/pytorch_model.bin",
+        "openclip/open_clip_model.safetensors",
+        "openclip-bin/open_clip_pytorch_model.bin",
+    ] {
         let (r, f) = maps(&l.join(dir));
         let (dr, df) = (max_abs_diff(&raw, &r), max_abs_diff(&refined, &f));
         eprintln!("{dir}: raw {dr:.1e}, refined {df:.1e} from the OpenAI layout");
@@ -188,4 +193,50 @@ fn hub_repo_ids_download_into_the_hf_cache_and_work_offline() {
     let (code, _, err) = classify("test-org/absent", &image, &[("HF_HOME", &home)], &[("HF_HUB_OFFLINE", "1")]);
     assert_eq!(code, Some(2));
     assert!(err.contains("HF_HUB_OFFLINE") && err.trim().lines().count() == 1, "{err}");
+}
+
+#[test]
+fn truncated_or_foreign_bin_files_fail_with_an_error_not_a_panic() {
+    let l = layouts();
+    let tmp = tempfile::tempdir().unwrap();
+    let full = std::fs::read(l.join("hf-bin/pytorch_model.bin")).unwrap();
+    for (name, bytes) in [
+        ("half.bin", full[..full.len() / 2].to_vec()),
+        ("tail.bin", full[full.len() / 3..].to_vec()),
+        ("text.bin", b"not a zip archive at all".to_vec()),
+    ] {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let r = std::panic::catch_unwind(|| Clip::load_path(&p, Device::Cpu, Kind::Float).map(|_| ()));
+        match r {
+            Ok(Err(e)) => eprintln!("{name}: {}", format!("{e:#}").lines().next().unwrap_or("")),
+            Ok(Ok(())) => panic!("{name} loaded"),
+            Err(_) => panic!("{name}: panicked"),
+        }
+    }
+}
+
+/// An installed binary needs no source tree: configs and templates are compiled in, and
+/// `--version` says which libtorch it runs on and whether CUDA is visible.
+#[test]
+fn the_binary_runs_from_anywhere_and_reports_its_libtorch() {
+    let bin = std::fs::read(env!("CARGO_BIN_EXE_clipmask")).unwrap();
+    let manifest = env!("CARGO_MANIFEST_DIR");
+    for dir in ["configs", "prompts"] {
+        let needle = format!("{manifest}/{dir}");
+        assert!(!bin.windows(needle.len()).any(|w| w == needle.as_bytes()), "the binary refers to {needle}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_clipmask"))
+        .current_dir(tmp.path())
+        .env_remove("CLIPMASK_CONFIGS")
+        .args(["prompts", "show", "-c", "coco14"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("a clean origami backpack,bag."));
+    let out = Command::new(env!("CARGO_BIN_EXE_clipmask")).arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains(env!("CARGO_PKG_VERSION")) && text.contains("libtorch 2.11.0") && text.contains("CUDA: "), "{text}");
 }
