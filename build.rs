@@ -30,7 +30,23 @@ fn torch_lib_dir() -> Option<PathBuf> {
     dir.is_dir().then_some(dir)
 }
 
+/// `torch.__version__` of the Python environment libtorch comes from, for `clipmask --version`.
+fn torch_version() -> String {
+    let python = match std::env::var_os("VIRTUAL_ENV") {
+        Some(venv) => PathBuf::from(venv).join("bin").join("python"),
+        None => PathBuf::from("python3"),
+    };
+    Command::new(python)
+        .args(["-c", "import torch; print(torch.__version__)"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
 fn main() {
+    println!("cargo:rustc-env=CLIPMASK_TORCH_VERSION={}", torch_version());
     println!("cargo:rerun-if-env-changed=LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
     println!("cargo:rerun-if-changed=build.rs");

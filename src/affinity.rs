@@ -8,10 +8,14 @@ pub const AFFINITY_BLOCKS: usize = 8;
 
 /// R = S @ S with S the symmetrised Sinkhorn-normalised mean attention of the given blocks,
 /// class token removed. `attentions`: (n+1, n+1) maps, the last `AFFINITY_BLOCKS` are used.
+///
+/// The mean over blocks runs in the attentions' precision and is then cast to fp32, as the
+/// reference averages its fp16 attention on the GPU before `.float()`.
 pub fn affinity(attentions: &[Tensor]) -> Tensor {
     let start = attentions.len().saturating_sub(AFFINITY_BLOCKS);
-    let used: Vec<Tensor> = attentions[start..].iter().map(|a| a.to_kind(Kind::Float)).collect();
-    let w = Tensor::stack(&used, 0).mean_dim(0, false, Kind::Float);
+    let kind = attentions[start].kind();
+    let used: Vec<Tensor> = attentions[start..].iter().map(|a| a.to_kind(kind)).collect();
+    let w = Tensor::stack(&used, 0).mean_dim(0, false, kind).to_kind(Kind::Float);
     let n = w.size()[0];
     let mut t = w.narrow(0, 1, n - 1).narrow(1, 1, n - 1);
     // Three rounds: columns then rows (the reference's one + two).

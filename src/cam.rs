@@ -1,23 +1,37 @@
 //! Softmax-GradCAM (method.md §4): one map per image label, from the gradient of that label's
 //! softmax probability (over labels + background words) with respect to block L's ln_1 output.
+//!
+//! The numbers follow the reference's pytorch-grad-cam exactly, including two details that
+//! move the maps: the min-max normalisation runs twice (once per target layer, once when the
+//! layers are aggregated), and in fp16 the channel weighting is done in NumPy float16.
 use crate::model::Clip;
 use tch::{Kind, Tensor};
 
 pub struct CamResult {
-    /// (K, gh, gw) maps, ReLU'd and min-max normalised, fp32.
+    /// (K, gh, gw) maps, ReLU'd and min-max normalised twice, fp32.
     pub maps: Tensor,
-    /// Block L's head-averaged attention (n+1, n+1), from the gradient pass.
+    /// Block L's head-averaged attention (n+1, n+1), from the gradient pass, model precision.
     pub last_attention: Tensor,
     /// Softmax over the candidate set, (K + M), fp32 (the same for every label).
     pub probs: Tensor,
 }
 
-/// (M - min) / (max(M - min) + 1e-7) over the last two dims, per leading index.
+/// One pass of pytorch-grad-cam's `scale_cam_image`: (M - min) / (max(M - min) + 1e-7) over
+/// the last two dims, per leading index. CAA's refined maps get one pass; GradCAM maps get
+/// two (see [`scale_twice`]).
 pub fn min_max(maps: &Tensor) -> Tensor {
     let k = maps.size()[0];
     let flat = maps.reshape([k, -1]);
     let shifted = &flat - flat.amin([1], true);
     (&shifted / (shifted.amax([1], true) + 1e-7)).reshape(maps.size())
+}
+
+/// The reference's GradCAM scaling (method.md §4): `compute_cam_per_layer` scales each layer's
+/// map, `aggregate_multi_layers` takes ReLU and the mean over the (single) layer, which leave
+/// it unchanged, and scales again. The second pass is not a no-op: when the map's maximum is
+/// small, the 1e-7 is a visible fraction of it.
+pub fn scale_twice(maps: &Tensor) -> Tensor {
+    min_max(&min_max(maps).relu())
 }
 
 /// GradCAM for all K labels with one backward pass: block L runs on K copies of its input,
@@ -30,21 +44,17 @@ pub fn grad_cam(model: &Clip, tokens: &Tensor, text: &Tensor, k: usize, gh: i64,
     grad_cam_targets(model, tokens, text, &targets, gh, gw)
 }
 
-/// The reference's way: block L recomputed and one backward pass per label. Same numbers as
-/// [`grad_cam`], K times the work; kept for tests and benchmarks.
-pub fn grad_cam_per_label(model: &Clip, tokens: &Tensor, text: &Tensor, k: usize, gh: i64, gw: i64) -> CamResult {
-    let parts: Vec<CamResult> = (0..k as i64).map(|i| grad_cam_targets(model, tokens, text, &[i], gh, gw)).collect();
-    let maps = Tensor::cat(&parts.iter().map(|p| p.maps.shallow_clone()).collect::<Vec<_>>(), 0);
-    let first = &parts[0];
-    CamResult { maps, last_attention: first.last_attention.shallow_clone(), probs: first.probs.shallow_clone() }
-}
-
 /// GradCAM where copy r of block L's input is differentiated for candidate `targets[r]`.
+///
+/// Everything up to the probabilities runs in the model's precision, as the reference's
+/// `forward_last_layer` does: in fp16 the image feature, its normalisation, the logits
+/// (`logit_scale * f` first, then `@ text.T`) and the softmax are all fp16.
 pub fn grad_cam_targets(model: &Clip, tokens: &Tensor, text: &Tensor, targets: &[i64], gh: i64, gw: i64) -> CamResult {
     let vit = &model.visual;
     let block = vit.blocks.last().expect("at least one block");
     let k = targets.len() as i64;
     let (_, l, d) = tokens.size3().expect("tokens are (1, n+1, D)");
+    let kind = tokens.kind();
     let x = tokens.detach().expand([k, l, d], false);
     // A = ln_1(x) is a leaf: x itself needs no gradient (method.md §2), so dp/dA is the same as
     // in the full graph.
@@ -54,20 +64,46 @@ pub fn grad_cam_targets(model: &Clip, tokens: &Tensor, text: &Tensor, targets: &
     }
     .set_requires_grad(true);
     let (y, attn) = block.forward_from_ln1(&x, &a, None);
-    let f = vit.patch_pool(&y).to_kind(Kind::Float);
+    let f = vit.patch_pool(&y);
     let f = &f / f.norm_scalaropt_dim(2, [-1], true);
-    let t = text.to_kind(Kind::Float);
-    let logits = f.matmul(&t.transpose(0, 1)) * model.logit_scale;
-    let probs = logits.softmax(-1, Kind::Float);
+    // The reference normalises the (already normalised) text features once more.
+    let t = text.to_kind(kind);
+    let t = &t / t.norm_scalaropt_dim(2, [-1], true);
+    let logits = (f * model.logit_scale).matmul(&t.transpose(0, 1));
+    let probs = logits.softmax(-1, kind);
     let rows = Tensor::arange(k, (Kind::Int64, probs.device()));
     let cols = Tensor::from_slice(targets).to_device(probs.device());
-    let loss = probs.index(&[Some(&rows), Some(&cols)]).sum(Kind::Float);
+    let loss = probs.index(&[Some(&rows), Some(&cols)]).sum(kind);
     let grads = Tensor::run_backward(&[&loss], &[&a], false, false);
     let _g = tch::no_grad_guard();
-    let g = grads[0].narrow(1, 1, l - 1).to_kind(Kind::Float); // (K, n, D)
-    let act = a.detach().narrow(1, 1, l - 1).to_kind(Kind::Float); // (K, n, D)
-    let weights = g.mean_dim(1, true, Kind::Float); // (K, 1, D): mean over positions
-    let cam = (act * weights).sum_dim_intlist(2, false, Kind::Float).relu(); // (K, n)
-    let maps = min_max(&cam.reshape([k, gh, gw]));
-    CamResult { maps, last_attention: attn.get(0).detach(), probs: probs.get(0).detach() }
+    let g = grads[0].narrow(1, 1, l - 1); // (K, n, D)
+    let act = a.detach().narrow(1, 1, l - 1); // (K, n, D)
+    let cam = if kind == Kind::Half { weighted_sum_fp16(&act, &g) } else { weighted_sum_fp32(&act, &g) };
+    // ReLU, then the reference's `.astype(np.float32)` before scaling.
+    let maps = scale_twice(&cam.relu().to_kind(Kind::Float).reshape([k, gh, gw]));
+    CamResult { maps, last_attention: attn.get(0).detach(), probs: probs.get(0).detach().to_kind(Kind::Float) }
+}
+
+/// sum_c mean_positions(g_c) * A_c in fp32 (pytorch-grad-cam's `np.mean(grads, axis=(2, 3))`
+/// and `(weights * activations).sum(axis=1)` on float32 arrays). (K, n).
+fn weighted_sum_fp32(act: &Tensor, g: &Tensor) -> Tensor {
+    let g = g.to_kind(Kind::Float);
+    let weights = g.mean_dim(1, true, Kind::Float); // (K, 1, D)
+    (act.to_kind(Kind::Float) * weights).sum_dim_intlist(2, false, Kind::Float)
+}
+
+/// The same on float16 arrays, as NumPy computes it: the mean accumulates in fp32 and is
+/// rounded to fp16; each product is rounded to fp16; and the sum over channels, a reduction
+/// over a non-innermost axis, adds one channel at a time into an fp16 result, rounding after
+/// every addition (measured: bit-identical to that loop, not to an fp32 accumulation).
+/// (K, n), fp16.
+fn weighted_sum_fp16(act: &Tensor, g: &Tensor) -> Tensor {
+    let weights = g.to_kind(Kind::Float).mean_dim(1, true, Kind::Float).to_kind(Kind::Half);
+    let products = act.to_kind(Kind::Half) * weights; // fp16 x fp16 -> fp16, rounded per element
+    let d = products.size()[2];
+    let mut sum = products.select(2, 0).copy();
+    for c in 1..d {
+        sum += products.select(2, c);
+    }
+    sum
 }

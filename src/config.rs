@@ -82,23 +82,34 @@ impl DatasetConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
-        let cfg: DatasetConfig = serde_json::from_str(&text)
-            .with_context(|| format!("invalid config {}", path.display()))?;
-        cfg.validate().with_context(|| format!("invalid config {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    fn parse(text: &str, origin: &str) -> Result<Self> {
+        let cfg: DatasetConfig = serde_json::from_str(text).with_context(|| format!("invalid config {origin}"))?;
+        cfg.validate().with_context(|| format!("invalid config {origin}"))?;
         Ok(cfg)
     }
 
-    /// Resolves `voc12` / `coco14` to the shipped configs, anything else is a path.
+    /// Resolves a path (anything with a `/`, ending in `.json`, or existing) or a shipped name
+    /// (`voc12`, `coco14`). Shipped configs are compiled into the binary, so an installed
+    /// clipmask works from any directory; `CLIPMASK_CONFIGS=DIR` looks there first.
     pub fn resolve(spec: &str) -> Result<Self> {
         let p = PathBuf::from(spec);
         if p.exists() || spec.contains('/') || spec.ends_with(".json") {
             return Self::load(&p);
         }
-        let shipped = shipped_config_dir().join(format!("{spec}.json"));
-        if shipped.exists() {
-            return Self::load(&shipped);
+        if let Ok(dir) = std::env::var("CLIPMASK_CONFIGS") {
+            let p = PathBuf::from(dir).join(format!("{spec}.json"));
+            if p.exists() {
+                return Self::load(&p);
+            }
         }
-        bail!("config '{spec}' is neither a file nor a shipped config (voc12, coco14)")
+        if let Some((_, text)) = SHIPPED.iter().find(|(n, _)| *n == spec) {
+            return Self::parse(text, &format!("shipped config {spec}"));
+        }
+        let names: Vec<&str> = SHIPPED.iter().map(|(n, _)| *n).collect();
+        bail!("config '{spec}' is neither a file nor a shipped config ({})", names.join(", "))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -214,10 +225,10 @@ fn voc_colour(i: u8) -> [u8; 3] {
     c
 }
 
-/// `configs/` of the installed crate: next to the binary's source tree, or CLIPMASK_CONFIGS.
-pub fn shipped_config_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("CLIPMASK_CONFIGS") {
-        return PathBuf::from(dir);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs")
-}
+/// The shipped configs, compiled in: (name, JSON).
+pub const SHIPPED: &[(&str, &str)] =
+    &[("voc12", include_str!("../configs/voc12.json")), ("coco14", include_str!("../configs/coco14.json"))];
+
+/// CLIP's 80 ImageNet templates (`prompts/imagenet-templates.txt`), compiled in: the default
+/// candidates of `prompts rank`.
+pub const IMAGENET_TEMPLATES: &str = include_str!("../prompts/imagenet-templates.txt");

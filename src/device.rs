@@ -1,5 +1,5 @@
-//! `--device auto|cpu|cuda|cuda:N` and the precision that goes with it (method.md §1:
-//! fp16 on CUDA like the reference, fp32 on CPU).
+//! `--device auto|cpu|cuda|cuda:N` and `--precision auto|fp32|fp16` (method.md §1: fp16 on
+//! CUDA like the reference, fp32 on CPU).
 use anyhow::{bail, Result};
 use tch::{Device, Kind};
 
@@ -28,11 +28,24 @@ fn cuda(i: usize) -> Result<Device> {
     Ok(Device::Cuda(i))
 }
 
-/// Activation/weight precision for a device; `force_fp32` keeps fp32 on CUDA.
-pub fn kind_for(device: Device, force_fp32: bool) -> Kind {
-    if device.is_cuda() && !force_fp32 {
-        Kind::Half
-    } else {
-        Kind::Float
+/// `--precision`: what the weights and activations are computed in.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// fp16 on CUDA (the reference's state there), fp32 on CPU.
+    #[default]
+    Auto,
+    Fp32,
+    /// The state OpenAI's `clip.load` leaves on CUDA: conv, linear and attention projection
+    /// weights, `text_projection` and `visual.proj` in fp16, LayerNorms computed in fp32 and
+    /// cast back, embeddings cast to fp16. Runs on CPU too (slowly), which is how it is tested.
+    Fp16,
+}
+
+/// Activation/weight precision for a device.
+pub fn kind_for(device: Device, precision: Precision) -> Kind {
+    match precision {
+        Precision::Auto if device.is_cuda() => Kind::Half,
+        Precision::Auto | Precision::Fp32 => Kind::Float,
+        Precision::Fp16 => Kind::Half,
     }
 }

@@ -33,18 +33,24 @@ impl Weights {
             read_safetensors(path).with_context(|| {
                 format!("model {} is not a readable safetensors file: expected a CLIP ViT checkpoint", path.display())
             })?
+        } else if path.extension().is_some_and(|e| e == "bin") {
+            // torch.save'd state dicts (pytorch_model.bin, open_clip_pytorch_model.bin).
+            crate::torch_pickle::read_state_dict(path)?
         } else {
-            let module = tch::CModule::load_on_device(path, Device::Cpu).map_err(|e| {
-                anyhow::anyhow!(
-                    "model {} is not a readable TorchScript archive ({}): expected an OpenAI CLIP ViT \
-                     checkpoint (.pt) or a .safetensors file",
-                    path.display(),
-                    first_line(&e.to_string())
-                )
-            })?;
-            module.named_parameters().map_err(|e| {
-                anyhow::anyhow!("cannot list parameters of {}: {}", path.display(), first_line(&e.to_string()))
-            })?
+            match tch::CModule::load_on_device(path, Device::Cpu) {
+                Ok(module) => module.named_parameters().map_err(|e| {
+                    anyhow::anyhow!("cannot list parameters of {}: {}", path.display(), first_line(&e.to_string()))
+                })?,
+                // Not TorchScript: perhaps a torch.save'd state dict under another extension.
+                Err(e) => crate::torch_pickle::read_state_dict(path).map_err(|_| {
+                    anyhow::anyhow!(
+                        "model {} is not a readable TorchScript archive ({}): expected an OpenAI CLIP ViT \
+                         checkpoint (.pt), a torch.save'd state dict (.bin) or a .safetensors file",
+                        path.display(),
+                        first_line(&e.to_string())
+                    )
+                })?,
+            }
         };
         Ok(list.into_iter().collect())
     }
@@ -162,6 +168,8 @@ pub struct ClipConfig {
     pub text_heads: i64,
     pub context_length: i64,
     pub vocab_size: i64,
+    /// The MLP activation, from the checkpoint's config (QuickGELU for OpenAI's).
+    pub activation: crate::layout::Activation,
 }
 
 impl ClipConfig {
@@ -171,9 +179,6 @@ impl ClipConfig {
 
     pub fn infer(w: &Weights) -> Result<Self> {
         let src = w.source.display().to_string();
-        if w.tensors.contains_key("visual.layer1.0.conv1.weight") || w.tensors.contains_key("visual.attnpool.positional_embedding") {
-            bail!("{src} is a ResNet CLIP; clipmask needs a ViT CLIP (ViT-B/16, ViT-B/32, ViT-L/14, ...)");
-        }
         if !w.tensors.contains_key("visual.conv1.weight") || !w.tensors.contains_key("visual.proj") {
             bail!(
                 "{src} is not a CLIP ViT checkpoint: expected OpenAI parameter names such as \
@@ -211,6 +216,7 @@ impl ClipConfig {
             text_heads: (text_width / 64).max(1),
             context_length: tpos[0],
             vocab_size: tok[0],
+            activation: crate::layout::Activation::QuickGelu,
         })
     }
 }
@@ -231,8 +237,14 @@ pub struct Clip {
 }
 
 impl Clip {
-    /// `spec` is a path or a released name such as `ViT-B/16` (see [`download::resolve`]).
+    /// `spec` is a path, a released name such as `ViT-B/16` (see [`download::resolve`]) or a
+    /// Hugging Face Hub repo id such as `openai/clip-vit-base-patch16` (see [`crate::hub`]).
     pub fn load(spec: &str, device: Device, kind: Kind) -> Result<Self> {
+        if !Path::new(spec).exists() && download::released(spec).is_none() && crate::hub::is_repo_id(spec) {
+            let hub = crate::hub::fetch(spec)?;
+            let digest = download::model_digest(&hub.weights)?;
+            return Self::load_with_digest(&hub.weights, digest, hub.activation, device, kind);
+        }
         let path = download::resolve(spec)?;
         let digest = download::model_digest(&path)?;
         if let Some((name, sha, _)) = download::released(spec) {
@@ -243,20 +255,37 @@ impl Clip {
                 );
             }
         }
-        Self::load_with_digest(&path, digest, device, kind)
+        let activation = if path.exists() { crate::hub::activation_beside(&path)? } else { Default::default() };
+        Self::load_with_digest(&path, digest, activation, device, kind)
     }
 
+    /// A local checkpoint; the activation comes from a config.json / open_clip_config.json
+    /// beside it, QuickGELU otherwise.
     pub fn load_path(path: &Path, device: Device, kind: Kind) -> Result<Self> {
-        Self::load_with_digest(path, download::model_digest(path)?, device, kind)
+        let activation = crate::hub::activation_beside(path)?;
+        Self::load_with_digest(path, download::model_digest(path)?, activation, device, kind)
     }
 
-    fn load_with_digest(path: &Path, digest: String, device: Device, kind: Kind) -> Result<Self> {
-        let tensors = Weights::read(path)?;
+    fn load_with_digest(
+        path: &Path,
+        digest: String,
+        activation: crate::layout::Activation,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        let (tensors, _layout) = crate::layout::to_openai(Weights::read(path)?, path)?;
         let w = Weights::new(tensors, kind, device, path);
-        let config = ClipConfig::infer(&w)?;
+        let mut config = ClipConfig::infer(&w)?;
+        config.activation = activation;
+        // The same weights with another activation are another model (text-feature cache key).
+        let digest = match activation {
+            crate::layout::Activation::QuickGelu => digest,
+            crate::layout::Activation::Gelu => format!("{digest}+gelu"),
+        };
         let visual = VisionTransformer::new(&w, &config).with_context(|| format!("loading {}", path.display()))?;
         let text = TextTransformer::new(&w, &config).with_context(|| format!("loading {}", path.display()))?;
-        let logit_scale = w.get_kind("logit_scale", Kind::Double)?.exp().double_value(&[]);
+        // exp in fp32, as the reference's `self.logit_scale.exp()` on its fp32 parameter.
+        let logit_scale = w.get_kind("logit_scale", Kind::Float)?.exp().double_value(&[]);
         Ok(Self { config, visual, text: Some(text), logit_scale, device, kind, digest, path: path.to_path_buf() })
     }
 }

@@ -76,7 +76,8 @@ fn l2norm(x: &Tensor) -> Tensor {
 }
 
 /// Encodes groups of sentences: each group's embeddings are normalised, averaged, normalised
-/// again (method.md §3). Returns (groups, E) in fp32 on the CPU.
+/// again (method.md §3), in the model's precision as the reference does (in fp16 every
+/// normalisation and the mean are fp16). Returns (groups, E) in fp32 on the CPU.
 pub fn encode_groups(model: &Clip, groups: &[Vec<String>]) -> Result<Tensor> {
     let text = model.text.as_ref().context("the text tower was already dropped")?;
     let ctx = text.context_length as usize;
@@ -86,7 +87,7 @@ pub fn encode_groups(model: &Clip, groups: &[Vec<String>]) -> Result<Tensor> {
     for chunk in all.chunks(256) {
         let ids: Vec<i64> = chunk.iter().map(|s| tokenize(s, ctx)).collect::<Result<Vec<_>>>()?.concat();
         let tokens = Tensor::from_slice(&ids).reshape([chunk.len() as i64, ctx as i64]);
-        feats.push(l2norm(&text.encode(&tokens).to_kind(Kind::Float)).to_device(tch::Device::Cpu));
+        feats.push(l2norm(&text.encode(&tokens)).to_device(tch::Device::Cpu));
     }
     let feats = Tensor::cat(&feats, 0);
     let mut out = Vec::with_capacity(groups.len());
@@ -94,9 +95,9 @@ pub fn encode_groups(model: &Clip, groups: &[Vec<String>]) -> Result<Tensor> {
     for group in groups {
         let g = feats.narrow(0, start, group.len() as i64);
         start += group.len() as i64;
-        out.push(l2norm(&g.mean_dim(0, false, Kind::Float)));
+        out.push(l2norm(&g.mean_dim(0, false, g.kind())));
     }
-    Ok(Tensor::stack(&out, 0))
+    Ok(Tensor::stack(&out, 0).to_kind(Kind::Float))
 }
 
 /// Text features of a config, from the cache when present.

@@ -17,7 +17,7 @@ pub struct TextTransformer {
 impl TextTransformer {
     pub fn new(w: &Weights, cfg: &ClipConfig) -> Result<Self> {
         let blocks = (0..cfg.text_layers)
-            .map(|i| ResidualBlock::new(w, &format!("transformer.resblocks.{i}"), cfg.text_heads))
+            .map(|i| ResidualBlock::new(w, &format!("transformer.resblocks.{i}"), cfg.text_heads, cfg.activation))
             .collect::<Result<Vec<_>>>()?;
         let l = cfg.context_length;
         // Causal mask: -inf above the diagonal.

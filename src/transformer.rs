@@ -1,5 +1,7 @@
 //! The pieces both CLIP towers share: layer norm, the residual attention block
-//! (method.md §2: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), QuickGELU), weights by name.
+//! (method.md §2: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), QuickGELU for OpenAI weights,
+//! GELU where the checkpoint's config says so), weights by name.
+use crate::layout::Activation;
 use crate::model::Weights;
 use anyhow::Result;
 use tch::{Kind, Tensor};
@@ -86,11 +88,13 @@ pub struct ResidualBlock {
     pub ln_2: LayerNorm,
     c_fc: Linear,
     c_proj: Linear,
+    activation: Activation,
 }
 
 impl ResidualBlock {
-    pub fn new(w: &Weights, prefix: &str, heads: i64) -> Result<Self> {
+    pub fn new(w: &Weights, prefix: &str, heads: i64, activation: Activation) -> Result<Self> {
         Ok(Self {
+            activation,
             ln_1: LayerNorm::new(w, &format!("{prefix}.ln_1"))?,
             attn: Attention::new(w, &format!("{prefix}.attn"), heads)?,
             ln_2: LayerNorm::new(w, &format!("{prefix}.ln_2"))?,
@@ -100,9 +104,7 @@ impl ResidualBlock {
     }
 
     pub fn mlp(&self, x: &Tensor) -> Tensor {
-        let h = self.c_fc.forward(x);
-        // QuickGELU: x * sigmoid(1.702 x)
-        let h = &h * (&h * 1.702).sigmoid();
+        let h = self.activation.apply(&self.c_fc.forward(x));
         self.c_proj.forward(&h)
     }
 

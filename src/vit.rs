@@ -30,7 +30,7 @@ pub struct Trunk {
 impl VisionTransformer {
     pub fn new(w: &Weights, cfg: &ClipConfig) -> Result<Self> {
         let blocks = (0..cfg.vision_layers)
-            .map(|i| ResidualBlock::new(w, &format!("visual.transformer.resblocks.{i}"), cfg.vision_heads))
+            .map(|i| ResidualBlock::new(w, &format!("visual.transformer.resblocks.{i}"), cfg.vision_heads, cfg.activation))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             conv1: w.get("visual.conv1.weight")?,

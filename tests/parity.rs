@@ -1,5 +1,7 @@
 //! The model and the CLIP-ES maps against the independent PyTorch reference
-//! (tests/python/clip_reference.py) on the same random weights and pixels: within 1e-4.
+//! (tests/python/clip_reference.py: pytorch-grad-cam and OpenCV, as the original calls them)
+//! on the same random weights (logit scale 10, the well-conditioned regime) and pixels, with
+//! targets.md's tolerances; fp16 against the same reference in fp16.
 mod common;
 use clipmask::config::DatasetConfig;
 use clipmask::model::Clip;
@@ -9,7 +11,17 @@ use common::*;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
+/// Model internals (block inputs, attention, text features, probabilities): well-conditioned
+/// sums, compared at 1e-4 as before.
 const TOL: f32 = 1e-4;
+/// targets.md, fp32 on CPU: raw GradCAM maps.
+const RAW_TOL: f32 = 1e-5;
+/// Refined maps: at any pixel, and on average (the Sinkhorn step amplifies summation order;
+/// the original itself moves its refined maps by up to 3.5e-4 between 1 and 2 threads).
+const REFINED_MAX_TOL: f32 = 1e-3;
+const REFINED_MEAN_TOL: f64 = 1e-5;
+/// Share of identical label pixels.
+const LABELS_MIN: f64 = 0.999;
 
 struct Case {
     id: String,
@@ -17,9 +29,9 @@ struct Case {
     labels: Vec<usize>,
 }
 
-fn cases(dir: &std::path::Path) -> Vec<Case> {
+/// Synthetic images (sides multiples of 16 and not, 1 to 4 labels) and `n_photos` VOC photos.
+fn cases(dir: &std::path::Path, n_photos: usize) -> Vec<Case> {
     let mut out = Vec::new();
-    // Synthetic images, sides multiples of 16 and not, 1 to 4 labels.
     let sizes = [(224u32, 160u32, vec![14usize]), (200, 130, vec![11, 14]), (97, 250, vec![0, 6, 18]), (320, 240, vec![2, 7, 11, 14])];
     for (i, (w, h, labels)) in sizes.into_iter().enumerate() {
         let p = dir.join(format!("syn{i}.png"));
@@ -31,37 +43,73 @@ fn cases(dir: &std::path::Path) -> Vec<Case> {
         let labels: HashMap<String, Vec<String>> =
             serde_json::from_str(&std::fs::read_to_string(voc.join("labels.json")).unwrap()).unwrap();
         let cfg = DatasetConfig::resolve("voc12").unwrap();
-        for id in ["2011_000095", "2011_000096", "2011_000102", "2011_000137"] {
+        let mut ids: Vec<&String> = labels.keys().collect();
+        ids.sort();
+        for id in ids.into_iter().take(n_photos) {
             let p = voc.join("JPEGImages").join(format!("{id}.jpg"));
             let l = labels[id].iter().map(|n| cfg.class_index(n).unwrap()).collect();
             out.push(Case { id: id.to_string(), image: p, labels: l });
         }
     } else {
-        eprintln!("../shared/data/voc-sample not present: real-photo cases skipped");
+        eprintln!("SKIP: ../shared/data/voc-sample not present: real-photo parity cases skipped");
     }
     out
 }
 
+/// Runs tests/python/run_reference.py (pytorch-grad-cam + OpenCV, see clip_reference.py).
+fn reference(model: &std::path::Path, cases: &[Case], fp16: bool, threads: usize, zero_shot: bool, tmp: &std::path::Path) -> HashMap<String, Tensor> {
+    let config_path = root().join("configs/voc12.json");
+    let tag = format!("{}-t{threads}", if fp16 { "fp16" } else { "fp32" });
+    let spec = serde_json::json!({
+        "model": model,
+        "config": config_path,
+        "round_fp16": true,
+        "fp16": fp16,
+        "threads": threads,
+        "cases": cases.iter().map(|c| serde_json::json!({"id": c.id, "image": c.image, "labels": c.labels})).collect::<Vec<_>>(),
+        "zero_shot": if zero_shot { cases.iter().take(3).map(|c| c.image.clone()).collect::<Vec<_>>() } else { vec![] },
+    });
+    let spec_path = tmp.join(format!("spec-{tag}.json"));
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+    let out_path = tmp.join(format!("ref-{tag}.safetensors"));
+    run_python(&[root().join("tests/python/run_reference.py").to_str().unwrap(), spec_path.to_str().unwrap(), out_path.to_str().unwrap()]);
+    read_safetensors(&out_path)
+}
+
+fn mean_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / a.len().max(1) as f64
+}
+
+/// Label pixels (reference labelling rule, alpha 1) equal between two sets of refined maps.
+fn labels_of(refined: &[f32], keys: &[usize], shape: (usize, usize)) -> Vec<u8> {
+    let k = keys.len();
+    let arr = ndarray::Array3::from_shape_vec((k, shape.0, shape.1), refined.to_vec()).unwrap();
+    let keys: Vec<i64> = keys.iter().map(|&k| k as i64).collect();
+    clipmask::eval::labels_from_cams(&arr, &keys, 1.0)
+}
+
+/// Label probabilities (the image's own classes) covered by a set of cases.
+fn prob_range(r: &HashMap<String, Tensor>, cases: &[Case]) -> (f32, f32) {
+    let mut lo = f32::INFINITY;
+    let mut hi = 0f32;
+    for c in cases {
+        for &p in &to_vec(&r[&format!("{}.probs", c.id)])[..c.labels.len()] {
+            lo = lo.min(p);
+            hi = hi.max(p);
+        }
+    }
+    (lo, hi)
+}
+
 #[test]
-fn maps_text_and_zero_shot_match_the_pytorch_reference() {
+fn maps_text_and_zero_shot_match_the_pytorch_grad_cam_reference() {
     tch::set_num_threads(2);
     let fx = fixture("tiny", 0, false);
     let tmp = tempfile::tempdir().unwrap();
-    let cases = cases(tmp.path());
-    let config_path = root().join("configs/voc12.json");
-    let cfg = DatasetConfig::load(&config_path).unwrap();
-    let spec = serde_json::json!({
-        "model": fx.join("model.pt"),
-        "config": config_path,
-        "round_fp16": true,
-        "cases": cases.iter().map(|c| serde_json::json!({"id": c.id, "image": c.image, "labels": c.labels})).collect::<Vec<_>>(),
-        "zero_shot": cases.iter().take(3).map(|c| c.image.clone()).collect::<Vec<_>>(),
-    });
-    let spec_path = tmp.path().join("spec.json");
-    std::fs::write(&spec_path, spec.to_string()).unwrap();
-    let out_path = tmp.path().join("ref.safetensors");
-    run_python(&[root().join("tests/python/run_reference.py").to_str().unwrap(), spec_path.to_str().unwrap(), out_path.to_str().unwrap()]);
-    let r = read_safetensors(&out_path);
+    let cases = cases(tmp.path(), 10);
+    let r = reference(&fx.join("model.pt"), &cases, false, 2, true, tmp.path());
+    let cfg = DatasetConfig::load(&root().join("configs/voc12.json")).unwrap();
 
     let model = Clip::load_path(&fx.join("model.pt"), Device::Cpu, Kind::Float).unwrap();
     let text = text_features(&model, &cfg).unwrap();
@@ -73,7 +121,8 @@ fn maps_text_and_zero_shot_match_the_pytorch_reference() {
     assert!(d <= TOL);
 
     let opts = MapOptions { box_threshold: cfg.box_threshold, max_side: None, round_pos_fp16: true };
-    let mut worst = [0f32; 4];
+    let (mut worst_raw, mut worst_ref, mut sum_ref, mut n_px) = (0f32, 0f32, 0f64, 0usize);
+    let (mut same_labels, mut all_labels) = (0usize, 0usize);
     for c in &cases {
         let img = clipmask::image_input::load_rgb(&c.image).unwrap();
         let p = prepare(&img, 16, None);
@@ -88,26 +137,50 @@ fn maps_text_and_zero_shot_match_the_pytorch_reference() {
             d_attn = d_attn.max(max_abs_diff(&to_vec(a), &to_vec(&ref_attn.get(i as i64))));
         }
         let m = compute_maps(&model, &text, &p, &c.labels, &opts).unwrap();
-        let d_raw = max_abs_diff(m.raw.as_slice().unwrap(), &to_vec(&r[&format!("{}.raw", c.id)]));
-        let d_ref = max_abs_diff(m.refined.as_slice().unwrap(), &to_vec(&r[&format!("{}.refined", c.id)]));
+        let ref_raw = to_vec(&r[&format!("{}.raw", c.id)]);
+        let ref_refined = to_vec(&r[&format!("{}.refined", c.id)]);
+        let d_raw = max_abs_diff(m.raw.as_slice().unwrap(), &ref_raw);
+        let d_ref = max_abs_diff(m.refined.as_slice().unwrap(), &ref_refined);
+        let mean_ref = mean_abs_diff(m.refined.as_slice().unwrap(), &ref_refined);
         let d_prob = max_abs_diff(&m.probs, &to_vec(&r[&format!("{}.probs", c.id)]));
+        let shape = (p.height as usize, p.width as usize);
+        let ours = labels_of(m.refined.as_slice().unwrap(), &c.labels, shape);
+        let theirs = labels_of(&ref_refined, &c.labels, shape);
+        let same = ours.iter().zip(&theirs).filter(|(a, b)| a == b).count();
         eprintln!(
-            "{} {}x{} K={}: block-L input {d_tok:.2e}, attention {d_attn:.2e}, probs {d_prob:.2e}, raw maps {d_raw:.2e}, refined maps {d_ref:.2e}",
-            c.id, p.width, p.height, c.labels.len()
+            "{} {}x{} K={} p(labels) {:?}: block-L input {d_tok:.1e}, attention {d_attn:.1e}, probs {d_prob:.1e}, \
+             raw {d_raw:.1e}, refined max {d_ref:.1e} mean {mean_ref:.1e}, labels {}/{} identical",
+            c.id,
+            p.width,
+            p.height,
+            c.labels.len(),
+            m.probs[..c.labels.len()].iter().map(|p| format!("{p:.3}")).collect::<Vec<_>>(),
+            same,
+            ours.len()
         );
-        // Labels identical wherever the reference's top two scores differ by more than 1e-4.
-        let keys: Vec<i64> = c.labels.iter().map(|&k| k as i64).collect();
-        let labels = clipmask::eval::labels_from_cams(&m.refined, &keys, 1.0);
-        let ref_labels = Vec::<i64>::try_from(r[&format!("{}.labels", c.id)].reshape([-1])).unwrap();
-        let margin = to_vec(&r[&format!("{}.margin", c.id)]);
-        let mismatched = labels.iter().zip(&ref_labels).zip(&margin).filter(|((a, b), m)| **m > 1e-4 && **a as i64 != **b).count();
-        assert_eq!(mismatched, 0, "{}: {mismatched} labels differ where the margin exceeds 1e-4", c.id);
-        for (w, v) in worst.iter_mut().zip([d_attn, d_prob, d_raw, d_ref]) {
-            *w = w.max(v);
-        }
-        assert!(d_tok <= TOL && d_attn <= TOL && d_prob <= TOL && d_raw <= TOL && d_ref <= TOL, "{} exceeds {TOL}", c.id);
+        assert!(d_tok <= TOL && d_attn <= TOL && d_prob <= TOL, "{}: model internals exceed {TOL}", c.id);
+        assert!(d_raw <= RAW_TOL, "{}: raw maps differ by {d_raw:.2e} > {RAW_TOL}", c.id);
+        assert!(d_ref <= REFINED_MAX_TOL, "{}: refined maps differ by {d_ref:.2e} > {REFINED_MAX_TOL}", c.id);
+        worst_raw = worst_raw.max(d_raw);
+        worst_ref = worst_ref.max(d_ref);
+        sum_ref += mean_ref * ours.len() as f64 * c.labels.len() as f64;
+        n_px += ours.len() * c.labels.len();
+        same_labels += same;
+        all_labels += ours.len();
     }
-    eprintln!("worst over cases: attention {:.2e}, probs {:.2e}, raw {:.2e}, refined {:.2e}", worst[0], worst[1], worst[2], worst[3]);
+    let mean_ref = sum_ref / n_px as f64;
+    let agree = same_labels as f64 / all_labels as f64;
+    let (lo, hi) = prob_range(&r, &cases);
+    eprintln!(
+        "fp32 parity over {} images: label probabilities covered {lo:.4}..{hi:.4}; raw max {worst_raw:.2e}; \
+         refined max {worst_ref:.2e}, mean {mean_ref:.2e}; labels {:.4}% identical",
+        cases.len(),
+        agree * 100.0
+    );
+    // The fixture must be in the well-conditioned regime, or parity proves nothing.
+    assert!(lo > 1e-4, "label probabilities as low as {lo:.1e}: the fixture is not well-conditioned");
+    assert!(mean_ref <= REFINED_MEAN_TOL, "refined maps differ by {mean_ref:.2e} on average");
+    assert!(agree >= LABELS_MIN, "only {:.4}% of label pixels identical", agree * 100.0);
 
     // Zero-shot classification (CLIP's standard protocol).
     for (i, c) in cases.iter().take(3).enumerate() {
@@ -115,6 +188,81 @@ fn maps_text_and_zero_shot_match_the_pytorch_reference() {
         let d = max_abs_diff(&probs, &to_vec(&r[&format!("zs.{i}.probs")]));
         eprintln!("zero-shot {}: max |diff| = {d:.2e}", c.id);
         assert!(d <= TOL);
+    }
+}
+
+/// fp16 as the original runs it on CUDA (the model after OpenAI's convert_weights), here on the
+/// CPU: against the same pytorch-grad-cam reference run in fp16. The bar (targets.md): our
+/// labels agree with the fp16 reference at least as well as that reference agrees with its
+/// own fp32; the map differences are printed against the reference's own 1- vs 2-thread spread.
+#[test]
+fn fp16_maps_match_the_fp16_reference() {
+    tch::set_num_threads(2);
+    let fx = fixture("tiny", 0, false);
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = cases(tmp.path(), 4);
+    let r16 = reference(&fx.join("model.pt"), &cases, true, 2, false, tmp.path());
+    let r16_t1 = reference(&fx.join("model.pt"), &cases, true, 1, false, tmp.path());
+    let r32 = reference(&fx.join("model.pt"), &cases, false, 2, false, tmp.path());
+    let cfg = DatasetConfig::resolve("voc12").unwrap();
+    let model = Clip::load_path(&fx.join("model.pt"), Device::Cpu, Kind::Half).unwrap();
+    let text = text_features(&model, &cfg).unwrap();
+    let d_text = max_abs_diff(&to_vec(&text.classes), &to_vec(&r16["text.classes"]));
+    let opts = MapOptions { box_threshold: cfg.box_threshold, max_side: None, round_pos_fp16: true };
+    let (mut ours_vs_ref, mut ref_vs_32, mut n) = (0usize, 0usize, 0usize);
+    let (mut raw_d, mut ref_d, mut raw_self, mut ref_self, mut raw_16_32) = (0f32, 0f32, 0f32, 0f32, 0f32);
+    for c in &cases {
+        let img = clipmask::image_input::load_rgb(&c.image).unwrap();
+        let p = prepare(&img, 16, None);
+        let m = compute_maps(&model, &text, &p, &c.labels, &opts).unwrap();
+        assert!(m.raw.iter().chain(m.refined.iter()).all(|v| v.is_finite()), "{}: non-finite fp16 maps", c.id);
+        let key = |r: &HashMap<String, Tensor>, k: &str| to_vec(&r[&format!("{}.{k}", c.id)]);
+        let shape = (p.height as usize, p.width as usize);
+        let ours = labels_of(m.refined.as_slice().unwrap(), &c.labels, shape);
+        let l16 = labels_of(&key(&r16, "refined"), &c.labels, shape);
+        let l32 = labels_of(&key(&r32, "refined"), &c.labels, shape);
+        ours_vs_ref += ours.iter().zip(&l16).filter(|(a, b)| a == b).count();
+        ref_vs_32 += l16.iter().zip(&l32).filter(|(a, b)| a == b).count();
+        n += ours.len();
+        raw_d = raw_d.max(max_abs_diff(m.raw.as_slice().unwrap(), &key(&r16, "raw")));
+        ref_d = ref_d.max(max_abs_diff(m.refined.as_slice().unwrap(), &key(&r16, "refined")));
+        raw_self = raw_self.max(max_abs_diff(&key(&r16_t1, "raw"), &key(&r16, "raw")));
+        ref_self = ref_self.max(max_abs_diff(&key(&r16_t1, "refined"), &key(&r16, "refined")));
+        raw_16_32 = raw_16_32.max(max_abs_diff(&key(&r32, "raw"), &key(&r16, "raw")));
+    }
+    let (lo, hi) = prob_range(&r16, &cases);
+    let a_ours = ours_vs_ref as f64 / n as f64;
+    let a_ref = ref_vs_32 as f64 / n as f64;
+    eprintln!(
+        "fp16 parity over {} images, label probabilities {lo:.4}..{hi:.4}: text features {d_text:.1e}; \
+         ours vs fp16 reference: raw max {raw_d:.2e}, refined max {ref_d:.2e}, labels {:.4}%; \
+         fp16 reference 1 vs 2 threads: raw {raw_self:.2e}, refined {ref_self:.2e}; \
+         fp16 reference vs its fp32: raw {raw_16_32:.2e}, labels {:.4}%",
+        cases.len(),
+        a_ours * 100.0,
+        a_ref * 100.0
+    );
+    assert!(a_ours >= a_ref, "fp16 labels agree {:.4}% with the fp16 reference, less than its own fp32 ({:.4}%)", a_ours * 100.0, a_ref * 100.0);
+    // The raw maps are far closer to the fp16 reference than fp16 is to fp32.
+    assert!(raw_d < raw_16_32, "fp16 raw maps {raw_d:.2e} from the fp16 reference, not closer than fp32 is ({raw_16_32:.2e})");
+}
+
+/// OpenAI's logit scale 100 on random weights: probabilities ~1e-13 and GradCAM is noise, so
+/// only that nothing crashes and nothing is NaN is asserted.
+#[test]
+fn logit_scale_100_runs_without_nan() {
+    let fx = fixture_scaled("tiny", 0, false, 100.0);
+    let model = Clip::load_path(&fx.join("model.safetensors"), Device::Cpu, Kind::Float).unwrap();
+    assert!((model.logit_scale - 100.0).abs() < 1e-3);
+    let cfg = DatasetConfig::resolve("voc12").unwrap();
+    let text = text_features(&model, &cfg).unwrap();
+    let opts = MapOptions { box_threshold: cfg.box_threshold, max_side: None, round_pos_fp16: true };
+    for (seed, labels) in [(1u64, vec![14usize]), (2, vec![0, 6, 18])] {
+        let p = prepare(&synthetic_image(200, 150, seed), 16, None);
+        let m = compute_maps(&model, &text, &p, &labels, &opts).unwrap();
+        let p_min = m.probs[..labels.len()].iter().copied().fold(f32::INFINITY, f32::min);
+        eprintln!("logit scale 100: smallest label probability {p_min:.1e}");
+        assert!(m.raw.iter().chain(m.refined.iter()).chain(m.probs.iter()).all(|v| v.is_finite()));
     }
 }
 
@@ -133,7 +281,7 @@ fn torchscript_and_safetensors_load_to_the_same_model() {
     assert_eq!(a.config.text_layers, 3);
     assert_eq!(a.config.vocab_size, 49408);
     assert_eq!(a.config.context_length, 77);
-    assert!((a.logit_scale - 100.0).abs() < 1e-3);
+    assert!((a.logit_scale - 10.0).abs() < 1e-4);
     let img = synthetic_image(150, 100, 9);
     let p = prepare(&img, 16, None);
     let fa = tch::no_grad(|| a.visual.patch_pool(&a.visual.trunk(a.visual.embed(&p.input, &a.visual.positional(p.gh, p.gw, true)), 12).tokens));
@@ -154,8 +302,10 @@ fn one_backward_for_all_labels_equals_the_per_label_loop() {
     let labels = Tensor::from_slice(&[3i64, 8, 14, 19]);
     let cand = Tensor::cat(&[text.classes.index_select(0, &labels), text.background.shallow_clone()], 0);
     let all = clipmask::cam::grad_cam(&model, &trunk.tokens, &cand, 4, p.gh, p.gw);
-    let loop_ = clipmask::cam::grad_cam_per_label(&model, &trunk.tokens, &cand, 4, p.gh, p.gw);
-    let d = max_abs_diff(&to_vec(&all.maps), &to_vec(&loop_.maps));
+    // The reference's way: block L recomputed and one backward pass per label.
+    let loop_: Vec<Tensor> =
+        (0..4).map(|i| clipmask::cam::grad_cam_targets(&model, &trunk.tokens, &cand, &[i], p.gh, p.gw).maps).collect();
+    let d = max_abs_diff(&to_vec(&all.maps), &to_vec(&Tensor::cat(&loop_, 0)));
     eprintln!("batched vs per-label GradCAM: max |diff| = {d:.2e}");
     assert!(d <= 1e-5);
     // And the maps are not trivially equal to each other (distinct labels give distinct maps).

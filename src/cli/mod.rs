@@ -39,8 +39,28 @@ pub enum Command {
     Prompts(prompts::PromptsArgs),
 }
 
+/// `clipmask --version`: the crate, the libtorch it was built against, and whether CUDA is
+/// visible (the first thing to check when a GPU run falls back or fails).
+pub fn version_text() -> String {
+    let cuda = if tch::Cuda::is_available() {
+        format!("available, {} device(s), cuDNN {}", tch::Cuda::device_count(), if tch::Cuda::cudnn_is_available() { "yes" } else { "no" })
+    } else {
+        "no device visible to libtorch (no GPU, no driver, a CPU-only torch, or CUDA_VISIBLE_DEVICES)".to_string()
+    };
+    format!(
+        "clipmask {}\nlibtorch {} (built against)\nCUDA: {cuda}",
+        env!("CARGO_PKG_VERSION"),
+        env!("CLIPMASK_TORCH_VERSION")
+    )
+}
+
 /// Parses the command line and runs it; returns the process exit code.
 pub fn run() -> Result<i32> {
+    // Checked before clap, so that CUDA is only probed when the version is asked for.
+    if matches!(std::env::args().nth(1).as_deref(), Some("--version" | "-V")) {
+        println!("{}", version_text());
+        return Ok(0);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Classify(a) => classify::run(&a),
@@ -70,11 +90,16 @@ pub struct ModelArgs {
     /// prompt names (synonyms), background words, templates, box threshold and palette.
     #[arg(long, short = 'c', default_value = "voc12")]
     pub config: String,
-    /// Device: auto (CUDA when available), cpu, cuda or cuda:N. fp16 on CUDA, fp32 on CPU.
+    /// Device: auto (CUDA when available), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Keep fp32 on CUDA (slower; the reference runs fp16 there).
-    #[arg(long)]
+    /// Precision of weights and activations. auto: fp16 on CUDA (as the reference runs there),
+    /// fp32 on CPU. fp16: the state OpenAI's clip.load leaves on CUDA (conv, linear and
+    /// projection weights fp16, LayerNorms computed in fp32), also on CPU, where it is slow.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: crate::device::Precision,
+    /// Same as --precision fp32 (kept for older scripts).
+    #[arg(long, hide = true, conflicts_with = "precision")]
     pub fp32: bool,
 }
 
@@ -87,7 +112,8 @@ impl ModelArgs {
     /// The model alone, for callers that have already read the config.
     pub fn load_model(&self) -> Result<crate::model::Clip> {
         let device = crate::device::parse_device(&self.device)?;
-        let kind = crate::device::kind_for(device, self.fp32);
+        let precision = if self.fp32 { crate::device::Precision::Fp32 } else { self.precision };
+        let kind = crate::device::kind_for(device, precision);
         crate::model::Clip::load(&self.model, device, kind)
     }
 }

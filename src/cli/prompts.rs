@@ -53,7 +53,8 @@ pub struct RankArgs {
     /// Ids to use, one per line (default: all labelled ids).
     #[arg(long)]
     pub split: Option<PathBuf>,
-    /// Candidate templates, one per line with `{}` (default: prompts/imagenet-templates.txt).
+    /// Candidate templates, one per line with `{}` (default: CLIP's 80 ImageNet templates,
+    /// prompts/imagenet-templates.txt, built into the binary).
     #[arg(long)]
     pub templates: Option<PathBuf>,
     /// Print a JSON list [{"template", "sharpness", "images"}] in rank order.
@@ -109,8 +110,10 @@ fn rank(args: &RankArgs) -> Result<i32> {
         Some(s) => read_split(s)?,
         None => labels.keys().cloned().collect(),
     };
-    let template_file = args.templates.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("prompts/imagenet-templates.txt"));
-    let text = std::fs::read_to_string(&template_file).with_context(|| format!("cannot read templates {}", template_file.display()))?;
+    let (template_file, text) = match &args.templates {
+        Some(f) => (f.clone(), std::fs::read_to_string(f).with_context(|| format!("cannot read templates {}", f.display()))?),
+        None => (PathBuf::from("prompts/imagenet-templates.txt (built in)"), crate::config::IMAGENET_TEMPLATES.to_string()),
+    };
     let mut templates: Vec<String> = text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
     for t in &cfg.templates {
         if !templates.contains(t) {

@@ -35,19 +35,27 @@ pub fn run_python(args: &[&str]) {
     );
 }
 
-/// A random-weight CLIP fixture (model.pt + model.safetensors), generated once per name.
+/// A random-weight CLIP fixture (model.pt + model.safetensors) with logit scale 10, the
+/// well-conditioned regime where present labels get p ~ 0.005-0.1 as with real CLIP.
 pub fn fixture(size: &str, seed: u64, fp16: bool) -> PathBuf {
+    fixture_scaled(size, seed, fp16, 10.0)
+}
+
+/// A random-weight CLIP fixture with exp(logit_scale) = `logit_scale`, generated once per name.
+pub fn fixture_scaled(size: &str, seed: u64, fp16: bool, logit_scale: f64) -> PathBuf {
     // Tests in one binary run on threads: generate each fixture once.
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let name = format!("{size}-seed{seed}{}", if fp16 { "-fp16" } else { "" });
+    let name = format!("{size}-seed{seed}-ls{logit_scale}{}", if fp16 { "-fp16" } else { "" });
     let dir = root().join("target/test-fixtures").join(&name);
     if !dir.join(".complete").exists() {
         let tmp = root().join("target/test-fixtures").join(format!(".{name}.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         let script = root().join("tests/python/make_fixture.py");
         let seed_s = seed.to_string();
-        let mut args = vec![script.to_str().unwrap(), tmp.to_str().unwrap(), "--seed", &seed_s, "--size", size];
+        let scale_s = logit_scale.to_string();
+        let mut args =
+            vec![script.to_str().unwrap(), tmp.to_str().unwrap(), "--seed", &seed_s, "--size", size, "--logit-scale", &scale_s];
         if fp16 {
             args.push("--fp16");
         }

@@ -1,15 +1,19 @@
 """Independent PyTorch reference for clipmask's tests.
 
-OpenAI's CLIP architecture written with nn.MultiheadAttention (as in openai/CLIP model.py),
-CLIP-ES's pipeline as its public code runs it (PIL preprocessing, a per-label GradCAM loop with a
-forward hook on block L's ln_1, CAA with Sinkhorn normalisation and boxes), and CLIP's zero-shot
-protocol. It shares no code with the Rust implementation.
+OpenAI's CLIP architecture written with nn.MultiheadAttention (as in openai/CLIP model.py), and
+CLIP-ES's pipeline as its public code runs it: PIL preprocessing; GradCAM through the
+pytorch-grad-cam library itself (`grad-cam` on PyPI) with the glue CLIP-ES adds around it (its
+target, reshape transform and forward_last_layer), once per label; CAA with boxes from OpenCV's
+findContours/boundingRect and resizes through cv2.resize, as the original calls them; CLIP's
+zero-shot protocol. `convert_weights` gives the fp16 state OpenAI's clip.load leaves on CUDA.
+It shares no code with the Rust implementation.
 """
 import importlib.util
 import math
 import os
 from collections import OrderedDict
 
+import cv2
 import numpy as np
 import torch
 import torch.nn as nn
@@ -91,14 +95,43 @@ class CLIP(nn.Module):
         # Only for tracing the TorchScript archive; the parameters are what matters.
         return self.visual.conv1(image)
 
+    @property
+    def dtype(self):
+        return self.visual.conv1.weight.dtype
+
     def encode_text(self, text):
-        x = self.token_embedding(text) + self.positional_embedding
+        x = self.token_embedding(text).type(self.dtype) + self.positional_embedding.type(self.dtype)
         x = x.permute(1, 0, 2)
         for blk in self.transformer.resblocks:
             x, _ = blk(x)
         x = x.permute(1, 0, 2)
-        x = self.ln_final(x)
+        x = self.ln_final(x).type(self.dtype)
         return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
+
+
+def convert_weights(model):
+    """OpenAI's clip.model.convert_weights: what clip.load leaves on CUDA. Conv and Linear
+    weights and biases, MultiheadAttention's packed projection, text_projection and visual.proj
+    become fp16; LayerNorms, embeddings and logit_scale stay fp32."""
+
+    def to_half(m):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            m.weight.data = m.weight.data.half()
+            if m.bias is not None:
+                m.bias.data = m.bias.data.half()
+        if isinstance(m, nn.MultiheadAttention):
+            for attr in ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                         "in_proj_bias", "bias_k", "bias_v"]:
+                t = getattr(m, attr)
+                if t is not None:
+                    t.data = t.data.half()
+        for name in ["text_projection", "proj"]:
+            t = getattr(m, name, None)
+            if t is not None:
+                t.data = t.data.half()
+
+    model.apply(to_half)
+    return model
 
 
 def build_model(sd):
@@ -117,13 +150,14 @@ def build_model(sd):
     return m.eval()
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, fp16=False):
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         sd = load_file(path)
     else:
         sd = torch.jit.load(path, map_location="cpu").state_dict()
-    return build_model(sd)
+    m = build_model(sd)
+    return convert_weights(m) if fp16 else m
 
 
 # ---- text -------------------------------------------------------------------------------
@@ -211,9 +245,10 @@ def upsample_pos_emb(emb, new_size, round_fp16=True):
 
 def encode_tokens(model, x, pos):
     v = model.visual
-    x = v.conv1(x)
+    x = v.conv1(x.type(model.dtype))
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-    x = torch.cat([v.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1]), x], dim=1) + pos
+    cls = v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype)
+    x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
     return v.ln_pre(x).permute(1, 0, 2)  # LND
 
 
@@ -224,58 +259,104 @@ def zero_shot_probs(model, path, classnames, templates):
     x = encode_tokens(model, zero_shot_input(path, res), v.positional_embedding)
     for blk in v.transformer.resblocks:
         x, _ = blk(x)
-    f = v.ln_post(x[0]) @ v.proj
+    f = (v.ln_post(x[0]) @ v.proj).float()
     f = f / f.norm(dim=-1, keepdim=True)
-    t = zeroshot_classifier(model, classnames, templates)
+    t = zeroshot_classifier(model, classnames, templates).float()
     return (model.logit_scale.exp() * f @ t.t()).softmax(dim=-1)[0], f[0]
 
 
-def scale_cam(img):
-    img = img - np.min(img)
-    return img / (1e-7 + np.max(img))
+# ---- CLIP-ES: GradCAM through pytorch-grad-cam, CAA through OpenCV -----------------------
+
+def reshape_transform(tensor, height, width):
+    """CLIP-ES's reshape transform: LND tokens -> (N, D, h, w) patch grid, class token dropped."""
+    t = tensor.permute(1, 0, 2)
+    grid = t[:, 1:, :].reshape(t.size(0), height, width, t.size(2))
+    return grid.permute(0, 3, 1, 2)
 
 
-def components(binary):
-    """8-connected components by union-find; returns a list of bounding boxes (x, y, w, h)."""
-    h, w = binary.shape
-    parent = list(range(h * w))
+class LastLayer(nn.Module):
+    """CLIP-ES's `forward_last_layer` as a module for pytorch-grad-cam: block L on the stored
+    block-L input, CLIP-ES's image feature (mean of ln_post over patch tokens, @ proj), cosine
+    logits scaled by exp(logit_scale) and the softmax over the candidate texts.
 
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
+    pytorch-grad-cam takes the CAM's target size from the input tensor, and CLIP-ES's vendored
+    copy passes target_size=None (no resize). So the input given to the CAM is a dummy of the
+    patch grid's size, which cv2.resize leaves unchanged; the tokens come from `set_input`."""
 
-    for y in range(h):
-        for x in range(w):
-            if not binary[y, x]:
-                continue
-            for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1)):
-                yy, xx = y + dy, x + dx
-                if 0 <= yy < h and 0 <= xx < w and binary[yy, xx]:
-                    parent[find(y * w + x)] = find(yy * w + xx)
-    boxes = {}
-    for y in range(h):
-        for x in range(w):
-            if binary[y, x]:
-                r = find(y * w + x)
-                b = boxes.get(r, [x, y, x, y])
-                boxes[r] = [min(b[0], x), min(b[1], y), max(b[2], x), max(b[3], y)]
-    return [(b[0], b[1], b[2] - b[0] + 1, b[3] - b[1] + 1) for b in boxes.values()]
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+        self.tokens = None
+        self.text = None
+        self.last_attn = None
+
+    def set_input(self, tokens, text):
+        self.tokens, self.text = tokens, text
+
+    def forward(self, _dummy):
+        v = self.clip.visual
+        x, attn = v.transformer.resblocks[-1](self.tokens)
+        self.last_attn = attn
+        x = v.ln_post(x.permute(1, 0, 2))
+        x = torch.mean(x[:, 1:, :], dim=1) @ v.proj
+        image_features = x / x.norm(dim=1, keepdim=True)
+        text_features = self.text / self.text.norm(dim=1, keepdim=True)
+        # Python evaluates `a * b @ c` left to right: the scale multiplies the image feature.
+        logits = self.clip.logit_scale.exp() * image_features @ text_features.t()
+        return logits.softmax(dim=-1)
+
+
+class ClipOutputTarget:
+    """CLIP-ES's target: the probability of one candidate."""
+
+    def __init__(self, category):
+        self.category = category
+
+    def __call__(self, model_output):
+        if len(model_output.shape) == 1:
+            return model_output[self.category]
+        return model_output[:, self.category]
+
+
+def make_grad_cam(layer_model, gh, gw):
+    from pytorch_grad_cam import GradCAM
+
+    class ClipesGradCAM(GradCAM):
+        # Odd thing the original does: CLIP-ES's vendored base_cam casts the (fp16) weighted
+        # map to float32 right after the ReLU ("#float16->32"), before the two min-max passes;
+        # the PyPI release scales it in its own dtype. np.maximum(f32(cam), 0) equals
+        # f32(np.maximum(cam, 0)), so casting here reproduces the original.
+        def get_cam_image(self, *args, **kwargs):
+            return super().get_cam_image(*args, **kwargs).astype(np.float32)
+
+    # CLIP-ES's reshape transform takes the grid size; this release calls it with the tensor only.
+    return ClipesGradCAM(model=layer_model, target_layers=[layer_model.clip.visual.transformer.resblocks[-1].ln_1],
+                         reshape_transform=lambda t: reshape_transform(t, gh, gw))
 
 
 def scoremap2bbox(scoremap, threshold):
+    """CLIP-ES's utils.scoremap2bbox with multi_contour_eval=True, through OpenCV."""
     height, width = scoremap.shape
-    u8 = (scoremap * 255).astype(np.uint8)
-    thr = int(threshold * np.max(u8))
+    img = np.expand_dims((scoremap * 255).astype(np.uint8), 2)
+    _, thr = cv2.threshold(src=img, thresh=int(threshold * np.max(img)), maxval=255, type=cv2.THRESH_BINARY)
+    contours = cv2.findContours(image=thr, mode=cv2.RETR_TREE, method=cv2.CHAIN_APPROX_SIMPLE)[0]
+    if len(contours) == 0:
+        # Odd thing the original does: a dummy [0, 0, 0, 0] box, which masks nothing.
+        return [[0, 0, 0, 0]]
     boxes = []
-    for x, y, w, h in components(u8 > thr):
+    for c in contours:
+        x, y, w, h = cv2.boundingRect(c)
+        # Odd thing the original does: the exclusive end is clipped to width-1 / height-1, so a
+        # box touching the right or bottom edge loses its last column or row.
         boxes.append([x, y, min(x + w, width - 1), min(y + h, height - 1)])
     return boxes
 
 
 def clipes_maps(model, path, label_ids, fg_text, bg_text, box_threshold=0.4, round_fp16=True):
-    """CLIP-ES for one image: per-label GradCAM loop (one backward per label) and CAA."""
+    """CLIP-ES for one image, as generate_cams_voc12.py runs it: one GradCAM call (forward of
+    block L and one backward) per label, CAA with the first call's block-L attention."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
     v = model.visual
     x, ori_h, ori_w = clipes_input(path, v.patch)
     H, W = x.shape[-2:]
@@ -287,62 +368,49 @@ def clipes_maps(model, path, label_ids, fg_text, bg_text, box_threshold=0.4, rou
         for blk in blocks[:-1]:
             tokens, a = blk(tokens)
             attns.append(a)
-    text = torch.cat([fg_text[label_ids], bg_text], dim=0)
-    last = blocks[-1]
-    acts = {}
-
-    def hook(_m, _i, out):
-        out.retain_grad()
-        acts["a"] = out
-
-    handle = last.ln_1.register_forward_hook(hook)
-    raw, refined_all, last_attn = [], [], None
+    text = torch.cat([fg_text[label_ids], bg_text], dim=0).to(model.dtype)
+    layer_model = LastLayer(model)
+    layer_model.set_input(tokens.detach(), text)
+    cam = make_grad_cam(layer_model, gh, gw)
+    dummy = torch.zeros(1, 1, gh, gw)
+    raw_grid, raw_hi, ref_hi, probs, last_attn = [], [], [], None, None
+    attn_weight = None
     try:
         for idx in range(len(label_ids)):
-            y, a_last = last(tokens.detach())
-            feat = v.ln_post(y.permute(1, 0, 2))[:, 1:, :].mean(dim=1) @ v.proj
-            feat = feat / feat.norm(dim=1, keepdim=True)
-            probs = (model.logit_scale.exp() * feat @ text.t()).softmax(dim=-1)
-            model.zero_grad()
-            probs[0, idx].backward()
-            g = acts["a"].grad[1:, 0, :].reshape(gh, gw, -1).permute(2, 0, 1).numpy()
-            A = acts["a"].detach()[1:, 0, :].reshape(gh, gw, -1).permute(2, 0, 1).numpy()
-            w = g.mean(axis=(1, 2))
-            cam = np.maximum((w[:, None, None] * A).sum(axis=0), 0)
-            cam = scale_cam(cam).astype(np.float32)
-            raw.append(cam)
-            if last_attn is None:
-                last_attn = a_last.detach()
+            grayscale_cam = cam(input_tensor=dummy, targets=[ClipOutputTarget(idx)])[0, :]
+            if probs is None:
+                probs = cam.outputs[0].detach().float().numpy()
+            raw_grid.append(grayscale_cam)
+            raw_hi.append(cv2.resize(grayscale_cam, (ori_w, ori_h)))
+            if idx == 0:
+                last_attn = layer_model.last_attn.detach()
+                aw = [a[:, 1:, 1:] for a in attns + [last_attn]]
+                attn_weight = torch.mean(torch.stack(aw, dim=0)[-8:], dim=0)[0].cpu().detach()
+            attn_weight = attn_weight.float()
+            mask = torch.zeros(gh, gw)
+            for x0, y0, x1, y1 in scoremap2bbox(grayscale_cam, box_threshold):
+                mask[y0:y1, x0:x1] = 1
+            mask = mask.view(1, gh * gw)
+            t = attn_weight / torch.sum(attn_weight, dim=0, keepdim=True)
+            t = t / torch.sum(t, dim=1, keepdim=True)
+            for _ in range(2):
+                t = t / torch.sum(t, dim=0, keepdim=True)
+                t = t / torch.sum(t, dim=1, keepdim=True)
+            t = (t + t.transpose(1, 0)) / 2
+            t = torch.matmul(t, t)
+            t = t * mask
+            refined = torch.matmul(t, torch.FloatTensor(grayscale_cam).view(-1, 1)).reshape(gh, gw)
+            refined = refined.cpu().numpy().astype(np.float32)
+            ref_hi.append(scale_cam_image([refined], (ori_w, ori_h))[0])
     finally:
-        handle.remove()
-    attn = torch.stack([a[0] for a in attns + [last_attn]], dim=0)[-8:].mean(dim=0)[1:, 1:].float()
-    t = attn / attn.sum(dim=0, keepdim=True)
-    t = t / t.sum(dim=1, keepdim=True)
-    for _ in range(2):
-        t = t / t.sum(dim=0, keepdim=True)
-        t = t / t.sum(dim=1, keepdim=True)
-    t = (t + t.t()) / 2
-    t = t @ t
-    raw_hi, ref_hi, ref_lo = [], [], []
-    for cam in raw:
-        mask = torch.zeros(gh, gw)
-        for x0, y0, x1, y1 in scoremap2bbox(cam, box_threshold):
-            mask[y0:y1, x0:x1] = 1
-        tm = t * mask.view(1, -1)
-        r = (tm @ torch.from_numpy(cam).view(-1, 1)).reshape(gh, gw).numpy().astype(np.float32)
-        r = scale_cam(r)
-        ref_lo.append(r)
-        up = lambda m: F.interpolate(torch.from_numpy(np.ascontiguousarray(m))[None, None].float(), size=(ori_h, ori_w),
-                                     mode="bilinear", align_corners=False)[0, 0].numpy()
-        ref_hi.append(up(r))
-        raw_hi.append(up(cam))
+        cam.activations_and_grads.release()
     return {
         "raw": np.stack(raw_hi).astype(np.float32),
         "refined": np.stack(ref_hi).astype(np.float32),
-        "raw_grid": np.stack(raw).astype(np.float32),
-        "attn": torch.stack([a[0] for a in attns + [last_attn]]).numpy().astype(np.float32),
-        "tokens": tokens.permute(1, 0, 2)[0].numpy().astype(np.float32),
-        "probs": probs[0].detach().numpy().astype(np.float32),
+        "raw_grid": np.stack(raw_grid).astype(np.float32),
+        "attn": torch.stack([a[0] for a in attns + [last_attn]]).float().numpy(),
+        "tokens": tokens.permute(1, 0, 2)[0].float().numpy(),
+        "probs": probs.astype(np.float32),
     }
 
 

@@ -1,11 +1,14 @@
 """Writes a random-weight CLIP ViT with OpenAI's parameter names and shapes, as a TorchScript
 archive (model.pt, like OpenAI's releases) and as safetensors (model.safetensors).
 
-  make_fixture.py OUT_DIR [--seed S] [--size tiny|b16] [--fp16]
+  make_fixture.py OUT_DIR [--seed S] [--size tiny|b16] [--fp16] [--logit-scale 10]
 
 tiny: patch 16, vision width 128, 12 layers; text width 128, 3 layers; vocab 49408; embed 64.
 b16:  ViT-B/16's dimensions (vision 768 x 12, text 512 x 12, embed 512), for benchmarks.
 Weights are scaled so attention is peaked and maps have structure (unlike a zero-ish init).
+exp(logit_scale) defaults to 10: with OpenAI's 100, random weights give present labels
+probabilities ~1e-13 and GradCAM of such a probability is rounding noise; with 10 they are
+~0.005-0.1, as with real CLIP, so parity on them means something.
 """
 import argparse
 import os
@@ -25,7 +28,7 @@ SIZES = {
 }
 
 
-def randomize(model, seed):
+def randomize(model, seed, logit_scale):
     g = torch.Generator().manual_seed(seed)
     sd = model.state_dict()
     out = {}
@@ -37,7 +40,7 @@ def randomize(model, seed):
         elif name.endswith(".bias"):
             v = 0.05 * torch.randn(shape, generator=g)
         elif name == "logit_scale":
-            v = torch.tensor(float(np.log(100.0)))
+            v = torch.tensor(float(np.log(logit_scale)))
         elif name.endswith("in_proj_weight"):
             v = 3.0 * torch.randn(shape, generator=g) / shape[1] ** 0.5
         elif name.endswith("conv1.weight"):
@@ -64,11 +67,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", default="tiny", choices=SIZES)
     ap.add_argument("--fp16", action="store_true", help="store weights in fp16 like OpenAI's releases")
+    ap.add_argument("--logit-scale", type=float, default=10.0, help="exp(logit_scale) of the model")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(a.seed)
     model = CLIP(**SIZES[a.size]).eval()
-    sd = randomize(model, a.seed)
+    sd = randomize(model, a.seed, a.logit_scale)
     if a.fp16:
         model = model.half()
         sd = {k: v.half() for k, v in sd.items()}

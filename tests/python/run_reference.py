@@ -1,7 +1,7 @@
 """Runs the independent reference (clip_reference.py) on a JSON spec and writes its outputs as
 safetensors, for the Rust parity tests.
 
-spec: {"model": path, "config": path, "round_fp16": bool,
+spec: {"model": path, "config": path, "round_fp16": bool, "fp16": bool, "threads": int,
        "cases": [{"id": str, "image": path, "labels": [class index, ...]}],
        "zero_shot": [path, ...], "sentences": [str, ...]}
 """
@@ -18,14 +18,14 @@ import clip_reference as ref
 def main(spec_path, out_path):
     spec = json.load(open(spec_path))
     cfg = json.load(open(spec["config"]))
-    torch.set_num_threads(2)
-    model = ref.load_checkpoint(spec["model"])
+    torch.set_num_threads(spec.get("threads", 2))
+    model = ref.load_checkpoint(spec["model"], fp16=spec.get("fp16", False))
     templates = cfg["templates"]
     names = [c.get("prompt", c["name"]) for c in cfg["classes"]]
     names = [n if isinstance(n, str) else ",".join(n) for n in names]
     fg = ref.zeroshot_classifier(model, names, templates)
     bg = ref.zeroshot_classifier(model, cfg["background_words"], templates)
-    out = {"text.classes": fg, "text.background": bg}
+    out = {"text.classes": fg.float(), "text.background": bg.float()}
     for i, s in enumerate(spec.get("sentences", [])):
         out[f"tokens.{i}"] = ref.tokenize([s])[0]
     for case in spec.get("cases", []):
