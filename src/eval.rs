@@ -350,10 +350,11 @@ pub enum CamKey {
 pub struct EvalArgs {
     /// Directory of predicted label PNGs, `<id>.png` (palette or 8-bit gray indices; 255 =
     /// ignored). Not needed with --cams.
-    #[arg(long, value_name = "DIR", required_unless_present = "cams", conflicts_with = "cams")]
+    #[arg(long, value_name = "DIR", required_unless_present_any = ["cams", "labels_pred"], conflicts_with = "cams")]
     pub pred: Option<PathBuf>,
     /// Directory of ground-truth label PNGs, `<id>.png` (255 = ignore).
-    #[arg(long, value_name = "DIR")]
+    // Empty (the default) only with --labels-pred, which reads other ground truth (issue 18).
+    #[arg(long, value_name = "DIR", required_unless_present = "labels_pred", default_value = "", hide_default_value = true)]
     pub gt: PathBuf,
     /// Dataset config: a JSON path or a shipped name (voc12, coco14).
     #[arg(long, value_name = "CONFIG")]
@@ -384,6 +385,9 @@ pub struct EvalArgs {
     /// Which maps of the archives to label with --cams.
     #[arg(long, value_enum, default_value_t = CamKey::Cams)]
     pub cam_key: CamKey,
+    /// Image-level label quality (issue 18: --labels-pred, --labels-gt, --annotations, --scores).
+    #[command(flatten)]
+    pub labels: crate::label_metrics::LabelEvalArgs,
 }
 
 impl EvalArgs {
@@ -401,6 +405,7 @@ impl EvalArgs {
             cams: None,
             alpha: vec![1.0, 2.0],
             cam_key: CamKey::Cams,
+            labels: Default::default(),
         }
     }
 }
@@ -916,6 +921,9 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
 /// `clipmask eval`: evaluates, prints the tables (or JSON with --json), writes the report if
 /// asked. Returns the process exit code (0).
 pub fn run(args: &EvalArgs) -> Result<i32> {
+    if args.labels.labels_pred.is_some() {
+        return crate::label_metrics::run(args);
+    }
     let report = evaluate(args)?;
     if args.json {
         println!("{}", report.to_json()?);
