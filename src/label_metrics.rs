@@ -267,10 +267,7 @@ fn ground_truth(args: &crate::eval::EvalArgs, cfg: &DatasetConfig) -> Result<(St
         }
         return Ok((what, out));
     }
-    let dir = args.gt.as_path();
-    if dir.as_os_str().is_empty() {
-        bail!("--labels-pred needs ground truth: --labels-gt FILE, --annotations DIR or --gt DIR (masks)");
-    }
+    let dir = args.gt.as_deref().context("--labels-pred needs ground truth: --labels-gt FILE, --annotations DIR or --gt DIR (masks)")?;
     let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read ground-truth directory {}", dir.display()))?;
     for e in entries {
         let p = e?.path();
@@ -286,6 +283,10 @@ fn ground_truth(args: &crate::eval::EvalArgs, cfg: &DatasetConfig) -> Result<(St
 /// Reads everything the flags name and computes the report.
 pub fn evaluate(args: &crate::eval::EvalArgs) -> Result<LabelReport> {
     let pred_path = args.labels.labels_pred.as_deref().context("--labels-pred FILE is required")?;
+    let l = &args.labels;
+    if l.labels_gt.is_none() && l.annotations.is_none() && args.gt.is_none() {
+        bail!("--labels-pred needs ground truth: --labels-gt FILE, --annotations DIR or --gt DIR (masks)");
+    }
     let cfg = DatasetConfig::resolve(&args.config)?;
     let pred = read_labels_file(pred_path)?;
     let (gt_what, gt) = ground_truth(args, &cfg)?;
@@ -338,12 +339,13 @@ pub fn evaluate(args: &crate::eval::EvalArgs) -> Result<LabelReport> {
         g_sets.push(g.clone());
     }
     if !problems.is_empty() && !args.allow_missing {
-        let shown: Vec<&String> = problems.iter().take(5).collect();
+        let shown: Vec<&str> = problems.iter().take(5).map(String::as_str).collect();
         bail!(
-            "{} of {} images cannot be scored (pass --allow-missing to skip them):\n  {}",
+            "{} of {} images cannot be scored (pass --allow-missing to skip them): {}{}",
             problems.len(),
             ids.len(),
-            shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
+            shown.join("; "),
+            if problems.len() > shown.len() { "; ..." } else { "" }
         );
     }
     if p_sets.is_empty() {
