@@ -45,7 +45,8 @@ pub struct ScoresFile {
 impl ScoresFile {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read scores {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not a scores file written by clipmask tag", path.display()))
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a scores file written by clipmask tag", path.display()))
     }
 }
 
@@ -132,7 +133,12 @@ pub fn average_precision(scores: &[f32], positive: &[bool]) -> Option<f64> {
 
 /// Metrics of predicted against ground-truth class sets (0-based class indices), one pair per
 /// image; `scores` (per image, one per class) for the AP.
-pub fn label_metrics(names: &[String], pred: &[BTreeSet<usize>], gt: &[BTreeSet<usize>], scores: Option<&[Vec<f32>]>) -> LabelReport {
+pub fn label_metrics(
+    names: &[String],
+    pred: &[BTreeSet<usize>],
+    gt: &[BTreeSet<usize>],
+    scores: Option<&[Vec<f32>]>,
+) -> LabelReport {
     let c = names.len();
     let (mut all_tp, mut all_pred, mut all_gt) = (0, 0, 0);
     let mut classes = Vec::with_capacity(c);
@@ -149,7 +155,16 @@ pub fn label_metrics(names: &[String], pred: &[BTreeSet<usize>], gt: &[BTreeSet<
         all_tp += tp;
         all_pred += predicted;
         all_gt += support;
-        classes.push(ClassLabelMetrics { name: name.clone(), support, predicted, tp, precision, recall, f1: f1(precision, recall), ap });
+        classes.push(ClassLabelMetrics {
+            name: name.clone(),
+            support,
+            predicted,
+            tp,
+            precision,
+            recall,
+            f1: f1(precision, recall),
+            ap,
+        });
     }
     let used: Vec<&ClassLabelMetrics> = classes.iter().filter(|m| m.support > 0 || m.predicted > 0).collect();
     let mean = |f: fn(&ClassLabelMetrics) -> f64| {
@@ -183,7 +198,10 @@ impl LabelReport {
             s += &format!(" ({} skipped)", self.skipped.len());
         }
         s += "\n";
-        s += &format!("{:<16} {:>7} {:>9} {:>9} {:>7} {:>7} {:>7}\n", "class", "support", "predicted", "precision", "recall", "F1", "AP");
+        s += &format!(
+            "{:<16} {:>7} {:>9} {:>9} {:>7} {:>7} {:>7}\n",
+            "class", "support", "predicted", "precision", "recall", "F1", "AP"
+        );
         let ap = |a: Option<f64>| a.map_or_else(|| "-".to_string(), |v| format!("{:.1}", v * 100.0));
         for m in &self.classes {
             s += &format!(
@@ -224,7 +242,10 @@ impl LabelReport {
 fn resolve(cfg: &DatasetConfig, names: &[String], what: &str, id: &str) -> Result<BTreeSet<usize>> {
     names
         .iter()
-        .map(|n| cfg.class_index(n).with_context(|| format!("{what}, image {id}: unknown class {n:?} (not in config {})", cfg.name)))
+        .map(|n| {
+            cfg.class_index(n)
+                .with_context(|| format!("{what}, image {id}: unknown class {n:?} (not in config {})", cfg.name))
+        })
         .collect()
 }
 
@@ -245,7 +266,10 @@ fn mask_classes(path: &Path, cfg: &DatasetConfig) -> Result<BTreeSet<usize>> {
 }
 
 /// Ground truth per id, from the source the flags name.
-fn ground_truth(args: &crate::eval::EvalArgs, cfg: &DatasetConfig) -> Result<(String, BTreeMap<String, Result<BTreeSet<usize>>>)> {
+fn ground_truth(
+    args: &crate::eval::EvalArgs,
+    cfg: &DatasetConfig,
+) -> Result<(String, BTreeMap<String, Result<BTreeSet<usize>>>)> {
     let l = &args.labels;
     let mut out = BTreeMap::new();
     if let Some(f) = &l.labels_gt {
@@ -267,8 +291,12 @@ fn ground_truth(args: &crate::eval::EvalArgs, cfg: &DatasetConfig) -> Result<(St
         }
         return Ok((what, out));
     }
-    let dir = args.gt.as_deref().context("--labels-pred needs ground truth: --labels-gt FILE, --annotations DIR or --gt DIR (masks)")?;
-    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read ground-truth directory {}", dir.display()))?;
+    let dir = args
+        .gt
+        .as_deref()
+        .context("--labels-pred needs ground truth: --labels-gt FILE, --annotations DIR or --gt DIR (masks)")?;
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read ground-truth directory {}", dir.display()))?;
     for e in entries {
         let p = e?.path();
         if p.extension().is_some_and(|x| x == "png") {
@@ -297,7 +325,11 @@ pub fn evaluate(args: &crate::eval::EvalArgs) -> Result<LabelReport> {
     let scores = scores_path.as_deref().map(ScoresFile::read).transpose()?;
     if let Some(s) = &scores {
         if s.classes != cfg.class_names() {
-            bail!("scores {}: its classes are not those of config {}", scores_path.unwrap_or_default().display(), cfg.name);
+            bail!(
+                "scores {}: its classes are not those of config {}",
+                scores_path.unwrap_or_default().display(),
+                cfg.name
+            );
         }
     }
     let ids: Vec<String> = match &args.split {

@@ -60,7 +60,12 @@ pub struct TagText {
 /// `class_names_coco` are the label names; `use_prompts` reads the config's prompt names
 /// instead) and every background word of the config, with `templates` (TagCLIP's ensemble when
 /// `None`). Cached like the CLIP-ES features.
-pub fn text_features(model: &Clip, cfg: &DatasetConfig, use_prompts: bool, templates: Option<Vec<String>>) -> Result<TagText> {
+pub fn text_features(
+    model: &Clip,
+    cfg: &DatasetConfig,
+    use_prompts: bool,
+    templates: Option<Vec<String>>,
+) -> Result<TagText> {
     let mut c = cfg.clone();
     c.templates = templates.unwrap_or_else(self::templates);
     if !use_prompts {
@@ -70,7 +75,8 @@ pub fn text_features(model: &Clip, cfg: &DatasetConfig, use_prompts: bool, templ
     }
     c.validate().context("TagCLIP text settings")?;
     let t = crate::prompts::text_features(model, &c)?;
-    let all = Tensor::cat(&[t.classes.to_kind(Kind::Float), t.background.to_kind(Kind::Float)], 0).to_device(model.device);
+    let all =
+        Tensor::cat(&[t.classes.to_kind(Kind::Float), t.background.to_kind(Kind::Float)], 0).to_device(model.device);
     Ok(TagText { all, n_classes: cfg.classes.len() })
 }
 
@@ -233,7 +239,8 @@ pub fn tag_image(model: &Clip, text: &TagText, p: &Prepared, opts: &TagOptions) 
     let last = &vit.blocks[layers - 1];
     let (_, last_attention) = last.forward(&trunk.tokens, None);
     let l1 = n + 1;
-    let eye_mask = ((Tensor::ones([l1, l1], (Kind::Float, dev)) - Tensor::eye(l1, (Kind::Float, dev))) * SELF_ATTENTION_MASK)
+    let eye_mask = ((Tensor::ones([l1, l1], (Kind::Float, dev)) - Tensor::eye(l1, (Kind::Float, dev)))
+        * SELF_ATTENTION_MASK)
         .to_kind(trunk.tokens.kind());
     let (tokens, _) = last.forward(&trunk.tokens, Some(&eye_mask));
 
@@ -248,12 +255,11 @@ pub fn tag_image(model: &Clip, text: &TagText, p: &Prepared, opts: &TagOptions) 
     attn.push(last_attention.get(0));
     let attn: Vec<Tensor> = attn.iter().map(|a| a.narrow(0, 1, n).narrow(1, 1, n).to_kind(Kind::Float)).collect();
     let stacked = Tensor::stack(&attn, 0); // (L, n, n)
-    let layer_mean = stacked.reshape([layers as i64, -1]).mean_dim(-1, true, Kind::Float).reshape([layers as i64, 1, 1]);
+    let layer_mean =
+        stacked.reshape([layers as i64, -1]).mean_dim(-1, true, Kind::Float).reshape([layers as i64, 1, 1]);
     let votes = stacked.gt_tensor(&layer_mean).to_kind(Kind::Float).sum_dim_intlist(0, false, Kind::Float);
     let (avg_layers, min_votes) = layer_plan(layers);
-    let avg = stacked
-        .narrow(0, avg_layers.start as i64, avg_layers.len() as i64)
-        .mean_dim(0, false, Kind::Float);
+    let avg = stacked.narrow(0, avg_layers.start as i64, avg_layers.len() as i64).mean_dim(0, false, Kind::Float);
     let affinity = avg * votes.ge(min_votes).to_kind(Kind::Float); // (n, n)
     let refined0 = affinity.matmul(&coarse); // (n, K)
 
@@ -299,7 +305,14 @@ pub fn tag_image(model: &Clip, text: &TagText, p: &Prepared, opts: &TagOptions) 
 
 /// Probability of class `cls` for the crop (y1..y2, x1..x2 in patches) resized to the model's
 /// own resolution, the class token attending only to the class region of the crop.
-fn crop_score(model: &Clip, text: &TagText, p: &Prepared, norm: &[f32], span: (usize, usize, usize, usize), cls: usize) -> Result<f32> {
+fn crop_score(
+    model: &Clip,
+    text: &TagText,
+    p: &Prepared,
+    norm: &[f32],
+    span: (usize, usize, usize, usize),
+    cls: usize,
+) -> Result<f32> {
     let vit = &model.visual;
     let dev = model.device;
     let (y1, y2, x1, x2) = span;

@@ -77,7 +77,10 @@ fn generate_labels_auto_equals_tag_then_generate_labels() {
     let r = run(&mut c);
     assert_eq!(r.code, Some(1), "the broken image fails\n{}", r.show());
     assert_eq!(std::fs::read(out.join("labels.json")).unwrap(), std::fs::read(a.join("labels.json")).unwrap());
-    assert_eq!(std::fs::read(out.join("labels.scores.json")).unwrap(), std::fs::read(a.join("labels.scores.json")).unwrap());
+    assert_eq!(
+        std::fs::read(out.join("labels.scores.json")).unwrap(),
+        std::fs::read(a.join("labels.scores.json")).unwrap()
+    );
     let masks_auto = dir_bytes(&out.join("masks"));
     let masks_two_step = dir_bytes(&b.join("masks"));
     assert_eq!(masks_auto.len(), 3);
@@ -110,9 +113,13 @@ fn tag_rejects_bad_flags_before_loading_the_model() {
     let cache = tmp.path().join("cache");
     let r = run(clipmask(&cache).args(["tag", "--images", "/nonexistent", "--out", "x.json"]));
     assert!(assert_one_line_error(&r, 2).contains("not a directory"));
-    let r = run(clipmask(&cache).args(["tag", "--images"]).arg(tmp.path()).args(["--out", "x.json", "--threshold", "1.5"]));
+    let r =
+        run(clipmask(&cache).args(["tag", "--images"]).arg(tmp.path()).args(["--out", "x.json", "--threshold", "1.5"]));
     assert!(assert_one_line_error(&r, 2).contains("--threshold"));
-    let r = run(clipmask(&cache).args(["generate", "--images"]).arg(tmp.path()).args(["--out", "o", "--labels", "auto", "--shard", "0/2"]));
+    let r = run(clipmask(&cache)
+        .args(["generate", "--images"])
+        .arg(tmp.path())
+        .args(["--out", "o", "--labels", "auto", "--shard", "0/2"]));
     assert!(assert_one_line_error(&r, 2).contains("cannot be sharded"));
     let r = run(clipmask(&cache).args(["eval", "--config", "voc12", "--labels-pred", "x.json"]));
     assert!(assert_one_line_error(&r, 2).contains("ground truth"));
@@ -150,7 +157,9 @@ fn check_hand_made(rep: &serde_json::Value, names: &[&str]) {
     assert!(close(f(&a["ap"]), 5.0 / 6.0) && close(f(&b["ap"]), 1.0) && close(f(&c["ap"]), 1.0));
     assert!(d["ap"].is_null() && d["support"] == 0);
     assert_eq!(rep["mean_over"], 3);
-    assert!(close(f(&rep["mean_precision"]), 0.5) && close(f(&rep["mean_recall"]), 0.5) && close(f(&rep["mean_f1"]), 0.5));
+    assert!(
+        close(f(&rep["mean_precision"]), 0.5) && close(f(&rep["mean_recall"]), 0.5) && close(f(&rep["mean_f1"]), 0.5)
+    );
     assert!(close(f(&rep["overall_precision"]), 0.75) && close(f(&rep["overall_recall"]), 0.6));
     assert!(close(f(&rep["overall_f1"]), 2.0 / 3.0));
     assert!(close(f(&rep["map"]), 17.0 / 18.0));
@@ -193,7 +202,8 @@ fn eval_labels_pred_reads_every_ground_truth_source() {
         }
         rows.insert(id.clone(), row);
     }
-    let scores = serde_json::json!({"method": "tagclip", "classes": cfg.class_names(), "threshold": 0.5, "scores": rows});
+    let scores =
+        serde_json::json!({"method": "tagclip", "classes": cfg.class_names(), "threshold": 0.5, "scores": rows});
     std::fs::write(d.join("pred.scores.json"), scores.to_string()).unwrap();
     let (ann, masks) = (d.join("Annotations"), d.join("SegmentationClass"));
     std::fs::create_dir_all(&ann).unwrap();
@@ -210,26 +220,49 @@ fn eval_labels_pred_reads_every_ground_truth_source() {
         clipmask::outputs::write_label_png(&masks.join(format!("{id}.png")), &px, 4, 4, &cfg.png_palette()).unwrap();
     }
     let cache = d.join("cache");
-    for source in [vec!["--labels-gt".to_string(), d.join("gt.json").display().to_string()], vec!["--annotations".into(), ann.display().to_string()], vec!["--gt".into(), masks.display().to_string()]] {
-        let r = run(clipmask(&cache).args(["eval", "--config", "voc12", "--json", "--labels-pred"]).arg(d.join("pred.json")).args(&source));
+    for source in [
+        vec!["--labels-gt".to_string(), d.join("gt.json").display().to_string()],
+        vec!["--annotations".into(), ann.display().to_string()],
+        vec!["--gt".into(), masks.display().to_string()],
+    ] {
+        let r = run(clipmask(&cache)
+            .args(["eval", "--config", "voc12", "--json", "--labels-pred"])
+            .arg(d.join("pred.json"))
+            .args(&source));
         assert_eq!(r.code, Some(0), "{source:?}\n{}", r.show());
         let rep: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
         assert_eq!(rep["images"], 4);
         check_hand_made(&rep, &NAMES);
     }
     // The table names every class and the means.
-    let r = run(clipmask(&cache).args(["eval", "--config", "voc12", "--labels-pred"]).arg(d.join("pred.json")).arg("--labels-gt").arg(d.join("gt.json")));
+    let r = run(clipmask(&cache)
+        .args(["eval", "--config", "voc12", "--labels-pred"])
+        .arg(d.join("pred.json"))
+        .arg("--labels-gt")
+        .arg(d.join("gt.json")));
     assert_eq!(r.code, Some(0), "{}", r.show());
-    assert!(r.stdout.contains("mean (3)") && r.stdout.contains("overall (micro)") && r.stdout.contains("tvmonitor"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("mean (3)") && r.stdout.contains("overall (micro)") && r.stdout.contains("tvmonitor"),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.contains("94.4"), "mAP 17/18 in the table\n{}", r.stdout);
     // An id of the ground truth without prediction is an error, or skipped with --allow-missing.
     let mut gt2 = gt.clone();
     let extra = "img9".to_string();
     gt2.insert(&extra, vec!["cat".into()]);
     std::fs::write(d.join("gt2.json"), serde_json::to_string(&gt2).unwrap()).unwrap();
-    let r = run(clipmask(&cache).args(["eval", "--config", "voc12", "--labels-pred"]).arg(d.join("pred.json")).arg("--labels-gt").arg(d.join("gt2.json")));
+    let r = run(clipmask(&cache)
+        .args(["eval", "--config", "voc12", "--labels-pred"])
+        .arg(d.join("pred.json"))
+        .arg("--labels-gt")
+        .arg(d.join("gt2.json")));
     assert!(assert_one_line_error(&r, 2).contains("img9"));
-    let r = run(clipmask(&cache).args(["eval", "--config", "voc12", "--json", "--allow-missing", "--labels-pred"]).arg(d.join("pred.json")).arg("--labels-gt").arg(d.join("gt2.json")));
+    let r = run(clipmask(&cache)
+        .args(["eval", "--config", "voc12", "--json", "--allow-missing", "--labels-pred"])
+        .arg(d.join("pred.json"))
+        .arg("--labels-gt")
+        .arg(d.join("gt2.json")));
     assert_eq!(r.code, Some(0), "{}", r.show());
     let rep: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(rep["skipped"], serde_json::json!(["img9"]));

@@ -52,7 +52,11 @@ fn reference(model: &std::path::Path, cases: &[Case], tmp: &std::path::Path) -> 
     let spec_path = tmp.join("tagclip-spec.json");
     std::fs::write(&spec_path, spec.to_string()).unwrap();
     let out_path = tmp.join("tagclip-ref.safetensors");
-    run_python(&[root().join("tests/python/tagclip_reference.py").to_str().unwrap(), spec_path.to_str().unwrap(), out_path.to_str().unwrap()]);
+    run_python(&[
+        root().join("tests/python/tagclip_reference.py").to_str().unwrap(),
+        spec_path.to_str().unwrap(),
+        out_path.to_str().unwrap(),
+    ]);
     read_safetensors(&out_path)
 }
 

@@ -7,7 +7,9 @@ use crate::datasets::{find_image, read_split};
 use crate::label_metrics::{scores_path_for, ScoresFile};
 use crate::model::Clip;
 use crate::outputs::write_atomic;
-use crate::tagclip::{list_images, select, tag_image, text_features, TagOptions, TagText, DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_THRESHOLD};
+use crate::tagclip::{
+    list_images, select, tag_image, text_features, TagOptions, TagText, DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_THRESHOLD,
+};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -88,7 +90,8 @@ fn check_threshold(name: &str, t: f64) -> Result<()> {
 
 fn read_templates(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read templates {}", path.display()))?;
-    let t: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+    let t: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
     if t.is_empty() {
         bail!("templates {}: no template", path.display());
     }
