@@ -350,11 +350,12 @@ pub enum CamKey {
 pub struct EvalArgs {
     /// Directory of predicted label PNGs, `<id>.png` (palette or 8-bit gray indices; 255 =
     /// ignored). Not needed with --cams.
-    #[arg(long, value_name = "DIR", required_unless_present = "cams", conflicts_with = "cams")]
+    #[arg(long, value_name = "DIR", required_unless_present_any = ["cams", "labels_pred"], conflicts_with = "cams")]
     pub pred: Option<PathBuf>,
     /// Directory of ground-truth label PNGs, `<id>.png` (255 = ignore).
-    #[arg(long, value_name = "DIR")]
-    pub gt: PathBuf,
+    /// With --labels-pred: the masks give each image's classes (any id but 0 and 255).
+    #[arg(long, value_name = "DIR", required_unless_present = "labels_pred")]
+    pub gt: Option<PathBuf>,
     /// Dataset config: a JSON path or a shipped name (voc12, coco14).
     #[arg(long, value_name = "CONFIG")]
     pub config: String,
@@ -384,14 +385,22 @@ pub struct EvalArgs {
     /// Which maps of the archives to label with --cams.
     #[arg(long, value_enum, default_value_t = CamKey::Cams)]
     pub cam_key: CamKey,
+    /// Image-level label quality (issue 18: --labels-pred, --labels-gt, --annotations, --scores).
+    #[command(flatten)]
+    pub labels: crate::label_metrics::LabelEvalArgs,
 }
 
 impl EvalArgs {
+    /// The ground-truth directory; clap requires --gt unless --labels-pred is given.
+    fn gt_dir(&self) -> &Path {
+        self.gt.as_deref().unwrap_or(Path::new(""))
+    }
+
     /// Arguments for evaluating label PNGs in `pred` against `gt`, everything else default.
     pub fn new(pred: impl Into<PathBuf>, gt: impl Into<PathBuf>, config: impl Into<String>) -> Self {
         EvalArgs {
             pred: Some(pred.into()),
-            gt: gt.into(),
+            gt: Some(gt.into()),
             config: config.into(),
             split: None,
             json: false,
@@ -401,6 +410,7 @@ impl EvalArgs {
             cams: None,
             alpha: vec![1.0, 2.0],
             cam_key: CamKey::Cams,
+            labels: Default::default(),
         }
     }
 }
@@ -675,7 +685,7 @@ fn read_split(path: &Path) -> Result<Vec<String>> {
 /// Ids to evaluate and ids skipped, after checking the split, ground truth and predictions
 /// agree.
 fn resolve_ids(args: &EvalArgs, pred_dir: &Path, pred_ext: &str) -> Result<(Vec<String>, Vec<String>)> {
-    let gt = stems(&args.gt, "png").context("ground-truth directory (--gt)")?;
+    let gt = stems(args.gt_dir(), "png").context("ground-truth directory (--gt)")?;
     let pred = stems(pred_dir, pred_ext).context(if pred_ext == "npz" { "CAM directory (--cams)" } else { "prediction directory (--pred)" })?;
     let ids = match &args.split {
         Some(split) => read_split(split)?,
@@ -686,7 +696,7 @@ fn resolve_ids(args: &EvalArgs, pred_dir: &Path, pred_ext: &str) -> Result<(Vec<
         }
     };
     if ids.is_empty() {
-        bail!("no ground-truth PNGs in {}", args.gt.display());
+        bail!("no ground-truth PNGs in {}", args.gt_dir().display());
     }
     let what = if pred_ext == "npz" { "CAM archive" } else { "prediction" };
     let no_gt: Vec<&str> = ids.iter().filter(|id| !gt.contains(*id)).map(String::as_str).collect();
@@ -706,7 +716,7 @@ fn resolve_ids(args: &EvalArgs, pred_dir: &Path, pred_ext: &str) -> Result<(Vec<
             no_gt.len(),
             ids.len(),
             args.split.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
-            args.gt.display(),
+            args.gt_dir().display(),
             list_some(&no_gt)
         ));
     }
@@ -724,7 +734,7 @@ fn resolve_ids(args: &EvalArgs, pred_dir: &Path, pred_ext: &str) -> Result<(Vec<
             "{} {what}s in {} have no ground truth in {}: {}",
             extra.len(),
             pred_dir.display(),
-            args.gt.display(),
+            args.gt_dir().display(),
             list_some(&extra)
         ));
     }
@@ -740,7 +750,7 @@ fn resolve_ids(args: &EvalArgs, pred_dir: &Path, pred_ext: &str) -> Result<(Vec<
     let skipped: Vec<String> = ids.iter().filter(|id| skip.contains(id.as_str())).cloned().collect();
     let keep: Vec<String> = ids.iter().filter(|id| !skip.contains(id.as_str())).cloned().collect();
     if keep.is_empty() {
-        bail!("no image has both a {what} in {} and ground truth in {}", pred_dir.display(), args.gt.display());
+        bail!("no image has both a {what} in {} and ground truth in {}", pred_dir.display(), args.gt_dir().display());
     }
     Ok((keep, skipped))
 }
@@ -856,11 +866,11 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
         .par_iter()
         .enumerate()
         .try_fold(new_acc, |mut acc, (i, id)| -> Result<Acc> {
-            let (gt, _, _, preds) = load_pair(&source, &args.gt, id, n)?;
+            let (gt, _, _, preds) = load_pair(&source, args.gt_dir(), id, n)?;
             let mut score = ImageScore { id: id.clone(), miou: Vec::with_capacity(n_variants), pixel_accuracy: Vec::with_capacity(n_variants) };
             for (total, pred) in acc.totals.iter_mut().zip(&preds) {
                 let mut cm = ConfusionMatrix::new(n);
-                cm.accumulate(&gt, pred).map_err(|e| label_error(e, &source, &args.gt, id))?;
+                cm.accumulate(&gt, pred).map_err(|e| label_error(e, &source, args.gt_dir(), id))?;
                 let m = cm.metrics();
                 score.miou.push(m.miou);
                 score.pixel_accuracy.push(m.pixel_accuracy);
@@ -917,6 +927,9 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
 /// `clipmask eval`: evaluates, prints the tables (or JSON with --json), writes the report if
 /// asked. Returns the process exit code (0).
 pub fn run(args: &EvalArgs) -> Result<i32> {
+    if args.labels.labels_pred.is_some() {
+        return crate::label_metrics::run(args);
+    }
     let report = evaluate(args)?;
     if args.json {
         println!("{}", report.to_json()?);
@@ -1018,7 +1031,7 @@ fn write_report(dir: &Path, args: &EvalArgs, source: &Source, config: &DatasetCo
     let ext = if jpeg { "jpg" } else { "png" };
     report.per_image.par_iter().try_for_each(|score| -> Result<()> {
         let id = &score.id;
-        let (gt, w, h, preds) = load_pair(source, &args.gt, id, n)?;
+        let (gt, w, h, preds) = load_pair(source, args.gt_dir(), id, n)?;
         let pred = &preds[0];
         let photo = match photos.and_then(|d| find_photo(d, id)) {
             Some(p) => {

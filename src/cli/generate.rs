@@ -38,8 +38,14 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Image-level labels: JSON {"<id>": ["<class>", ...]} or text lines "<id><TAB><class>,<class>".
+    /// `auto`: predict them first with CLIP (TagCLIP, as `clipmask tag` does, same model load)
+    /// for every image in --images (or --split), written to OUT/labels.json and
+    /// OUT/labels.scores.json (a file named auto: ./auto).
     #[arg(long, conflicts_with = "annotations")]
     pub labels: Option<PathBuf>,
+    /// With --labels auto: relative threshold of the predicted labels (see `clipmask tag --threshold`).
+    #[arg(long, value_name = "T", default_value_t = crate::tagclip::DEFAULT_THRESHOLD)]
+    pub tag_threshold: f64,
     /// Image-level labels from VOC XML annotations (<id>.xml, object names).
     #[arg(long, conflicts_with = "coco")]
     pub annotations: Option<PathBuf>,
@@ -172,7 +178,13 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
         bail!("--images {}: not a directory", args.images.display());
     }
     let cfg = crate::config::DatasetConfig::resolve(&args.model.config)?;
+    let auto = super::tag::is_auto(args.labels.as_deref());
     let labels: BTreeMap<String, Result<Vec<String>, String>> = match (&args.labels, &args.annotations, &args.coco) {
+        // --labels auto (issue 18): filled once the model is loaded.
+        (Some(_), _, _) if auto && args.shard.is_some() => {
+            bail!("--labels auto cannot be sharded: run `clipmask tag` once, then shard `generate --labels FILE`")
+        }
+        (Some(_), _, _) if auto => BTreeMap::new(),
         (Some(f), _, _) => read_labels_file(f)?.into_iter().map(|(k, v)| (k, Ok(v))).collect(),
         (None, Some(d), _) => read_voc_annotations(d)?,
         (None, None, Some(f)) => {
@@ -203,6 +215,16 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     if args.max_side < 2 * patch {
         bail!("--max-side {}: at least 2 patches ({} px) for this model (patch {patch} px)", args.max_side, 2 * patch);
     }
+    let labels = if auto {
+        let opts = crate::tagclip::TagOptions {
+            max_side: Some(args.max_side),
+            round_pos_fp16: !args.exact_positions,
+            ..Default::default()
+        };
+        super::tag::auto_labels(&model, &cfg, &args.images, split.as_deref(), &args.out, &opts, args.tag_threshold)?
+    } else {
+        labels
+    };
     let mut items = work_list(&cfg, &args.images, &labels, split.as_deref());
     if let Some((i, n)) = shard_spec {
         items = shard(items, i, n);

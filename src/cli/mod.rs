@@ -7,6 +7,7 @@ pub mod classify;
 pub mod crf;
 pub mod generate;
 pub mod prompts;
+pub mod tag;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,6 +38,8 @@ pub enum Command {
     Eval(crate::eval::EvalArgs),
     /// Prompt tools: show what the text encoder reads; rank templates by sharpness.
     Prompts(prompts::PromptsArgs),
+    /// Predict image-level labels with CLIP itself (TagCLIP, AAAI 2024), for data without labels.
+    Tag(tag::TagArgs),
 }
 
 /// `clipmask --version`: the crate, the libtorch it was built against, and whether CUDA is
@@ -68,6 +71,7 @@ pub fn run() -> Result<i32> {
         Command::Crf(a) => crf::run(&a),
         Command::Eval(a) => crate::eval::run(&a),
         Command::Prompts(a) => prompts::run(&a),
+        Command::Tag(a) => tag::run(&a),
     }
 }
 
