@@ -11,7 +11,7 @@
 //!   `*_kept` metric drops those pixels instead, which measures the quality of what was kept.
 //! - Any other label value above C, in either map, is an error, never silently clipped.
 use crate::config::DatasetConfig;
-use crate::outputs::{read_label_png, write_atomic, CamArchive};
+use crate::outputs::{read_label_png, read_label_png_colours, write_atomic, CamArchive};
 use anyhow::{bail, Context, Result};
 use ndarray::Array3;
 use rayon::prelude::*;
@@ -791,9 +791,16 @@ fn cam_key_name(key: CamKey) -> &'static str {
 }
 
 /// Ground truth and one predicted label map per variant for `id`.
-fn load_pair(source: &Source, gt_dir: &Path, id: &str, n_classes: usize) -> Result<(Vec<u8>, u32, u32, Vec<Vec<u8>>)> {
+/// Ground truth may be ids (gray or palette PNG) or colours of the config's palette (RGB).
+fn load_pair(
+    source: &Source,
+    gt_dir: &Path,
+    id: &str,
+    n_classes: usize,
+    palette: &[u8],
+) -> Result<(Vec<u8>, u32, u32, Vec<Vec<u8>>)> {
     let gt_path = gt_dir.join(format!("{id}.png"));
-    let (gt, gw, gh) = read_label_png(&gt_path)?;
+    let (gt, gw, gh) = read_label_png_colours(&gt_path, palette)?;
     let preds = match source {
         Source::Labels(dir) => {
             let pred_path = dir.join(format!("{id}.png"));
@@ -840,6 +847,7 @@ struct Acc {
 pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
     let config = DatasetConfig::resolve(&args.config)?;
     let n = config.classes.len() + 1;
+    let palette = config.png_palette();
     let (source, pred_dir, ext) = match (&args.cams, &args.pred) {
         (Some(dir), _) => {
             if args.alpha.is_empty() {
@@ -866,7 +874,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
         .par_iter()
         .enumerate()
         .try_fold(new_acc, |mut acc, (i, id)| -> Result<Acc> {
-            let (gt, _, _, preds) = load_pair(&source, args.gt_dir(), id, n)?;
+            let (gt, _, _, preds) = load_pair(&source, args.gt_dir(), id, n, &palette)?;
             let mut score = ImageScore { id: id.clone(), miou: Vec::with_capacity(n_variants), pixel_accuracy: Vec::with_capacity(n_variants) };
             for (total, pred) in acc.totals.iter_mut().zip(&preds) {
                 let mut cm = ConfusionMatrix::new(n);
@@ -1031,7 +1039,7 @@ fn write_report(dir: &Path, args: &EvalArgs, source: &Source, config: &DatasetCo
     let ext = if jpeg { "jpg" } else { "png" };
     report.per_image.par_iter().try_for_each(|score| -> Result<()> {
         let id = &score.id;
-        let (gt, w, h, preds) = load_pair(source, args.gt_dir(), id, n)?;
+        let (gt, w, h, preds) = load_pair(source, args.gt_dir(), id, n, &palette)?;
         let pred = &preds[0];
         let photo = match photos.and_then(|d| find_photo(d, id)) {
             Some(p) => {

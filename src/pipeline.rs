@@ -181,6 +181,8 @@ pub struct GenerateOptions {
     pub overwrite: bool,
     /// Pixel budget: images whose header claims more are failures (`--max-pixels`).
     pub max_pixels: u64,
+    /// Grayscale (default) or palette label PNGs.
+    pub mask_format: crate::outputs::MaskFormat,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -425,7 +427,8 @@ fn write_outputs(item: &Item, img: &RgbImage, maps: &ImageMaps, opts: &GenerateO
     if opts.overlays {
         write_overlay(&output_path(&opts.out, "overlays", &item.id, "jpg")?, img, &labels, palette, 0.55)?;
     }
-    write_label_png(&output_path(&opts.out, "masks", &item.id, "png")?, &labels, w, h, palette)
+    let png_palette = (opts.mask_format == crate::outputs::MaskFormat::Palette).then_some(palette);
+    write_label_png(&output_path(&opts.out, "masks", &item.id, "png")?, &labels, w, h, png_palette)
 }
 
 /// Largest CRF marginal per pixel as a float32 H x W `.npy`.

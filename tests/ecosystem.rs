@@ -240,3 +240,121 @@ fn the_binary_runs_from_anywhere_and_reports_its_libtorch() {
     assert!(out.status.success());
     assert!(text.contains(env!("CARGO_PKG_VERSION")) && text.contains("libtorch 2.11.0") && text.contains("CUDA: "), "{text}");
 }
+
+/// The label PNGs users train on, read by the real clients: PIL, cv2.imread (GRAYSCALE and
+/// UNCHANGED), imageio v2 and v3. Gray masks give every reader the ids clipmask wrote; palette
+/// masks give them to PIL only (documented in the README's table).
+#[test]
+fn gray_masks_decode_to_the_same_ids_in_every_reader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let imgs = tmp.path().join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    for (i, (w, h)) in [(120u32, 90u32), (75, 140)].into_iter().enumerate() {
+        synthetic_image(w, h, 60 + i as u64).save(imgs.join(format!("im{i}.png"))).unwrap();
+    }
+    // Labels with high class ids too (palette colours there are far from their index).
+    let labels = tmp.path().join("labels.json");
+    std::fs::write(&labels, r#"{"im0": ["tvmonitor", "train", "sofa"], "im1": ["person", "pottedplant"]}"#).unwrap();
+    let model = fixture("tiny", 0, false).join("model.safetensors");
+    let mut results = Vec::new();
+    for (format, crf) in [("gray", false), ("palette", false), ("gray", true)] {
+        let out = tmp.path().join(format!("out-{format}-{crf}"));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_clipmask"));
+        c.env("CLIPMASK_CACHE", root().join("target/test-cache"))
+            .args(["generate", "--device", "cpu", "--model"])
+            .arg(&model)
+            .arg("--images")
+            .arg(&imgs)
+            .arg("--labels")
+            .arg(&labels)
+            .arg("--out")
+            .arg(&out)
+            .args(["--mask-format", format]);
+        if crf {
+            c.args(["--crf", "--confidence", "0.5"]);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // The ids as stored, through the png crate without transformations, saved as .npy.
+        let expected = tmp.path().join(format!("expected-{format}-{crf}"));
+        std::fs::create_dir_all(&expected).unwrap();
+        let mut distinct = std::collections::BTreeSet::new();
+        for id in ["im0", "im1"] {
+            let (px, w, h) = clipmask::outputs::read_label_png(&out.join("masks").join(format!("{id}.png"))).unwrap();
+            distinct.extend(px.iter().copied());
+            let arr = ndarray::Array2::from_shape_vec((h as usize, w as usize), px).unwrap();
+            ndarray_npy::write_npy(expected.join(format!("{id}.npy")), &arr).unwrap();
+        }
+        assert!(distinct.iter().any(|&v| v > 8), "{format}: no high class id to tell readers apart: {distinct:?}");
+        let py = Command::new(python())
+            .arg(root().join("tests/python/read_masks.py"))
+            .arg(out.join("masks"))
+            .arg(&expected)
+            .output()
+            .unwrap();
+        assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+        eprintln!("{format}{}: {v}", if crf { " (crf)" } else { "" });
+        results.push((format, v));
+    }
+    for (format, v) in &results {
+        let ok = |r: &str| v[r].as_bool().unwrap();
+        if *format == "gray" {
+            for r in ["pil", "cv2_grayscale", "cv2_unchanged", "imageio_v2", "imageio_v3", "pil_convert_L"] {
+                assert!(ok(r), "gray masks: {r} does not read the ids");
+            }
+        } else {
+            // What the README's table says: PIL reads palette ids, OpenCV and imageio do not.
+            assert!(ok("pil"));
+            for r in ["cv2_grayscale", "cv2_unchanged", "imageio_v2", "imageio_v3", "pil_convert_L"] {
+                assert!(!ok(r), "palette masks: {r} unexpectedly reads the ids");
+            }
+        }
+    }
+}
+
+/// eval reads ground truth as gray ids, palette ids or RGB colours of the palette, and names
+/// a colour that is not in the palette.
+#[test]
+fn eval_reads_gray_palette_and_rgb_ground_truth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = DatasetConfig::resolve("voc12").unwrap();
+    let pal = cfg.png_palette();
+    let (w, h) = (6u32, 4u32);
+    let gt: Vec<u8> = (0..w * h).map(|i| [0u8, 15, 20, 255][(i % 4) as usize]).collect();
+    let pred: Vec<u8> = (0..w * h).map(|i| if i < 12 { gt[i as usize] } else { 0 }).collect();
+    let pred_dir = tmp.path().join("pred");
+    clipmask::outputs::write_label_png(&pred_dir.join("a.png"), &pred, w, h, None).unwrap();
+    let mut mious = Vec::new();
+    for kind in ["gray", "palette", "rgb"] {
+        let d = tmp.path().join(format!("gt-{kind}"));
+        std::fs::create_dir_all(&d).unwrap();
+        match kind {
+            "gray" => clipmask::outputs::write_label_png(&d.join("a.png"), &gt, w, h, None).unwrap(),
+            "palette" => clipmask::outputs::write_label_png(&d.join("a.png"), &gt, w, h, Some(&pal)).unwrap(),
+            _ => {
+                let rgb: Vec<u8> = gt.iter().flat_map(|&v| pal[v as usize * 3..v as usize * 3 + 3].to_vec()).collect();
+                image::RgbImage::from_raw(w, h, rgb).unwrap().save(d.join("a.png")).unwrap();
+            }
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_clipmask"))
+            .args(["eval", "--config", "voc12", "--json", "--pred"])
+            .arg(&pred_dir)
+            .arg("--gt")
+            .arg(&d)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{kind}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        mious.push(v["miou"].as_f64().unwrap());
+    }
+    assert!(mious.iter().all(|m| (m - mious[0]).abs() < 1e-12), "{mious:?}");
+    // A colour outside the palette.
+    let d = tmp.path().join("gt-bad");
+    std::fs::create_dir_all(&d).unwrap();
+    image::RgbImage::from_pixel(w, h, image::Rgb([1, 2, 3])).save(d.join("a.png")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_clipmask")).args(["eval", "--config", "voc12", "--pred"]).arg(&pred_dir).arg("--gt").arg(&d).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("[1, 2, 3]") && err.contains("palette"), "{err}");
+}

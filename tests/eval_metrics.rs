@@ -38,7 +38,7 @@ fn voc() -> DatasetConfig {
 }
 
 fn write_png(dir: &Path, id: &str, labels: &[u8], w: u32, h: u32) {
-    write_label_png(&dir.join(format!("{id}.png")), labels, w, h, &voc().png_palette()).unwrap();
+    write_label_png(&dir.join(format!("{id}.png")), labels, w, h, Some(&voc().png_palette())).unwrap();
 }
 
 fn write_ids(path: &Path, ids: &[&str]) {

@@ -109,7 +109,7 @@ fn masks_cams_and_overlays_have_the_documented_formats() {
     let labels: BTreeMap<&str, Vec<&str>> =
         [("a", vec!["dog"]), ("b", vec!["person", "cat"]), ("c", vec!["tvmonitor", "aeroplane", "bus"])].into_iter().collect();
     write_json(&tmp.path().join("labels.json"), &serde_json::json!(labels));
-    let r = run(generate(tmp.path()).arg("--images").arg(&imgs).arg("--labels").arg(tmp.path().join("labels.json")).arg("--out").arg(&out).args(["--save-cams", "--overlays"]));
+    let r = run(generate(tmp.path()).arg("--images").arg(&imgs).arg("--labels").arg(tmp.path().join("labels.json")).arg("--out").arg(&out).args(["--save-cams", "--overlays", "--mask-format", "palette"]));
     assert_eq!(r.code, Some(0), "{}", r.show());
     assert_eq!(summary(&r.stderr), (3, 3, 0, 0), "{}", r.show());
     assert!(!out.join("failures.jsonl").exists());

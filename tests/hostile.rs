@@ -786,10 +786,10 @@ fn eval_names_the_mismatched_ids_and_the_allow_missing_hint() {
     std::fs::create_dir_all(&pred).unwrap();
     let pal = clipmask::config::DatasetConfig::resolve("voc12").unwrap().png_palette();
     for id in ["im0", "im1", "im2"] {
-        clipmask::outputs::write_label_png(&gt.join(format!("{id}.png")), &[0, 1, 1, 0], 2, 2, &pal).unwrap();
+        clipmask::outputs::write_label_png(&gt.join(format!("{id}.png")), &[0, 1, 1, 0], 2, 2, Some(&pal)).unwrap();
     }
-    clipmask::outputs::write_label_png(&pred.join("im0.png"), &[0, 1, 1, 0], 2, 2, &pal).unwrap();
-    clipmask::outputs::write_label_png(&pred.join("stray.png"), &[0, 1, 1, 0], 2, 2, &pal).unwrap();
+    clipmask::outputs::write_label_png(&pred.join("im0.png"), &[0, 1, 1, 0], 2, 2, Some(&pal)).unwrap();
+    clipmask::outputs::write_label_png(&pred.join("stray.png"), &[0, 1, 1, 0], 2, 2, Some(&pal)).unwrap();
     let r = run(clipmask(&tmp.path().join("cache")).args([
         "eval",
         "--config",

@@ -113,8 +113,8 @@ fn generate(dir: &Path, args: &Args, config: &DatasetConfig) -> Result<()> {
     (0..args.count).into_par_iter().try_for_each(|i| -> Result<()> {
         let (gt, pred) = pair(i, args.width as usize, args.height as usize, n_classes);
         let id = format!("{i:06}");
-        write_label_png(&dir.join("gt").join(format!("{id}.png")), &gt, args.width, args.height, &palette)?;
-        write_label_png(&dir.join("pred").join(format!("{id}.png")), &pred, args.width, args.height, &palette)?;
+        write_label_png(&dir.join("gt").join(format!("{id}.png")), &gt, args.width, args.height, Some(&palette))?;
+        write_label_png(&dir.join("pred").join(format!("{id}.png")), &pred, args.width, args.height, Some(&palette))?;
         Ok(())
     })?;
     std::fs::write(&marker, stamp).with_context(|| format!("cannot write {}", marker.display()))?;

@@ -43,6 +43,12 @@ pub struct CrfCmdArgs {
     pub max_pixels: u64,
     #[command(flatten)]
     pub crf: CrfArgs,
+    /// Label PNG format. gray (default): 8-bit grayscale, value = class id (0 background,
+    /// 255 ignore), which PIL, OpenCV and imageio all decode to the ids (ToCo, AFA, WeCLIP, IRN,
+    /// detectron2, mmseg with cv2). palette: the VOC-style coloured file, viewable, but only PIL
+    /// decodes it to ids; OpenCV and imageio return colours or luminance.
+    #[arg(long, value_enum, default_value = "gray")]
+    pub mask_format: crate::outputs::MaskFormat,
 }
 
 pub fn run(args: &CrfCmdArgs) -> Result<i32> {
@@ -91,7 +97,8 @@ pub fn run(args: &CrfCmdArgs) -> Result<i32> {
                 if opts.save_confidence {
                     write_confidence(&output_path(&args.out, "confidence", id, "npy")?, conf, h as u32, w as u32)?;
                 }
-                write_label_png(&output_path(&args.out, "masks", id, "png")?, &labels, w as u32, h as u32, &palette)
+                let png_palette = (args.mask_format == crate::outputs::MaskFormat::Palette).then_some(&palette[..]);
+                write_label_png(&output_path(&args.out, "masks", id, "png")?, &labels, w as u32, h as u32, png_palette)
             })();
             bar.inc(1);
             let r = r.map_err(|e| Failure { id: id.clone(), path: path.display().to_string(), reason: super::format_error(&e) });

@@ -8,8 +8,10 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 #[command(after_long_help = "OUTPUTS
-  OUT/masks/<id>.png     8-bit palette PNG (config palette): 0 = background, class id = index in
-                         the config + 1, 255 = ignore. Read with numpy.array(PIL.Image.open(p)).
+  OUT/masks/<id>.png     8-bit grayscale PNG (--mask-format gray, default): value = class id,
+                         0 = background, class id = index in the config + 1, 255 = ignore. PIL,
+                         cv2.imread and imageio all read the ids. --mask-format palette writes the
+                         same ids as a palette PNG (config colours; only PIL reads the ids).
   OUT/cams/<id>.npz      with --save-cams; numpy.load(p) gives `keys` (int64, 0-based class
                          indices of the image's labels, in label order), `cams` (float32, K x H x W,
                          CAA-refined maps at original resolution) and `raw_cams` (float32,
@@ -89,6 +91,13 @@ pub struct GenerateArgs {
     /// as the reference does (moves maps by ~1e-3).
     #[arg(long)]
     pub exact_positions: bool,
+    /// Label PNG format. gray (default): 8-bit grayscale, value = class id (0 background,
+    /// 255 ignore), which PIL, OpenCV and imageio all decode to the ids (ToCo, AFA, WeCLIP, IRN,
+    /// detectron2, mmseg with cv2). palette: the VOC-style coloured file, viewable, but only PIL
+    /// decodes it to ids; OpenCV and imageio return colours or luminance.
+    #[arg(long, value_enum, default_value = "gray")]
+    pub mask_format: crate::outputs::MaskFormat,
+
     /// Refine the labels with a dense CRF (method §6: unary -log P on P = [bg; maps], Potts
     /// Gaussian + bilateral kernels, 10 mean-field iterations; parameters from the config's
     /// "crf" section) and mark pixels below --confidence as 255. Alpha 1 is CLIP-ES's choice.
@@ -247,6 +256,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
         overlays: args.overlays,
         overwrite: args.overwrite,
         max_pixels: args.max_pixels,
+        mask_format: args.mask_format,
     };
     let s = generate(&model, &text, &cfg, items, &opts, interrupt.stop_flag())?;
     eprintln!(
