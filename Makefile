@@ -8,7 +8,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export CLIPMASK_PYTHON := $(VENV)/bin/python
 BIN := target/release/clipmask
 
-.PHONY: all venv build test demo bench clean
+.PHONY: all venv build test lint demo bench clean
 
 all: build
 
@@ -22,6 +22,12 @@ test: venv
 	@bash scripts/setup-system.sh
 	cargo build --release
 	cargo test --release -- --test-threads=1
+
+# Format, lints and docs, warnings as errors (CI runs it after the tests).
+lint: venv
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps
 
 demo: build
 	bash scripts/demo.sh

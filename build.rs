@@ -15,10 +15,7 @@ fn torch_lib_dir() -> Option<PathBuf> {
         None => PathBuf::from("python3"),
     };
     let out = Command::new(python)
-        .args([
-            "-c",
-            "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
-        ])
+        .args(["-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])
         .output()
         .ok()?;
     if !out.status.success() {

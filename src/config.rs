@@ -80,8 +80,7 @@ fn is_default_crf(p: &crate::crf::CrfParams) -> bool {
 
 impl DatasetConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         Self::parse(&text, &path.display().to_string())
     }
 

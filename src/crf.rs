@@ -153,10 +153,7 @@ pub fn dense_crf(
 
     let mut kernels = Vec::new();
     if params.gaussian_weight != 0.0 {
-        anyhow::ensure!(
-            params.gaussian_sxy > 0.0,
-            "dense_crf: gaussian_sxy must be > 0"
-        );
+        anyhow::ensure!(params.gaussian_sxy > 0.0, "dense_crf: gaussian_sxy must be > 0");
         let f = gaussian_features(width, height, params.gaussian_sxy);
         kernels.push(Kernel::new(&f, 2, n, params.gaussian_weight));
     }
@@ -165,13 +162,7 @@ pub fn dense_crf(
             params.bilateral_sxy > 0.0 && params.bilateral_srgb > 0.0,
             "dense_crf: bilateral_sxy and bilateral_srgb must be > 0"
         );
-        let f = bilateral_features(
-            image,
-            width,
-            height,
-            params.bilateral_sxy,
-            params.bilateral_srgb,
-        );
+        let f = bilateral_features(image, width, height, params.bilateral_sxy, params.bilateral_srgb);
         kernels.push(Kernel::new(&f, 5, n, params.bilateral_weight));
     }
     Ok(mean_field(probs, n, n_labels, &kernels, params.iterations))
@@ -180,22 +171,10 @@ pub fn dense_crf(
 /// Argmax of the marginals per pixel (first maximum on ties, like numpy and Eigen), mapped
 /// through `ids[channel]`; pixels whose maximum marginal is below `confidence` become 255
 /// (method.md §6). Also returns the maximum marginal per pixel (confidence map).
-pub fn labels_from_marginals(
-    q: &[f32],
-    n_labels: usize,
-    ids: &[u8],
-    confidence: f32,
-) -> (Vec<u8>, Vec<f32>) {
+pub fn labels_from_marginals(q: &[f32], n_labels: usize, ids: &[u8], confidence: f32) -> (Vec<u8>, Vec<f32>) {
     assert!(n_labels > 0, "labels_from_marginals: no labels");
-    assert_eq!(
-        q.len() % n_labels,
-        0,
-        "labels_from_marginals: q is not C*H*W"
-    );
-    assert!(
-        ids.len() >= n_labels,
-        "labels_from_marginals: fewer ids than labels"
-    );
+    assert_eq!(q.len() % n_labels, 0, "labels_from_marginals: q is not C*H*W");
+    assert!(ids.len() >= n_labels, "labels_from_marginals: fewer ids than labels");
     let n = q.len() / n_labels;
     let mut best = q[..n].to_vec();
     let mut arg = vec![0usize; n];
@@ -208,11 +187,7 @@ pub fn labels_from_marginals(
             }
         }
     }
-    let labels = arg
-        .iter()
-        .zip(&best)
-        .map(|(&a, &b)| if b < confidence { 255 } else { ids[a] })
-        .collect();
+    let labels = arg.iter().zip(&best).map(|(&a, &b)| if b < confidence { 255 } else { ids[a] }).collect();
     (labels, best)
 }
 
@@ -278,14 +253,7 @@ impl KeyTable {
     fn new(expected: usize) -> Self {
         let cap = (expected + expected / 2).next_power_of_two().max(16);
         KeyTable {
-            slots: vec![
-                Slot {
-                    lo: 0,
-                    hi: 0,
-                    id: EMPTY
-                };
-                cap
-            ],
+            slots: vec![Slot { lo: 0, hi: 0, id: EMPTY }; cap],
             keys: Vec::with_capacity(expected),
             mask: cap - 1,
             bits: Vec::new(),
@@ -373,25 +341,14 @@ impl KeyTable {
     }
     fn grow(&mut self) {
         let cap = self.slots.len() * 2;
-        self.slots = vec![
-            Slot {
-                lo: 0,
-                hi: 0,
-                id: EMPTY
-            };
-            cap
-        ];
+        self.slots = vec![Slot { lo: 0, hi: 0, id: EMPTY }; cap];
         self.mask = cap - 1;
         for (i, &k) in self.keys.iter().enumerate() {
             let mut h = Self::hash(k) & self.mask;
             while self.slots[h].id != EMPTY {
                 h = (h + 1) & self.mask;
             }
-            self.slots[h] = Slot {
-                lo: k as u64,
-                hi: (k >> 64) as u64,
-                id: i as u32,
-            };
+            self.slots[h] = Slot { lo: k as u64, hi: (k >> 64) as u64, id: i as u32 };
         }
     }
 }
@@ -438,11 +395,7 @@ impl Elevator {
             // 1.0 / sqrt( (i+2)*(i+1) ) * inv_std_dev, in double, stored as float
             *s = (1.0 / (((i + 2) * (i + 1)) as f64).sqrt() * inv_std_dev as f64) as f32;
         }
-        Elevator {
-            d,
-            scale,
-            canonical,
-        }
+        Elevator { d, scale, canonical }
     }
 
     /// For r in 0..=d: the key of the simplex's remainder-r vertex, its barycentric weight, and
@@ -536,21 +489,10 @@ impl Elevator {
     /// `simplex` for every pixel of `features` (pixel-major, d per pixel), writing d+1 keys,
     /// weights and directions per pixel. Blocks of 8 pixels take the vectorised path for the
     /// dimensions the kernels use (2 and 5); results are identical to `simplex`.
-    fn simplices(
-        &self,
-        isa: Isa,
-        features: &[f32],
-        keys: &mut [u128],
-        bary: &mut [f32],
-        dirs: &mut [u8],
-    ) {
+    fn simplices(&self, isa: Isa, features: &[f32], keys: &mut [u128], bary: &mut [f32], dirs: &mut [u8]) {
         let (d, dp1) = (self.d, self.d + 1);
         let n = features.len() / d;
-        let blocks = if d == 2 || d == 5 {
-            n / SIMPLEX_LANES
-        } else {
-            0
-        };
+        let blocks = if d == 2 || d == 5 { n / SIMPLEX_LANES } else { 0 };
         for b in 0..blocks {
             let (p, v) = (b * SIMPLEX_LANES * d, b * SIMPLEX_LANES * dp1);
             let f = &features[p..p + SIMPLEX_LANES * d];
@@ -572,12 +514,7 @@ impl Elevator {
         }
         for i in blocks * SIMPLEX_LANES..n {
             let r = i * dp1..(i + 1) * dp1;
-            self.simplex(
-                &features[i * d..(i + 1) * d],
-                &mut keys[r.clone()],
-                &mut bary[r.clone()],
-                &mut dirs[r],
-            );
+            self.simplex(&features[i * d..(i + 1) * d], &mut keys[r.clone()], &mut bary[r.clone()], &mut dirs[r]);
         }
     }
 
@@ -585,13 +522,7 @@ impl Elevator {
     /// order, so every lane's result is bit-identical to `simplex`. The data-dependent indexing
     /// of the scalar version (by rank) becomes selects, which is what lets it vectorise.
     #[inline(always)]
-    fn simplex8_impl<const D: usize>(
-        &self,
-        f: &[f32],
-        keys: &mut [u128],
-        bary: &mut [f32],
-        dirs: &mut [u8],
-    ) {
+    fn simplex8_impl<const D: usize>(&self, f: &[f32], keys: &mut [u128], bary: &mut [f32], dirs: &mut [u8]) {
         const L: usize = SIMPLEX_LANES;
         type V = [f32; L];
         let inv_dp1 = 1.0f32 / (D as f32 + 1.0);
@@ -674,11 +605,7 @@ impl Elevator {
         for r in 0..=D {
             for i in 0..D {
                 for l in 0..L {
-                    let c = if rank[i][l] <= (D - r) as f32 {
-                        r as f32
-                    } else {
-                        r as f32 - dp1
-                    };
+                    let c = if rank[i][l] <= (D - r) as f32 { r as f32 } else { r as f32 - dp1 };
                     key[r][i][l] = rem0[i][l] + c;
                 }
             }
@@ -707,12 +634,7 @@ impl Elevator {
         let mut kk = [0u128; MAX_D + 1];
         let mut bb = [0f32; MAX_D + 1];
         let mut dd = [0u8; MAX_D + 1];
-        self.simplex(
-            &[0f32; MAX_D][..self.d],
-            &mut kk[..dp1],
-            &mut bb[..dp1],
-            &mut dd[..dp1],
-        );
+        self.simplex(&[0f32; MAX_D][..self.d], &mut kk[..dp1], &mut bb[..dp1], &mut dd[..dp1]);
         kk[..dp1].to_vec()
     }
 }
@@ -770,13 +692,7 @@ impl Lattice {
             let end = (start + BLOCK).min(n);
             let len = (end - start) * dp1;
             let r = start * dp1..end * dp1;
-            el.simplices(
-                isa,
-                &features[start * d..end * d],
-                &mut kbuf[..len],
-                &mut bary[r.clone()],
-                &mut dirs[r],
-            );
+            el.simplices(isa, &features[start * d..end * d], &mut kbuf[..len], &mut bary[r.clone()], &mut dirs[r]);
             for (h, &k) in hbuf[..len].iter_mut().zip(&kbuf[..len]) {
                 *h = KeyTable::hash(k);
             }
@@ -812,10 +728,8 @@ impl Lattice {
         let mut bary = vec![0f32; n * DP1];
         const BLOCK: usize = 64;
         let (mut kk, mut dirs) = ([0u128; BLOCK * DP1], [0u8; BLOCK * DP1]);
-        for ((f, ks), bs) in features
-            .chunks(BLOCK * D)
-            .zip(keys.chunks_mut(BLOCK * DP1))
-            .zip(bary.chunks_mut(BLOCK * DP1))
+        for ((f, ks), bs) in
+            features.chunks(BLOCK * D).zip(keys.chunks_mut(BLOCK * DP1)).zip(bary.chunks_mut(BLOCK * DP1))
         {
             el.simplices(isa, f, &mut kk[..ks.len()], bs, &mut dirs[..ks.len()]);
             for (k, &p) in ks.iter_mut().zip(&kk) {
@@ -883,32 +797,15 @@ impl Lattice {
         Some(Lattice::assemble(D, n, m, offset, bary, blur))
     }
 
-    fn assemble(
-        d: usize,
-        n: usize,
-        m: usize,
-        offset: Vec<u32>,
-        bary: Vec<f32>,
-        mut blur: Vec<[u32; 2]>,
-    ) -> Lattice {
+    fn assemble(d: usize, n: usize, m: usize, offset: Vec<u32>, bary: Vec<f32>, mut blur: Vec<[u32; 2]>) -> Lattice {
         // The filter loops index vertex rows without bounds checks, relying on this.
         assert!(offset.len() == n * (d + 1) && bary.len() == n * (d + 1));
         assert!(blur.len() == (d + 1) * m);
         assert!(offset.iter().all(|&o| o as usize <= m));
-        assert!(blur
-            .iter()
-            .all(|&[a, b]| a as usize <= m && b as usize <= m));
+        assert!(blur.iter().all(|&[a, b]| a as usize <= m && b as usize <= m));
         blur.resize((d + 1) * m + BLUR_AHEAD, [0, 0]);
         let alpha = 1.0f32 / (1.0 + 2f32.powi(-(d as i32)));
-        Lattice {
-            d,
-            n,
-            m,
-            offset,
-            bary,
-            blur,
-            alpha,
-        }
+        Lattice { d, n, m, offset, bary, blur, alpha }
     }
 
     /// K·input with one value per pixel (pydensecrf `Permutohedral::compute` with value_size 1,
@@ -933,9 +830,7 @@ impl Lattice {
             .map(|i| {
                 let mut acc = 0f32;
                 for r in 0..dp1 {
-                    acc += self.bary[i * dp1 + r]
-                        * src[self.offset[i * dp1 + r] as usize]
-                        * self.alpha;
+                    acc += self.bary[i * dp1 + r] * src[self.offset[i * dp1 + r] as usize] * self.alpha;
                 }
                 acc
             })
@@ -956,11 +851,7 @@ fn blur_neighbours(table: &KeyTable, d: usize, offset: &[u32], dirs: &[u8]) -> V
     let dp1 = d + 1;
     let m = table.keys.len();
     let mut blur = vec![[UNKNOWN; 2]; dp1 * m];
-    for (i, (offs, dir)) in offset
-        .chunks_exact(dp1)
-        .zip(dirs.chunks_exact(dp1))
-        .enumerate()
-    {
+    for (i, (offs, dir)) in offset.chunks_exact(dp1).zip(dirs.chunks_exact(dp1)).enumerate() {
         // Neighbouring pixels often share their simplex: its edges are already in.
         if i > 0 && offs == &offset[(i - 1) * dp1..i * dp1] {
             continue;
@@ -1078,11 +969,7 @@ impl VertexBuf {
     fn new(m: usize, w: usize) -> Self {
         let len = (m + 1) * w;
         let z = A32([0.0; 8]);
-        VertexBuf {
-            a: vec![z; len.div_ceil(8)],
-            b: vec![z; len.div_ceil(8)],
-            len,
-        }
+        VertexBuf { a: vec![z; len.div_ceil(8)], b: vec![z; len.div_ceil(8)], len }
     }
     fn both(&mut self) -> (&mut [f32], &mut [f32]) {
         let len = self.len;
@@ -1496,11 +1383,7 @@ impl Kernel {
             .iter()
             .map(|&k| (1.0 / (k as f64 + 1e-20).sqrt()) as f32)
             .collect();
-        Kernel {
-            lattice,
-            norm,
-            weight,
-        }
+        Kernel { lattice, norm, weight }
     }
 }
 
@@ -1654,13 +1537,7 @@ fn eigen_sum<const P: usize>(l: usize, v: impl Fn(usize) -> [f32; P]) -> [f32; P
 /// blurs every kernel's splatted input, then one pass over the pixels slices the messages,
 /// updates Q and splats it for the next iteration, so each pixel's vertex rows are visited
 /// once per iteration.
-fn mean_field(
-    probs: &[f32],
-    n: usize,
-    l: usize,
-    kernels: &[Kernel],
-    iterations: usize,
-) -> Vec<f32> {
+fn mean_field(probs: &[f32], n: usize, l: usize, kernels: &[Kernel], iterations: usize) -> Vec<f32> {
     let isa = detect_isa();
     let w = if l <= 2 { l } else { l.div_ceil(4) * 4 };
     // -unary = log(clip(P, 1e-5, 1)) (pydensecrf.utils.unary_from_softmax; np.clip = min(max)).
@@ -1676,15 +1553,8 @@ fn mean_field(
     // Q0 = softmax(-unary)
     let mut q = neg_unary.clone();
     softmax_rows(&mut q, w, l);
-    let order = if l <= 2 {
-        SliceOrder::Seq
-    } else {
-        SliceOrder::Sse
-    };
-    let mut bufs: Vec<VertexBuf> = kernels
-        .iter()
-        .map(|k| VertexBuf::new(k.lattice.m, w))
-        .collect();
+    let order = if l <= 2 { SliceOrder::Seq } else { SliceOrder::Sse };
+    let mut bufs: Vec<VertexBuf> = kernels.iter().map(|k| VertexBuf::new(k.lattice.m, w)).collect();
     if iterations > 0 {
         let mut pass: Vec<PassKernel> = kernels
             .iter()
@@ -1712,14 +1582,7 @@ fn mean_field(
             }
             // `src` holds the blurred values; the other buffer receives the next splat.
             let next = (it + 1 < iterations).then_some(dst);
-            pass.push(PassKernel {
-                lat,
-                norm: &k.norm,
-                neg_w: -k.weight,
-                blurred: src,
-                next,
-                zeroed: 0,
-            });
+            pass.push(PassKernel { lat, norm: &k.norm, neg_w: -k.weight, blurred: src, next, zeroed: 0 });
         }
         dispatch!(isa, w, update(l, order, &neg_unary, &mut q, &mut pass));
         drop(pass);
@@ -1748,10 +1611,7 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> f32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((self.0 >> 40) as f32) / (1u64 << 24) as f32
         }
     }
@@ -1791,28 +1651,16 @@ mod tests {
                 })
                 .collect();
             for isa in [Isa::Base, detect_isa()] {
-                let (mut k, mut b, mut r) = (
-                    vec![0u128; n * dp1],
-                    vec![0f32; n * dp1],
-                    vec![0u8; n * dp1],
-                );
+                let (mut k, mut b, mut r) = (vec![0u128; n * dp1], vec![0f32; n * dp1], vec![0u8; n * dp1]);
                 el.simplices(isa, &f, &mut k, &mut b, &mut r);
                 for i in 0..n {
-                    let (mut k1, mut b1, mut r1) =
-                        ([0u128; MAX_D + 1], [0f32; MAX_D + 1], [0u8; MAX_D + 1]);
-                    el.simplex(
-                        &f[i * d..(i + 1) * d],
-                        &mut k1[..dp1],
-                        &mut b1[..dp1],
-                        &mut r1[..dp1],
-                    );
+                    let (mut k1, mut b1, mut r1) = ([0u128; MAX_D + 1], [0f32; MAX_D + 1], [0u8; MAX_D + 1]);
+                    el.simplex(&f[i * d..(i + 1) * d], &mut k1[..dp1], &mut b1[..dp1], &mut r1[..dp1]);
                     let s = i * dp1..(i + 1) * dp1;
                     assert_eq!(&k[s.clone()], &k1[..dp1], "keys, d={d} pixel {i}");
                     assert_eq!(&r[s.clone()], &r1[..dp1], "directions, d={d} pixel {i}");
-                    let (bv, bs): (Vec<u32>, Vec<u32>) = (
-                        b[s].iter().map(|x| x.to_bits()).collect(),
-                        b1[..dp1].iter().map(|x| x.to_bits()).collect(),
-                    );
+                    let (bv, bs): (Vec<u32>, Vec<u32>) =
+                        (b[s].iter().map(|x| x.to_bits()).collect(), b1[..dp1].iter().map(|x| x.to_bits()).collect());
                     assert_eq!(bv, bs, "weights, d={d} pixel {i}");
                 }
             }
@@ -1831,10 +1679,7 @@ mod tests {
             let mut rng = Lcg(5);
             let x: Vec<f32> = (0..n).map(|_| rng.next()).collect();
             for reverse in [false, true] {
-                assert_eq!(
-                    dense.filter_scalar(&x, reverse),
-                    hashed.filter_scalar(&x, reverse)
-                );
+                assert_eq!(dense.filter_scalar(&x, reverse), hashed.filter_scalar(&x, reverse));
             }
         }
     }
@@ -1845,10 +1690,7 @@ mod tests {
         let n = w * h;
         let mut rng = Lcg(7);
         let img: Vec<u8> = (0..n * 3).map(|_| (rng.next() * 255.0) as u8).collect();
-        for (d, f) in [
-            (2, gaussian_features(w, h, 3.0)),
-            (5, bilateral_features(&img, w, h, 5.0, 20.0)),
-        ] {
+        for (d, f) in [(2, gaussian_features(w, h, 3.0)), (5, bilateral_features(&img, w, h, 5.0, 20.0))] {
             let lat = Lattice::new(&f, d, n);
             let ones = vec![1f32; n];
             let k1 = filter1(&lat, &ones, false);
@@ -1864,28 +1706,17 @@ mod tests {
             }
             let a: Vec<f32> = (0..n).map(|_| rng.next()).collect();
             let b: Vec<f32> = (0..n).map(|_| rng.next()).collect();
-            let dot = |x: &[f32], y: &[f32]| {
-                x.iter()
-                    .zip(y)
-                    .map(|(p, q)| (*p as f64) * (*q as f64))
-                    .sum::<f64>()
-            };
+            let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| (*p as f64) * (*q as f64)).sum::<f64>();
             let kb = filter1(&lat, &b, false);
             let ka = filter1(&lat, &a, false);
             let kta = filter1(&lat, &a, true);
             // Exact transpose: <a, K b> == <K^T a, b>, K^T = the reverse blur order.
             let (x, y) = (dot(&a, &kb), dot(&kta, &b));
-            assert!(
-                (x - y).abs() <= 1e-5 * x.abs(),
-                "transpose d={d}: {x} vs {y}"
-            );
+            assert!((x - y).abs() <= 1e-5 * x.abs(), "transpose d={d}: {x} vs {y}");
             // The forward filter is symmetric up to the (small) non-commutativity of the blur
             // directions on a sparse lattice.
             let z = dot(&ka, &b);
-            assert!(
-                (x - z).abs() <= 1e-2 * x.abs(),
-                "symmetry d={d}: {x} vs {z}"
-            );
+            assert!((x - z).abs() <= 1e-2 * x.abs(), "symmetry d={d}: {x} vs {z}");
         }
     }
 
@@ -1897,24 +1728,14 @@ mod tests {
         let mut rng = Lcg(3);
         let probs: Vec<f32> = (0..n * l).map(|_| rng.next()).collect();
         let img = vec![0u8; n * 3];
-        let p = CrfParams {
-            iterations: 0,
-            ..CrfParams::default()
-        };
+        let p = CrfParams { iterations: 0, ..CrfParams::default() };
         let q = dense_crf(&img, w, h, &probs, l, &p).unwrap();
         for i in 0..n {
-            let col: Vec<f64> = (0..l)
-                .map(|c| (probs[c * n + i] as f64).clamp(1e-5, 1.0))
-                .collect();
+            let col: Vec<f64> = (0..l).map(|c| (probs[c * n + i] as f64).clamp(1e-5, 1.0)).collect();
             let s: f64 = col.iter().sum();
             for c in 0..l {
                 let want = col[c] / s;
-                assert!(
-                    (q[c * n + i] as f64 - want).abs() < 1e-6,
-                    "{} vs {}",
-                    q[c * n + i],
-                    want
-                );
+                assert!((q[c * n + i] as f64 - want).abs() < 1e-6, "{} vs {}", q[c * n + i], want);
             }
         }
         // eigen_pexp agrees with exp to float precision over the range the softmax sees.
@@ -1959,14 +1780,9 @@ mod tests {
     fn faithful_image_wraps_like_numpy() {
         // Values checked against numpy: (np.array([[[r,g,b]]],uint8)[..., ::-1]
         //   - [104.008, 116.669, 122.675]).astype(np.uint8)
-        let rgb = [
-            0u8, 0, 0, 122, 116, 104, 123, 117, 105, 255, 255, 255, 10, 200, 104,
-        ];
+        let rgb = [0u8, 0, 0, 122, 116, 104, 123, 117, 105, 255, 255, 255, 10, 200, 104];
         let out = crf_image(&rgb, CrfImage::Faithful);
-        assert_eq!(
-            out,
-            vec![152, 140, 134, 0, 0, 0, 0, 0, 0, 150, 138, 132, 0, 83, 144]
-        );
+        assert_eq!(out, vec![152, 140, 134, 0, 0, 0, 0, 0, 0, 150, 138, 132, 0, 83, 144]);
         assert_eq!(crf_image(&rgb, CrfImage::Rgb), rgb.to_vec());
     }
 }

@@ -136,8 +136,10 @@ pub fn validate_id(id: &str) -> Result<(), String> {
 }
 
 /// Image file extensions looked up for an id, in order (one list for every command).
-pub const IMAGE_EXTENSIONS: &[&str] =
-    &["jpg", "jpeg", "png", "JPG", "JPEG", "PNG", "bmp", "BMP", "gif", "GIF", "webp", "WEBP", "tif", "tiff", "TIF", "TIFF"];
+pub const IMAGE_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "png", "JPG", "JPEG", "PNG", "bmp", "BMP", "gif", "GIF", "webp", "WEBP", "tif", "tiff", "TIF",
+    "TIFF",
+];
 
 /// `<dir>/<id>.<ext>` for the first extension of [`IMAGE_EXTENSIONS`] that exists. The id must
 /// be valid ([`validate_id`]); an invalid one finds nothing.
@@ -260,7 +262,8 @@ pub fn read_coco_instances(path: &Path, cfg: &DatasetConfig) -> Result<(RawLabel
         let id = Path::new(&img.file_name).file_stem().unwrap_or_default().to_string_lossy().into_owned();
         match per_image.get(&img.id) {
             Some(present) => {
-                let names = present.iter().enumerate().filter(|(_, &p)| p).map(|(k, _)| cfg.classes[k].name.clone()).collect();
+                let names =
+                    present.iter().enumerate().filter(|(_, &p)| p).map(|(k, _)| cfg.classes[k].name.clone()).collect();
                 out.insert(id, names);
             }
             None => skipped += 1,

@@ -57,7 +57,8 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
 /// 600 MB file is hashed once, not at every start.
 pub fn model_digest(path: &Path) -> Result<String> {
     let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let mtime =
+        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let key = format!("{}|{}|{}", canonical.display(), meta.len(), mtime);
     let index = cache_dir().join("digests.json");
@@ -99,7 +100,8 @@ fn hex(bytes: &[u8]) -> String {
 pub fn download(url: &str, dest: &Path, expected_sha: &str) -> Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.part-{}", dest.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let tmp =
+        dir.join(format!(".{}.part-{}", dest.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
     let result = (|| -> Result<String> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_connect(Some(std::time::Duration::from_secs(20)))

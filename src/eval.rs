@@ -180,7 +180,8 @@ impl ConfusionMatrix {
     fn add_histogram(&mut self, hist: &[u32]) -> Result<(), LabelError> {
         let n = self.n;
         let first_nonzero = |row: &[u32]| row.iter().position(|&c| c != 0);
-        let pred_error = |value: usize| LabelError::OutOfRange { in_ground_truth: false, value: value as u8, n_classes: n };
+        let pred_error =
+            |value: usize| LabelError::OutOfRange { in_ground_truth: false, value: value as u8, n_classes: n };
         for g in 0..256usize {
             let row = &hist[g << 8..(g + 1) << 8];
             if g >= n && g != 255 {
@@ -566,7 +567,10 @@ impl EvalReport {
                 alphas: self
                     .variants
                     .iter()
-                    .map(|v| AlphaJson { alpha: v.alpha.unwrap_or(f32::NAN), metrics: MetricsJson::new(names, &v.metrics) })
+                    .map(|v| AlphaJson {
+                        alpha: v.alpha.unwrap_or(f32::NAN),
+                        metrics: MetricsJson::new(names, &v.metrics),
+                    })
                     .collect(),
                 best_alpha: self.variants[self.best].alpha,
                 best_miou: self.best_metrics().miou,
@@ -592,7 +596,11 @@ impl EvalReport {
         if let Some(alpha) = self.variants[self.best].alpha {
             let _ = writeln!(s, "per-class scores at alpha = {alpha}");
         }
-        let _ = writeln!(s, "{:<width$}  {:>6}  {:>6}  {:>12}  {:>12}  {:>10}", "class", "IoU", "acc", "gt px", "pred px", "ignored");
+        let _ = writeln!(
+            s,
+            "{:<width$}  {:>6}  {:>6}  {:>12}  {:>12}  {:>10}",
+            "class", "IoU", "acc", "gt px", "pred px", "ignored"
+        );
         for (name, c) in self.class_names.iter().zip(&m.per_class) {
             let _ = writeln!(
                 s,
@@ -611,16 +619,40 @@ impl EvalReport {
             for v in &self.variants {
                 let a = v.alpha.unwrap_or(f32::NAN);
                 let vm = &v.metrics;
-                let _ = writeln!(s, "{:>6}  {}  {}  {}  {}", a, pct(vm.miou), pct(vm.pixel_accuracy), pct(vm.mean_accuracy), pct(vm.fw_iou));
+                let _ = writeln!(
+                    s,
+                    "{:>6}  {}  {}  {}  {}",
+                    a,
+                    pct(vm.miou),
+                    pct(vm.pixel_accuracy),
+                    pct(vm.mean_accuracy),
+                    pct(vm.fw_iou)
+                );
             }
-            let _ = writeln!(s, "best alpha: {} (mIoU {})", self.variants[self.best].alpha.unwrap_or(f32::NAN), pct(m.miou).trim());
+            let _ = writeln!(
+                s,
+                "best alpha: {} (mIoU {})",
+                self.variants[self.best].alpha.unwrap_or(f32::NAN),
+                pct(m.miou).trim()
+            );
             let _ = writeln!(s);
         }
-        let _ = writeln!(s, "mIoU               {} %  (over {} classes present in the ground truth)", pct(m.miou), m.classes_in_gt);
+        let _ = writeln!(
+            s,
+            "mIoU               {} %  (over {} classes present in the ground truth)",
+            pct(m.miou),
+            m.classes_in_gt
+        );
         let _ = writeln!(s, "pixel accuracy     {} %", pct(m.pixel_accuracy));
         let _ = writeln!(s, "mean accuracy      {} %", pct(m.mean_accuracy));
         let _ = writeln!(s, "frequency-w. IoU   {} %", pct(m.fw_iou));
-        let _ = writeln!(s, "ignored (pred 255) {} %  ({} of {} valid pixels)", pct(m.ignored_fraction), m.ignored_pixels, m.valid_pixels);
+        let _ = writeln!(
+            s,
+            "ignored (pred 255) {} %  ({} of {} valid pixels)",
+            pct(m.ignored_fraction),
+            m.ignored_pixels,
+            m.valid_pixels
+        );
         let _ = writeln!(s, "mIoU on kept px    {} %", pct(m.miou_kept));
         let _ = writeln!(s, "images             {} evaluated, {} skipped", self.images, self.skipped.len());
         s
@@ -686,7 +718,11 @@ fn read_split(path: &Path) -> Result<Vec<String>> {
 /// agree.
 fn resolve_ids(args: &EvalArgs, pred_dir: &Path, pred_ext: &str) -> Result<(Vec<String>, Vec<String>)> {
     let gt = stems(args.gt_dir(), "png").context("ground-truth directory (--gt)")?;
-    let pred = stems(pred_dir, pred_ext).context(if pred_ext == "npz" { "CAM directory (--cams)" } else { "prediction directory (--pred)" })?;
+    let pred = stems(pred_dir, pred_ext).context(if pred_ext == "npz" {
+        "CAM directory (--cams)"
+    } else {
+        "prediction directory (--pred)"
+    })?;
     let ids = match &args.split {
         Some(split) => read_split(split)?,
         None => {
@@ -756,7 +792,14 @@ fn resolve_ids(args: &EvalArgs, pred_dir: &Path, pred_ext: &str) -> Result<(Vec<
 }
 
 /// An archive's maps for `key`, validated against the config and the ground-truth size.
-fn load_cams(path: &Path, key: CamKey, n_classes: usize, gt_w: u32, gt_h: u32, gt_path: &Path) -> Result<(Array3<f32>, Vec<i64>)> {
+fn load_cams(
+    path: &Path,
+    key: CamKey,
+    n_classes: usize,
+    gt_w: u32,
+    gt_h: u32,
+    gt_path: &Path,
+) -> Result<(Array3<f32>, Vec<i64>)> {
     let archive = CamArchive::read(path)?;
     let maps = match key {
         CamKey::Cams => archive.cams,
@@ -790,15 +833,12 @@ fn cam_key_name(key: CamKey) -> &'static str {
     }
 }
 
+/// Ground truth, its width and height, and one predicted label map per variant.
+type Pair = (Vec<u8>, u32, u32, Vec<Vec<u8>>);
+
 /// Ground truth and one predicted label map per variant for `id`.
 /// Ground truth may be ids (gray or palette PNG) or colours of the config's palette (RGB).
-fn load_pair(
-    source: &Source,
-    gt_dir: &Path,
-    id: &str,
-    n_classes: usize,
-    palette: &[u8],
-) -> Result<(Vec<u8>, u32, u32, Vec<Vec<u8>>)> {
+fn load_pair(source: &Source, gt_dir: &Path, id: &str, n_classes: usize, palette: &[u8]) -> Result<Pair> {
     let gt_path = gt_dir.join(format!("{id}.png"));
     let (gt, gw, gh) = read_label_png_colours(&gt_path, palette)?;
     let preds = match source {
@@ -863,7 +903,11 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
     };
     let (ids, skipped) = resolve_ids(args, pred_dir, ext)?;
     if !skipped.is_empty() {
-        eprintln!("eval: skipping {} ids without prediction or ground truth: {}", skipped.len(), list_some(&skipped.iter().map(String::as_str).collect::<Vec<_>>()));
+        eprintln!(
+            "eval: skipping {} ids without prediction or ground truth: {}",
+            skipped.len(),
+            list_some(&skipped.iter().map(String::as_str).collect::<Vec<_>>())
+        );
     }
     let n_variants = match &source {
         Source::Labels(_) => 1,
@@ -875,7 +919,11 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
         .enumerate()
         .try_fold(new_acc, |mut acc, (i, id)| -> Result<Acc> {
             let (gt, _, _, preds) = load_pair(&source, args.gt_dir(), id, n, &palette)?;
-            let mut score = ImageScore { id: id.clone(), miou: Vec::with_capacity(n_variants), pixel_accuracy: Vec::with_capacity(n_variants) };
+            let mut score = ImageScore {
+                id: id.clone(),
+                miou: Vec::with_capacity(n_variants),
+                pixel_accuracy: Vec::with_capacity(n_variants),
+            };
             for (total, pred) in acc.totals.iter_mut().zip(&preds) {
                 let mut cm = ConfusionMatrix::new(n);
                 cm.accumulate(&gt, pred).map_err(|e| label_error(e, &source, args.gt_dir(), id))?;
@@ -991,8 +1039,8 @@ fn colour_panel(labels: &[u8], w: u32, h: u32, palette: &[u8], base: Option<&ima
         if base.is_none() {
             px.0 = [c[0], c[1], c[2]];
         } else if l != 0 {
-            for i in 0..3 {
-                px.0[i] = (px.0[i] as f32 * (1.0 - OPACITY) + c[i] as f32 * OPACITY).round() as u8;
+            for (o, &ci) in px.0.iter_mut().zip(c) {
+                *o = (*o as f32 * (1.0 - OPACITY) + ci as f32 * OPACITY).round() as u8;
             }
         }
     }
@@ -1021,7 +1069,13 @@ fn save_image(path: &Path, img: &image::RgbImage, jpeg: bool) -> Result<()> {
 
 /// Per image `images/<id>.{jpg,png}` (photo | prediction | ground truth) and
 /// `thumbs/<id>.{jpg,png}`, then `index.html` with the images worst-first.
-fn write_report(dir: &Path, args: &EvalArgs, source: &Source, config: &DatasetConfig, report: &EvalReport) -> Result<()> {
+fn write_report(
+    dir: &Path,
+    args: &EvalArgs,
+    source: &Source,
+    config: &DatasetConfig,
+    report: &EvalReport,
+) -> Result<()> {
     let n = report.class_names.len();
     let palette = config.png_palette();
     let best = report.best;
@@ -1104,7 +1158,11 @@ fn report_html(report: &EvalReport, order: &[&ImageScore], ext: &str, palette: &
         html_escape(&title)
     );
     if let Some(a) = report.variants[best].alpha {
-        let _ = writeln!(s, "<p>CAM labels ({}) at the best alpha = {a}.</p>", report.cam_key.map(cam_key_name).unwrap_or(""));
+        let _ = writeln!(
+            s,
+            "<p>CAM labels ({}) at the best alpha = {a}.</p>",
+            report.cam_key.map(cam_key_name).unwrap_or("")
+        );
     }
     // Summary and per-class tables side by side, so that the worst images start on screen.
     let _ = writeln!(s, "<div class=\"row\"><div><h2>Summary</h2>\n<table>");

@@ -43,7 +43,8 @@ pub fn cache_dir() -> PathBuf {
 }
 
 fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
 /// Files tried, in order: Hugging Face CLIPModel (weights + config.json), then OpenCLIP.
@@ -92,7 +93,13 @@ pub fn fetch(repo_id: &str) -> Result<HubModel> {
             dir.display()
         );
     }
-    bail!("model {repo_id:?}: no CLIP checkpoint found on the Hugging Face Hub or in {} (looked for {tried})", dir.display())
+    let released: Vec<&str> = crate::download::RELEASED.iter().map(|r| r.0).collect();
+    bail!(
+        "model {repo_id:?} is not a file, not a released name ({}), and no CLIP checkpoint was found for it on \
+         the Hugging Face Hub or in {} (looked for {tried})",
+        released.join(", "),
+        dir.display()
+    )
 }
 
 /// The activation named by configs beside a local checkpoint (a downloaded Hub snapshot or a

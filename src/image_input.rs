@@ -6,7 +6,10 @@ use image::RgbImage;
 use std::path::Path;
 use tch::Tensor;
 
+// OpenAI's published constants, digit for digit.
+#[allow(clippy::excessive_precision)]
 pub const MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
 pub const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Default pixel budget (`--max-pixels`): images whose header claims more pixels are refused
@@ -73,7 +76,8 @@ pub fn decode_rgb_limited(data: &[u8], path: &Path, max_pixels: u64) -> Result<R
     }
     // PNG's size sits at a fixed offset: checked before the decoder sizes its row buffers.
     if let (Some(b"\x89PNG\r\n\x1a\n"), Some(b"IHDR"), Some(wh)) = (data.get(..8), data.get(12..16), data.get(16..24)) {
-        let (w, h) = (u32::from_be_bytes([wh[0], wh[1], wh[2], wh[3]]), u32::from_be_bytes([wh[4], wh[5], wh[6], wh[7]]));
+        let (w, h) =
+            (u32::from_be_bytes([wh[0], wh[1], wh[2], wh[3]]), u32::from_be_bytes([wh[4], wh[5], wh[6], wh[7]]));
         check_budget(w as u64, h as u64, max_pixels, path)?;
     }
     let mut reader = image::ImageReader::new(std::io::Cursor::new(data))
@@ -94,7 +98,8 @@ pub fn decode_rgb_limited(data: &[u8], path: &Path, max_pixels: u64) -> Result<R
         .with_context(|| format!("cannot decode image {}: over the memory budget", path.display()))?;
     // The decoded buffer, then the RGB copy.
     crate::files::probe_alloc(total.saturating_add(w as u64 * h as u64 * 3), &format!("image {}", path.display()))?;
-    let img = image::DynamicImage::from_decoder(decoder).with_context(|| format!("cannot decode image {}", path.display()))?;
+    let img = image::DynamicImage::from_decoder(decoder)
+        .with_context(|| format!("cannot decode image {}", path.display()))?;
     Ok(img.into_rgb8())
 }
 
@@ -125,7 +130,9 @@ fn decode_jpeg_libjpeg(data: &[u8], path: &Path, max_pixels: u64) -> Result<Opti
             .map(Some)
             .with_context(|| format!("cannot decode image {}: short pixel data", path.display())),
         Ok(Ok(None)) => Ok(None),
-        Ok(Err(e)) if e.downcast_ref::<std::io::Error>().is_some() => bail!("cannot decode image {}: {e}", path.display()),
+        Ok(Err(e)) if e.downcast_ref::<std::io::Error>().is_some() => {
+            bail!("cannot decode image {}: {e}", path.display())
+        }
         Ok(Err(e)) => Err(e),
         Err(_) => bail!("cannot decode image {}: corrupt JPEG data", path.display()),
     }
@@ -173,7 +180,11 @@ fn coefficients(in_size: usize, out_size: usize) -> (Vec<usize>, Vec<Vec<i32>>) 
             .iter()
             .map(|&v| {
                 let s = v * (1u32 << PRECISION_BITS) as f64;
-                if v < 0.0 { (-0.5 + s) as i32 } else { (0.5 + s) as i32 }
+                if v < 0.0 {
+                    (-0.5 + s) as i32
+                } else {
+                    (0.5 + s) as i32
+                }
             })
             .collect();
         starts.push(xmin);

@@ -9,12 +9,15 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+/// The ground truth's description and, per id, its classes (or why they could not be read).
+type GtLabels = (String, BTreeMap<String, Result<BTreeSet<usize>>>);
+
 /// Flags of `clipmask eval` for label quality.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct LabelEvalArgs {
-    /// Score image-level labels instead of masks: a labels file as `clipmask tag` or
-    /// `generate --labels auto` write it (JSON {"<id>": ["<class>", ...]} or tab-separated
-    /// text). Ground truth from --labels-gt, --annotations or --gt (classes in the mask).
+    /// Score image-level labels instead of masks: a labels file as the tag command (or
+    /// generate with labels auto) writes it, JSON {"<id>": ["<class>", ...]} or tab-separated
+    /// text. Ground truth from --labels-gt, --annotations or --gt (classes in the mask).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["pred", "cams"])]
     pub labels_pred: Option<PathBuf>,
     /// Ground-truth image-level labels (same formats as --labels-pred).
@@ -266,10 +269,7 @@ fn mask_classes(path: &Path, cfg: &DatasetConfig) -> Result<BTreeSet<usize>> {
 }
 
 /// Ground truth per id, from the source the flags name.
-fn ground_truth(
-    args: &crate::eval::EvalArgs,
-    cfg: &DatasetConfig,
-) -> Result<(String, BTreeMap<String, Result<BTreeSet<usize>>>)> {
+fn ground_truth(args: &crate::eval::EvalArgs, cfg: &DatasetConfig) -> Result<GtLabels> {
     let l = &args.labels;
     let mut out = BTreeMap::new();
     if let Some(f) = &l.labels_gt {

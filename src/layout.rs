@@ -109,10 +109,17 @@ pub fn to_openai(mut t: HashMap<String, Tensor>, source: &Path) -> Result<(HashM
 }
 
 fn take(t: &mut HashMap<String, Tensor>, name: &str, source: &Path) -> Result<Tensor> {
-    t.remove(name).with_context(|| format!("{}: missing `{name}` (incomplete Hugging Face CLIPModel)", source.display()))
+    t.remove(name)
+        .with_context(|| format!("{}: missing `{name}` (incomplete Hugging Face CLIPModel)", source.display()))
 }
 
-fn mv(out: &mut HashMap<String, Tensor>, t: &mut HashMap<String, Tensor>, source: &Path, oa: &str, hf: &str) -> Result<()> {
+fn mv(
+    out: &mut HashMap<String, Tensor>,
+    t: &mut HashMap<String, Tensor>,
+    source: &Path,
+    oa: &str,
+    hf: &str,
+) -> Result<()> {
     out.insert(oa.to_string(), take(t, hf, source)?);
     Ok(())
 }
@@ -125,7 +132,8 @@ fn from_hf(mut t: HashMap<String, Tensor>, source: &Path) -> Result<HashMap<Stri
     mv(o, &mut t, source, "visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight")?;
     mv(o, &mut t, source, "visual.class_embedding", "vision_model.embeddings.class_embedding")?;
     mv(o, &mut t, source, "visual.positional_embedding", "vision_model.embeddings.position_embedding.weight")?;
-    for (oa, hf) in [("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm")] {
+    for (oa, hf) in [("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm")]
+    {
         mv(o, &mut t, source, &format!("{oa}.weight"), &format!("{hf}.weight"))?;
         mv(o, &mut t, source, &format!("{oa}.bias"), &format!("{hf}.bias"))?;
     }
@@ -135,7 +143,10 @@ fn from_hf(mut t: HashMap<String, Tensor>, source: &Path) -> Result<HashMap<Stri
     mv(o, &mut t, source, "ln_final.weight", "text_model.final_layer_norm.weight")?;
     mv(o, &mut t, source, "ln_final.bias", "text_model.final_layer_norm.bias")?;
     mv(o, &mut t, source, "logit_scale", "logit_scale")?;
-    for (hf, oa) in [("vision_model.encoder.layers", "visual.transformer.resblocks"), ("text_model.encoder.layers", "transformer.resblocks")] {
+    for (hf, oa) in [
+        ("vision_model.encoder.layers", "visual.transformer.resblocks"),
+        ("text_model.encoder.layers", "transformer.resblocks"),
+    ] {
         let mut i = 0;
         while t.contains_key(&format!("{hf}.{i}.layer_norm1.weight")) {
             let (h, ob) = (format!("{hf}.{i}"), format!("{oa}.{i}"));

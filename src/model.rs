@@ -109,7 +109,8 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     }
     let mut header = vec![0u8; header_len as usize];
     f.read_exact(&mut header)?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).context("header is not JSON")?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).context("header is not JSON")?;
     let base = 8 + header_len;
     let mut out = Vec::new();
     for (name, info) in header {

@@ -16,8 +16,7 @@ where
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| -> Result<()> {
-        let file = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         // Held until the file is closed: tells `files::sweep_temp_files` in another process
         // (maybe on another machine sharing OUT) that this temporary file is being written.
         let _ = file.try_lock();
@@ -31,8 +30,7 @@ where
         let _ = std::fs::remove_file(&tmp);
         return Err(e.context(format!("cannot write {}", path.display())));
     }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }
 
 /// How label PNGs are written (`--mask-format`).
@@ -95,7 +93,12 @@ fn read_label_png_with(path: &Path, palette: Option<&[u8]>) -> Result<(Vec<u8>, 
     if depth != png::BitDepth::Eight
         || !(matches!(ct, png::ColorType::Indexed | png::ColorType::Grayscale) || colour && palette.is_some())
     {
-        bail!("{}: label PNGs must be 8-bit palette, grayscale or RGB colour, got {:?} {:?}", path.display(), ct, depth);
+        bail!(
+            "{}: label PNGs must be 8-bit palette, grayscale or RGB colour, got {:?} {:?}",
+            path.display(),
+            ct,
+            depth
+        );
     }
     let mut buf = vec![0u8; reader.output_buffer_size().context("PNG too large")?];
     let frame = reader.next_frame(&mut buf).with_context(|| format!("cannot decode {}", path.display()))?;
@@ -252,7 +255,9 @@ where
     // The header's length field first (the parser would allocate it blindly), then the header,
     // then the data length its shape implies.
     let (start, header_len) = match (bytes.get(..8), bytes.get(8..12)) {
-        (Some(m), Some(l)) if m.starts_with(b"\x93NUMPY") && m[6] == 1 => (10, u16::from_le_bytes([l[0], l[1]]) as usize),
+        (Some(m), Some(l)) if m.starts_with(b"\x93NUMPY") && m[6] == 1 => {
+            (10, u16::from_le_bytes([l[0], l[1]]) as usize)
+        }
         (Some(m), Some(l)) if m.starts_with(b"\x93NUMPY") && (m[6] == 2 || m[6] == 3) => {
             (12, u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize)
         }
@@ -270,7 +275,8 @@ where
         return Err(bad("has a malformed header".into()));
     }
     let mut reader = &bytes[..];
-    let header = ndarray_npy::npy::header::Header::from_reader(&mut reader).map_err(|e| bad(format!("has a bad header: {e}")))?;
+    let header = ndarray_npy::npy::header::Header::from_reader(&mut reader)
+        .map_err(|e| bad(format!("has a bad header: {e}")))?;
     let elements = header.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
     let data = reader.len() as u64;
     if elements.and_then(|e| e.checked_mul(A::ELEMENT_SIZE)) != Some(data) {

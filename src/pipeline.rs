@@ -84,7 +84,13 @@ pub fn prepare(img: &RgbImage, patch: i64, max_side: Option<u32>) -> Prepared {
 }
 
 /// method.md §2, §4, §5 for one prepared image.
-pub fn compute_maps(model: &Clip, text: &TextFeatures, p: &Prepared, labels: &[usize], opts: &MapOptions) -> Result<ImageMaps> {
+pub fn compute_maps(
+    model: &Clip,
+    text: &TextFeatures,
+    p: &Prepared,
+    labels: &[usize],
+    opts: &MapOptions,
+) -> Result<ImageMaps> {
     let vit = &model.visual;
     let device = model.device;
     let k = labels.len();
@@ -99,7 +105,8 @@ pub fn compute_maps(model: &Clip, text: &TextFeatures, p: &Prepared, labels: &[u
     let trunk = vit.trunk_keeping(x, vit.layers() - 1, crate::affinity::AFFINITY_BLOCKS - 1);
     let idx: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
     let idx = Tensor::from_slice(&idx).to_device(text.classes.device());
-    let candidates = Tensor::cat(&[text.classes.index_select(0, &idx), text.background.shallow_clone()], 0).to_device(device);
+    let candidates =
+        Tensor::cat(&[text.classes.index_select(0, &idx), text.background.shallow_clone()], 0).to_device(device);
     times.forward = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let cam = grad_cam(model, &trunk.tokens, &candidates, k, p.gh, p.gw);
@@ -149,7 +156,13 @@ pub struct CrfOptions {
 /// Pseudo-labels from the CRF: P = [(1 - max_c M_c)^alpha; M_1..M_K] (alpha = 1 in CLIP-ES),
 /// marginals Q, argmax with ids [0, key_1 + 1, ...], 255 where max Q < confidence. Returns the
 /// labels and the largest marginal per pixel.
-pub fn crf_labels(img: &RgbImage, maps: &Array3<f32>, keys: &[i64], alpha: f32, crf: &CrfOptions) -> Result<(Vec<u8>, Vec<f32>)> {
+pub fn crf_labels(
+    img: &RgbImage,
+    maps: &Array3<f32>,
+    keys: &[i64],
+    alpha: f32,
+    crf: &CrfOptions,
+) -> Result<(Vec<u8>, Vec<f32>)> {
     let (k, h, w) = maps.dim();
     let n = h * w;
     let mut probs = vec![0f32; (k + 1) * n];
@@ -243,7 +256,8 @@ pub fn generate(
     stop: Arc<AtomicBool>,
 ) -> Result<Summary> {
     let masks_dir = opts.out.join("masks");
-    std::fs::create_dir_all(&masks_dir).with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
+    std::fs::create_dir_all(&masks_dir)
+        .with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
     // Temporary files of runs that were killed (SIGKILL, power loss) are removed.
     crate::files::sweep_temp_files(&temp_dirs(&opts.out), false);
     let start = Instant::now();
@@ -322,19 +336,20 @@ pub fn generate(
 
     let mut last_line = Instant::now();
     let mut attempted: HashSet<String> = HashSet::new();
-    let mut handle_result = |summary: &mut Summary, failures: &mut Vec<(Item, String)>, item: Item, r: Result<f64, String>| {
-        attempted.insert(item.id.clone());
-        match r {
-            Ok(write_s) => {
-                summary.done += 1;
-                summary.stages.write += write_s;
+    let mut handle_result =
+        |summary: &mut Summary, failures: &mut Vec<(Item, String)>, item: Item, r: Result<f64, String>| {
+            attempted.insert(item.id.clone());
+            match r {
+                Ok(write_s) => {
+                    summary.done += 1;
+                    summary.stages.write += write_s;
+                }
+                Err(e) => {
+                    summary.failed += 1;
+                    failures.push((item, e));
+                }
             }
-            Err(e) => {
-                summary.failed += 1;
-                failures.push((item, e));
-            }
-        }
-    };
+        };
 
     // Stage 2: the model, on this thread.
     for d in dec_rx.iter() {
@@ -349,7 +364,8 @@ pub fn generate(
             // The maps at full size (raw and refined, each as a tensor and a copy) must fit:
             // probed first, as a failed allocation in Rust aborts the process.
             let map_bytes = (labels.len() as u64) * (prepared.width * prepared.height) as u64 * 4 * 4;
-            crate::files::probe_alloc(map_bytes, &format!("maps of {}", item.path.display())).map_err(|e| format!("{e:#}"))?;
+            crate::files::probe_alloc(map_bytes, &format!("maps of {}", item.path.display()))
+                .map_err(|e| format!("{e:#}"))?;
             // libtorch errors (out of memory on a huge input, ...) surface as panics in tch:
             // they fail this image, not the run.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -377,7 +393,12 @@ pub fn generate(
             handle_result(&mut summary, &mut failures, item, r);
         }
         if bar.is_hidden() && last_line.elapsed() > Duration::from_secs(10) {
-            eprintln!("{} / {} images, {:.2} images/s", bar.position(), bar.length().unwrap_or(0), bar.position() as f64 / start.elapsed().as_secs_f64());
+            eprintln!(
+                "{} / {} images, {:.2} images/s",
+                bar.position(),
+                bar.length().unwrap_or(0),
+                bar.position() as f64 / start.elapsed().as_secs_f64()
+            );
             last_line = Instant::now();
         }
     }
@@ -395,7 +416,6 @@ pub fn generate(
         handle_result(&mut summary, &mut failures, item, r);
     }
     bar.finish_and_clear();
-    drop(handle_result);
     let failures: Vec<Failure> = failures
         .into_iter()
         .map(|(item, reason)| Failure { id: item.id, path: item.path.display().to_string(), reason })

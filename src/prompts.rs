@@ -38,7 +38,7 @@ pub fn sentences_for(alternatives: &[&str], templates: &[String]) -> Vec<String>
 }
 
 /// The sentences of every class for the given templates, with the config's fusion mode.
-pub fn class_sentences(cfg: &DatasetConfig, templates: &[String]) -> Vec<(String, Vec<String>)> {
+pub fn class_sentences(cfg: &DatasetConfig, templates: &[String]) -> Sentences {
     cfg.classes
         .iter()
         .map(|c| {
@@ -53,15 +53,14 @@ pub fn class_sentences(cfg: &DatasetConfig, templates: &[String]) -> Vec<(String
         .collect()
 }
 
+/// (label, the sentences encoded for it) per class or background word.
+pub type Sentences = Vec<(String, Vec<String>)>;
+
 /// Everything the text encoder reads for a config: (label, sentences) for every class, then
 /// for every background word.
-pub fn all_sentences(cfg: &DatasetConfig) -> (Vec<(String, Vec<String>)>, Vec<(String, Vec<String>)>) {
+pub fn all_sentences(cfg: &DatasetConfig) -> (Sentences, Sentences) {
     let classes = class_sentences(cfg, &cfg.templates);
-    let bg = cfg
-        .background_words
-        .iter()
-        .map(|w| (w.clone(), sentences_for(&[w.as_str()], &cfg.templates)))
-        .collect();
+    let bg = cfg.background_words.iter().map(|w| (w.clone(), sentences_for(&[w.as_str()], &cfg.templates))).collect();
     (classes, bg)
 }
 
@@ -121,7 +120,8 @@ pub fn text_features(model: &Clip, cfg: &DatasetConfig) -> Result<TextFeatures> 
 fn write_cache(path: &std::path::Path, c: &Tensor, b: &Tensor) -> Result<()> {
     let dir = path.parent().context("cache path has no parent")?;
     std::fs::create_dir_all(dir)?;
-    let tmp: PathBuf = dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let tmp: PathBuf =
+        dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
     Tensor::write_safetensors(&[("classes", c), ("background", b)], &tmp)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
@@ -164,7 +164,8 @@ pub fn sharpness(scores: &[Vec<f32>], classes: &[Vec<usize>]) -> (f64, usize) {
 /// Zero-shot softmax scores of each image feature (N, E; normalised) against class features
 /// (C, E) with the model's logit scale.
 pub fn zero_shot_scores(model: &Clip, image_features: &Tensor, classes: &Tensor) -> Result<Vec<Vec<f32>>> {
-    let logits = image_features.to_kind(Kind::Float).matmul(&classes.to_kind(Kind::Float).transpose(0, 1)) * model.logit_scale;
+    let logits =
+        image_features.to_kind(Kind::Float).matmul(&classes.to_kind(Kind::Float).transpose(0, 1)) * model.logit_scale;
     let probs = logits.softmax(-1, Kind::Float).to_device(tch::Device::Cpu);
     let n = probs.size()[0];
     (0..n).map(|i| Ok(Vec::<f32>::try_from(probs.get(i))?)).collect()

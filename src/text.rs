@@ -21,9 +21,7 @@ impl TextTransformer {
             .collect::<Result<Vec<_>>>()?;
         let l = cfg.context_length;
         // Causal mask: -inf above the diagonal.
-        let mask = Tensor::full([l, l], f64::NEG_INFINITY, (Kind::Float, w.device()))
-            .triu(1)
-            .to_kind(w.kind());
+        let mask = Tensor::full([l, l], f64::NEG_INFINITY, (Kind::Float, w.device())).triu(1).to_kind(w.kind());
         Ok(Self {
             token_embedding: w.get("token_embedding.weight")?,
             positional_embedding: w.get("positional_embedding")?,
@@ -44,7 +42,7 @@ impl TextTransformer {
             tokens.size()[1],
             -1,
         ]);
-        x = x + &self.positional_embedding;
+        x += &self.positional_embedding;
         for block in &self.blocks {
             x = block.forward(&x, Some(&self.mask)).0;
         }

@@ -25,7 +25,10 @@ enum Value {
     Dict(Vec<(Value, Value)>),
     Global(String),
     /// ('storage', kind, key, location, numel)
-    Storage { kind: Kind, key: String },
+    Storage {
+        kind: Kind,
+        key: String,
+    },
     Tensor(TensorRef),
     Mark,
 }
@@ -256,8 +259,13 @@ fn unpickle(data: &[u8]) -> Result<Value> {
 /// Reads every tensor of a `torch.save`d state dict onto the CPU, in its stored precision.
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .with_context(|| format!("{} is not a torch.save zip archive", path.display()))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).with_context(|| {
+        format!(
+            "model {} is not a torch.save zip archive: expected a CLIP ViT checkpoint (OpenAI .pt, a state \
+                 dict .bin or .safetensors)",
+            path.display()
+        )
+    })?;
     let pkl_name = (0..zip.len())
         .filter_map(|i| zip.by_index(i).ok().map(|f| f.name().to_string()))
         .find(|n| n.ends_with("/data.pkl") || n == "data.pkl")

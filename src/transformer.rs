@@ -23,9 +23,7 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
         let d = self.weight.size()[0];
-        x.to_kind(Kind::Float)
-            .layer_norm([d], Some(&self.weight), Some(&self.bias), 1e-5, true)
-            .to_kind(kind)
+        x.to_kind(Kind::Float).layer_norm([d], Some(&self.weight), Some(&self.bias), 1e-5, true).to_kind(kind)
     }
 }
 
@@ -74,7 +72,7 @@ impl Attention {
         let q = q * (1.0 / (dh as f64).sqrt());
         let mut scores = q.matmul(&k.transpose(-2, -1));
         if let Some(m) = mask {
-            scores = scores + m;
+            scores += m;
         }
         let probs = scores.softmax(-1, scores.kind());
         let out = probs.matmul(&v).permute([0, 2, 1, 3]).reshape([b, l, d]);

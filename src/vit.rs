@@ -30,7 +30,9 @@ pub struct Trunk {
 impl VisionTransformer {
     pub fn new(w: &Weights, cfg: &ClipConfig) -> Result<Self> {
         let blocks = (0..cfg.vision_layers)
-            .map(|i| ResidualBlock::new(w, &format!("visual.transformer.resblocks.{i}"), cfg.vision_heads, cfg.activation))
+            .map(|i| {
+                ResidualBlock::new(w, &format!("visual.transformer.resblocks.{i}"), cfg.vision_heads, cfg.activation)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             conv1: w.get("visual.conv1.weight")?,
@@ -57,10 +59,7 @@ impl VisionTransformer {
         let pe = &self.positional_embedding;
         let d = pe.size()[1];
         let first = pe.narrow(0, 0, 1);
-        let grid = pe
-            .narrow(0, 1, self.grid * self.grid)
-            .transpose(0, 1)
-            .reshape([1, d, self.grid, self.grid]);
+        let grid = pe.narrow(0, 1, self.grid * self.grid).transpose(0, 1).reshape([1, d, self.grid, self.grid]);
         let grid = if gh == self.grid && gw == self.grid {
             grid
         } else {

@@ -18,13 +18,29 @@ fn generate_crf_equals_crf_on_saved_maps() {
     let a = tmp.path().join("a");
     let st = clipmask_bin()
         .args(["generate", "--model", model.to_str().unwrap(), "--device", "cpu", "--images", images.to_str().unwrap()])
-        .args(["--labels", labels.to_str().unwrap(), "--out", a.to_str().unwrap(), "--crf", "--save-cams", "--save-confidence"])
+        .args([
+            "--labels",
+            labels.to_str().unwrap(),
+            "--out",
+            a.to_str().unwrap(),
+            "--crf",
+            "--save-cams",
+            "--save-confidence",
+        ])
         .status()
         .unwrap();
     assert!(st.success());
     let b = tmp.path().join("b");
     let st = clipmask_bin()
-        .args(["crf", "--cams", a.join("cams").to_str().unwrap(), "--images", images.to_str().unwrap(), "--out", b.to_str().unwrap()])
+        .args([
+            "crf",
+            "--cams",
+            a.join("cams").to_str().unwrap(),
+            "--images",
+            images.to_str().unwrap(),
+            "--out",
+            b.to_str().unwrap(),
+        ])
         .status()
         .unwrap();
     assert!(st.success());

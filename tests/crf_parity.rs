@@ -17,9 +17,7 @@ fn root() -> PathBuf {
 }
 
 fn python() -> PathBuf {
-    std::env::var_os("CLIPMASK_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".venv/bin/python"))
+    std::env::var_os("CLIPMASK_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
 }
 
 fn script() -> PathBuf {
@@ -49,15 +47,10 @@ fn wait_python(child: Child, what: &str) {
 struct Rng(u64);
 impl Rng {
     fn new(seed: u64) -> Rng {
-        Rng(seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407))
+        Rng(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
     }
     fn f(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((self.0 >> 33) as f64) / (1u64 << 31) as f64
     }
 }
@@ -68,22 +61,13 @@ fn synthetic_image(w: usize, h: usize, seed: u64) -> Vec<u8> {
     let blobs: Vec<(f64, f64, f64, [f64; 3])> = (0..6)
         .map(|_| {
             let b = (rnd.f() * w as f64, rnd.f() * h as f64, 8.0 + rnd.f() * 40.0);
-            (
-                b.0,
-                b.1,
-                b.2,
-                [rnd.f() * 255.0, rnd.f() * 255.0, rnd.f() * 255.0],
-            )
+            (b.0, b.1, b.2, [rnd.f() * 255.0, rnd.f() * 255.0, rnd.f() * 255.0])
         })
         .collect();
     let mut img = Vec::with_capacity(w * h * 3);
     for y in 0..h {
         for x in 0..w {
-            let mut c = [
-                x as f64 / w as f64 * 120.0,
-                y as f64 / h as f64 * 120.0,
-                60.0,
-            ];
+            let mut c = [x as f64 / w as f64 * 120.0, y as f64 / h as f64 * 120.0, 60.0];
             for (bx, by, r, col) in &blobs {
                 let d2 = ((x as f64 - bx).powi(2) + (y as f64 - by).powi(2)) / (r * r);
                 let a = (-d2).exp();
@@ -109,29 +93,18 @@ fn clip_es_probs(w: usize, h: usize, n_labels: usize, seed: u64) -> Vec<f32> {
     let s = w.max(h) as f64;
     for k in 1..n_labels {
         let blobs: Vec<(f64, f64, f64, f64)> = (0..1 + (rnd.f() * 3.0) as usize)
-            .map(|_| {
-                (
-                    rnd.f() * w as f64,
-                    rnd.f() * h as f64,
-                    s * (0.05 + 0.25 * rnd.f()),
-                    0.3 + 0.7 * rnd.f(),
-                )
-            })
+            .map(|_| (rnd.f() * w as f64, rnd.f() * h as f64, s * (0.05 + 0.25 * rnd.f()), 0.3 + 0.7 * rnd.f()))
             .collect();
         let mut m: Vec<f64> = (0..n)
             .map(|i| {
                 let (x, y) = ((i % w) as f64, (i / w) as f64);
                 blobs
                     .iter()
-                    .map(|(bx, by, r, a)| {
-                        a * (-((x - bx).powi(2) + (y - by).powi(2)) / (2.0 * r * r)).exp()
-                    })
+                    .map(|(bx, by, r, a)| a * (-((x - bx).powi(2) + (y - by).powi(2)) / (2.0 * r * r)).exp())
                     .sum()
             })
             .collect();
-        let (lo, hi) = m
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let (lo, hi) = m.iter().fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
         for v in &mut m {
             *v = (*v - lo) / (hi - lo + 1e-5);
         }
@@ -186,11 +159,7 @@ type Photo = (String, Vec<u8>, usize, usize);
 
 fn voc_photos() -> Option<Vec<Photo>> {
     let dir = root().join("../shared/data/voc-sample/JPEGImages");
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .collect();
+    let mut names: Vec<_> = std::fs::read_dir(&dir).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
     names.retain(|p| p.extension().is_some_and(|e| e == "jpg"));
     names.sort();
     let photos: Vec<_> = names
@@ -199,12 +168,7 @@ fn voc_photos() -> Option<Vec<Photo>> {
         .map(|p| {
             let img = image::open(p).unwrap().to_rgb8();
             let (w, h) = (img.width() as usize, img.height() as usize);
-            (
-                p.file_stem().unwrap().to_string_lossy().into_owned(),
-                img.into_raw(),
-                w,
-                h,
-            )
+            (p.file_stem().unwrap().to_string_lossy().into_owned(), img.into_raw(), w, h)
         })
         .collect();
     (!photos.is_empty()).then_some(photos)
@@ -216,23 +180,13 @@ fn cases() -> Vec<Case> {
     let mut out = Vec::new();
     if let Some(photos) = voc_photos() {
         // Two full 500x375 photos (or the first two photos whatever their size) with both kernels.
-        let mut full: Vec<usize> = (0..photos.len())
-            .filter(|&i| photos[i].2 == 500 && photos[i].3 == 375)
-            .collect();
+        let mut full: Vec<usize> = (0..photos.len()).filter(|&i| photos[i].2 == 500 && photos[i].3 == 375).collect();
         let rest: Vec<usize> = (0..photos.len()).filter(|i| !full.contains(i)).collect();
         full.extend(rest);
         let crops: Vec<usize> = full[2..].to_vec();
         for (j, (labels, mode)) in [(21, Faithful), (3, Rgb)].into_iter().enumerate() {
             let (id, rgb, w, h) = &photos[full[j % full.len()]];
-            out.push(Case {
-                name: format!("{id} full"),
-                rgb: rgb.clone(),
-                w: *w,
-                h: *h,
-                labels,
-                mode,
-                kernels: Both,
-            });
+            out.push(Case { name: format!("{id} full"), rgb: rgb.clone(), w: *w, h: *h, labels, mode, kernels: Both });
         }
         let spec = [
             (240, 180, 5, Faithful, Both),
@@ -296,9 +250,7 @@ fn faithful_image_matches_numpy() {
     let tmp = tempfile::tempdir().unwrap();
     let mut imgs: Vec<Photo> = vec![];
     // every byte value in every channel, then real photos
-    let all: Vec<u8> = (0..=255u8)
-        .flat_map(|v| [v, v.wrapping_mul(7), 255 - v])
-        .collect();
+    let all: Vec<u8> = (0..=255u8).flat_map(|v| [v, v.wrapping_mul(7), 255 - v]).collect();
     imgs.push(("all values".into(), all, 256, 1));
     imgs.push(("synthetic".into(), synthetic_image(150, 100, 1), 150, 100));
     if let Some(photos) = voc_photos() {
@@ -307,21 +259,10 @@ fn faithful_image_matches_numpy() {
     for (name, rgb, w, h) in imgs {
         let (i, o) = (tmp.path().join("rgb.npy"), tmp.path().join("faithful.npy"));
         write_u8(&i, &rgb, h, w);
-        wait_python(
-            spawn_python(&[
-                "faithful".into(),
-                i.display().to_string(),
-                o.display().to_string(),
-            ]),
-            "faithful",
-        );
+        wait_python(spawn_python(&["faithful".into(), i.display().to_string(), o.display().to_string()]), "faithful");
         let want: Array3<u8> = read_npy(&o).unwrap();
         let got = crf_image(&rgb, CrfImage::Faithful);
-        assert_eq!(
-            got.as_slice(),
-            want.as_slice().unwrap(),
-            "faithful image differs from numpy on {name}"
-        );
+        assert_eq!(got.as_slice(), want.as_slice().unwrap(), "faithful image differs from numpy on {name}");
     }
 }
 
@@ -337,11 +278,8 @@ fn marginals_match_pydensecrf() {
         let img = crf_image(&case.rgb, case.mode);
         let probs = clip_es_probs(case.w, case.h, case.labels, ci as u64);
         write_u8(&dir.join("image.npy"), &img, case.h, case.w);
-        write_npy(
-            dir.join("probs.npy"),
-            &ArrayView3::from_shape((case.labels, case.h, case.w), &probs[..]).unwrap(),
-        )
-        .unwrap();
+        write_npy(dir.join("probs.npy"), &ArrayView3::from_shape((case.labels, case.h, case.w), &probs[..]).unwrap())
+            .unwrap();
         let p = params(case.kernels);
         let args: Vec<String> = vec![
             "crf".into(),
@@ -360,20 +298,10 @@ fn marginals_match_pydensecrf() {
         let want: Array3<f32> = read_npy(dir.join("q.npy")).unwrap();
         let want = want.as_slice().unwrap();
         assert_eq!(want.len(), q.len());
-        let max_dq = q
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let max_dq = q.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let n = case.w * case.h;
         let argmax = |v: &[f32], i: usize| {
-            (1..case.labels).fold(0, |best, c| {
-                if v[c * n + i] > v[best * n + i] {
-                    c
-                } else {
-                    best
-                }
-            })
+            (1..case.labels).fold(0, |best, c| if v[c * n + i] > v[best * n + i] { c } else { best })
         };
         let same = (0..n).filter(|&i| argmax(&q, i) == argmax(want, i)).count();
         let agree = same as f64 / n as f64;
@@ -400,9 +328,5 @@ fn marginals_match_pydensecrf() {
             ));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "CRF differs from pydensecrf:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "CRF differs from pydensecrf:\n{}", failures.join("\n"));
 }

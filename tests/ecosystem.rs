@@ -20,7 +20,11 @@ fn layouts() -> PathBuf {
         let fx = fixture("tiny", 0, false);
         let out = fx.join("layouts");
         if !out.join(".complete-v2").exists() {
-            run_python(&[root().join("tests/python/make_layouts.py").to_str().unwrap(), fx.to_str().unwrap(), out.to_str().unwrap()]);
+            run_python(&[
+                root().join("tests/python/make_layouts.py").to_str().unwrap(),
+                fx.to_str().unwrap(),
+                out.to_str().unwrap(),
+            ]);
             std::fs::write(out.join(".complete-v2"), b"").unwrap();
         }
         out
@@ -29,7 +33,8 @@ fn layouts() -> PathBuf {
 }
 
 fn maps(weights: &Path) -> (Vec<f32>, Vec<f32>) {
-    let model = Clip::load_path(weights, Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{}: {e:#}", weights.display()));
+    let model =
+        Clip::load_path(weights, Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{}: {e:#}", weights.display()));
     let cfg = DatasetConfig::resolve("voc12").unwrap();
     let text = text_features(&model, &cfg).unwrap();
     let opts = MapOptions { box_threshold: cfg.box_threshold, max_side: None, round_pos_fp16: true };
@@ -131,12 +136,17 @@ fn classify(model: &str, image: &Path, env: &[(&str, &Path)], extra: &[(&str, &s
     }
     c.args(["classify", "--json", "--device", "cpu", "--model", model]).arg(image);
     let out = c.output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn probs(stdout: &str) -> Vec<f64> {
     let v: serde_json::Value = serde_json::from_str(stdout.lines().next().expect("a JSON line")).unwrap();
-    let mut p: Vec<(String, f64)> = v["probs"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap())).collect();
+    let mut p: Vec<(String, f64)> =
+        v["probs"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap())).collect();
     p.sort_by(|a, b| a.0.cmp(&b.0));
     p.into_iter().map(|x| x.1).collect()
 }
@@ -160,7 +170,8 @@ fn hub_repo_ids_download_into_the_hf_cache_and_work_offline() {
 
     // 1. Download through hf-hub into HF_HUB_CACHE, laid out as the HF cache.
     let cache = tmp.path().join("hf-cache");
-    let (code, out, err) = classify("test-org/tiny-hf", &image, &[("HF_HUB_CACHE", &cache)], &[("HF_ENDPOINT", &hub.url)]);
+    let (code, out, err) =
+        classify("test-org/tiny-hf", &image, &[("HF_HUB_CACHE", &cache)], &[("HF_ENDPOINT", &hub.url)]);
     assert_eq!(code, Some(0), "{err}");
     let (code, local, err) = classify(l.join("hf/model.safetensors").to_str().unwrap(), &image, &[], &[]);
     assert_eq!(code, Some(0), "{err}");
@@ -185,9 +196,11 @@ fn hub_repo_ids_download_into_the_hf_cache_and_work_offline() {
     );
     run_python(&["-c", &code]);
     drop(hub); // no network from here on
-    let (code, out, err) = classify("test-org/tiny-openclip", &image, &[("HF_HOME", &home)], &[("HF_HUB_OFFLINE", "1")]);
+    let (code, out, err) =
+        classify("test-org/tiny-openclip", &image, &[("HF_HOME", &home)], &[("HF_HUB_OFFLINE", "1")]);
     assert_eq!(code, Some(0), "{err}");
-    let (_, local, _) = classify(l.join("openclip-gelu/open_clip_model.safetensors").to_str().unwrap(), &image, &[], &[]);
+    let (_, local, _) =
+        classify(l.join("openclip-gelu/open_clip_model.safetensors").to_str().unwrap(), &image, &[], &[]);
     assert_eq!(probs(&out), probs(&local));
     // A repo that is not cached, offline: one line naming the cache.
     let (code, _, err) = classify("test-org/absent", &image, &[("HF_HOME", &home)], &[("HF_HUB_OFFLINE", "1")]);
@@ -238,7 +251,10 @@ fn the_binary_runs_from_anywhere_and_reports_its_libtorch() {
     let out = Command::new(env!("CARGO_BIN_EXE_clipmask")).arg("--version").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    assert!(text.contains(env!("CARGO_PKG_VERSION")) && text.contains("libtorch 2.11.0") && text.contains("CUDA: "), "{text}");
+    assert!(
+        text.contains(env!("CARGO_PKG_VERSION")) && text.contains("libtorch 2.11.0") && text.contains("CUDA: "),
+        "{text}"
+    );
 }
 
 /// The label PNGs users train on, read by the real clients: PIL, cv2.imread (GRAYSCALE and
@@ -353,7 +369,13 @@ fn eval_reads_gray_palette_and_rgb_ground_truth() {
     let d = tmp.path().join("gt-bad");
     std::fs::create_dir_all(&d).unwrap();
     image::RgbImage::from_pixel(w, h, image::Rgb([1, 2, 3])).save(d.join("a.png")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_clipmask")).args(["eval", "--config", "voc12", "--pred"]).arg(&pred_dir).arg("--gt").arg(&d).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_clipmask"))
+        .args(["eval", "--config", "voc12", "--pred"])
+        .arg(&pred_dir)
+        .arg("--gt")
+        .arg(&d)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("[1, 2, 3]") && err.contains("palette"), "{err}");

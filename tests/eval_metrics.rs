@@ -1,6 +1,8 @@
 //! `clipmask eval` against independent expectations: confusion matrices worked out by hand,
 //! a NumPy re-implementation (tests/python/eval_reference.py) for the alpha sweep and for real
 //! VOC ground truth, the error messages, and the HTML report (rendered by Chromium if present).
+// Confusion matrices read most clearly with explicit (gt, pred) indices.
+#![allow(clippy::needless_range_loop)]
 use clipmask::config::DatasetConfig;
 use clipmask::eval::{self, labels_from_cams, CamKey, ConfusionMatrix, EvalArgs, LabelError};
 use clipmask::outputs::{write_label_png, CamArchive};
@@ -15,9 +17,7 @@ fn manifest() -> PathBuf {
 }
 
 fn python() -> PathBuf {
-    std::env::var_os("CLIPMASK_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest().join(".venv/bin/python"))
+    std::env::var_os("CLIPMASK_PYTHON").map(PathBuf::from).unwrap_or_else(|| manifest().join(".venv/bin/python"))
 }
 
 /// Runs the NumPy reference and parses its JSON.
@@ -522,7 +522,17 @@ fn cli_arguments_parse() {
         args: EvalArgs,
     }
     let cli = Cli::try_parse_from([
-        "eval", "--gt", "g", "--config", "voc12", "--cams", "c", "--alpha", "1,2,3.5", "--cam-key", "raw_cams",
+        "eval",
+        "--gt",
+        "g",
+        "--config",
+        "voc12",
+        "--cams",
+        "c",
+        "--alpha",
+        "1,2,3.5",
+        "--cam-key",
+        "raw_cams",
     ])
     .unwrap();
     assert_eq!(cli.args.alpha, vec![1.0, 2.0, 3.5]);
@@ -597,7 +607,10 @@ fn report_lists_images_worst_first() {
                 }
             }
         }
-        assert!(!html.contains("file://") && !html.contains(&dir.path().display().to_string()), "paths must be relative");
+        assert!(
+            !html.contains("file://") && !html.contains(&dir.path().display().to_string()),
+            "paths must be relative"
+        );
     }
 }
 

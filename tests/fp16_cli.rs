@@ -48,7 +48,12 @@ fn every_model_command_runs_in_fp16_on_cpu() {
     for crf in [false, true] {
         let out_dir = tmp.path().join(if crf { "out-crf" } else { "out" });
         let mut c = clipmask(&cache);
-        c.args(["generate", "--save-cams", "--images"]).arg(&images).arg("--labels").arg(&labels).arg("--out").arg(&out_dir);
+        c.args(["generate", "--save-cams", "--images"])
+            .arg(&images)
+            .arg("--labels")
+            .arg(&labels)
+            .arg("--out")
+            .arg(&out_dir);
         common(&mut c);
         if crf {
             c.arg("--crf");
@@ -60,18 +65,27 @@ fn every_model_command_runs_in_fp16_on_cpu() {
             assert!(a.cams.iter().chain(a.raw_cams.iter()).all(|v| v.is_finite()), "{id}: non-finite fp16 maps");
             // Min-max normalised maps lie in [0, 1]. (A map can be all zero: when the weighted
             // sum is negative everywhere, the ReLU leaves nothing, as in the original.)
-            assert!(a.cams.iter().chain(a.raw_cams.iter()).all(|v| (0.0..=1.0).contains(v)), "{id}: maps outside [0, 1]");
+            assert!(
+                a.cams.iter().chain(a.raw_cams.iter()).all(|v| (0.0..=1.0).contains(v)),
+                "{id}: maps outside [0, 1]"
+            );
         }
     }
 
     let templates = tmp.path().join("templates.txt");
     std::fs::write(&templates, "a photo of a {}.\na clean origami {}.\n").unwrap();
     let mut c = clipmask(&cache);
-    c.args(["prompts", "rank", "--json", "--images"]).arg(&images).arg("--labels").arg(&labels).arg("--templates").arg(&templates);
+    c.args(["prompts", "rank", "--json", "--images"])
+        .arg(&images)
+        .arg("--labels")
+        .arg(&labels)
+        .arg("--templates")
+        .arg(&templates);
     common(&mut c);
     let out = ok(&mut c);
     let json_start = out.find('[').expect("a JSON list");
-    let ranked: serde_json::Value = serde_json::Deserializer::from_str(&out[json_start..]).into_iter().next().unwrap().unwrap();
+    let ranked: serde_json::Value =
+        serde_json::Deserializer::from_str(&out[json_start..]).into_iter().next().unwrap().unwrap();
     let ranked = ranked.as_array().unwrap();
     assert_eq!(ranked.len(), 2);
     assert!(ranked.iter().all(|r| r["sharpness"].as_f64().is_some_and(f64::is_finite)), "{ranked:?}");

@@ -51,7 +51,8 @@ struct Mask {
 }
 
 fn read_mask(p: &Path) -> Mask {
-    let mut dec = png::Decoder::new(BufReader::new(std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))));
+    let mut dec =
+        png::Decoder::new(BufReader::new(std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))));
     dec.set_transformations(png::Transformations::IDENTITY);
     let mut r = dec.read_info().unwrap();
     let (width, height, color, depth) = (r.info().width, r.info().height, r.info().color_type, r.info().bit_depth);
@@ -64,7 +65,10 @@ fn read_mask(p: &Path) -> Mask {
 
 /// The summary line "N images: D done, S skipped (already complete), F failed ...".
 fn summary(stderr: &str) -> (usize, usize, usize, usize) {
-    let line = stderr.lines().find(|l| l.contains(" images: ") && l.contains(" done, ")).unwrap_or_else(|| panic!("no summary line in:\n{stderr}"));
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(" images: ") && l.contains(" done, "))
+        .unwrap_or_else(|| panic!("no summary line in:\n{stderr}"));
     let nums: Vec<usize> = line
         .split(|c: char| !c.is_ascii_digit() && c != '.')
         .filter(|s| !s.is_empty() && !s.contains('.'))
@@ -75,18 +79,30 @@ fn summary(stderr: &str) -> (usize, usize, usize, usize) {
 
 /// Final-named files (temporary names excluded) and their bytes.
 fn outputs(out: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    files_under(out).into_iter().filter(|p| !is_temp_name(p)).map(|p| (p.clone(), std::fs::read(out.join(&p)).unwrap())).collect()
+    files_under(out)
+        .into_iter()
+        .filter(|p| !is_temp_name(p))
+        .map(|p| (p.clone(), std::fs::read(out.join(&p)).unwrap()))
+        .collect()
 }
 
 fn ids_in(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| !is_temp_name(p)).map(|p| p.file_stem().unwrap().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| !is_temp_name(p))
+                .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn failures(out: &Path) -> Vec<serde_json::Value> {
     let Ok(text) = std::fs::read_to_string(out.join("failures.jsonl")) else { return vec![] };
-    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad failures.jsonl line {l:?}: {e}"))).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad failures.jsonl line {l:?}: {e}")))
+        .collect()
 }
 
 fn npz_keys(p: &Path) -> Vec<i64> {
@@ -107,9 +123,18 @@ fn masks_cams_and_overlays_have_the_documented_formats() {
         save_png(&imgs, id, *w, *h, 100 + i as u64);
     }
     let labels: BTreeMap<&str, Vec<&str>> =
-        [("a", vec!["dog"]), ("b", vec!["person", "cat"]), ("c", vec!["tvmonitor", "aeroplane", "bus"])].into_iter().collect();
+        [("a", vec!["dog"]), ("b", vec!["person", "cat"]), ("c", vec!["tvmonitor", "aeroplane", "bus"])]
+            .into_iter()
+            .collect();
     write_json(&tmp.path().join("labels.json"), &serde_json::json!(labels));
-    let r = run(generate(tmp.path()).arg("--images").arg(&imgs).arg("--labels").arg(tmp.path().join("labels.json")).arg("--out").arg(&out).args(["--save-cams", "--overlays", "--mask-format", "palette"]));
+    let r = run(generate(tmp.path())
+        .arg("--images")
+        .arg(&imgs)
+        .arg("--labels")
+        .arg(tmp.path().join("labels.json"))
+        .arg("--out")
+        .arg(&out)
+        .args(["--save-cams", "--overlays", "--mask-format", "palette"]));
     assert_eq!(r.code, Some(0), "{}", r.show());
     assert_eq!(summary(&r.stderr), (3, 3, 0, 0), "{}", r.show());
     assert!(!out.join("failures.jsonl").exists());
@@ -194,7 +219,14 @@ fn labels_from_voc_xml_text_files_and_splits() {
     std::fs::write(ann.join("2007_000002.xml"), voc_xml(&["cat"])).unwrap();
     std::fs::write(ann.join("2007_000003.xml"), voc_xml(&["bus", "car"])).unwrap();
     let out = tmp.path().join("out-xml");
-    let r = run(generate(tmp.path()).arg("--images").arg(&imgs).arg("--annotations").arg(&ann).arg("--out").arg(&out).arg("--save-cams"));
+    let r = run(generate(tmp.path())
+        .arg("--images")
+        .arg(&imgs)
+        .arg("--annotations")
+        .arg(&ann)
+        .arg("--out")
+        .arg(&out)
+        .arg("--save-cams"));
     assert_eq!(r.code, Some(0), "{}", r.show());
     assert_eq!(summary(&r.stderr), (3, 3, 0, 0));
     assert_eq!(npz_keys(&out.join("cams/2007_000001.npz")), idx(&["person", "dog"]));
@@ -203,11 +235,24 @@ fn labels_from_voc_xml_text_files_and_splits() {
 
     // Text format with comments, blank lines, CRLF and spaces after commas; a split restricts ids.
     let txt = tmp.path().join("labels.txt");
-    std::fs::write(&txt, "# id<TAB>classes\n2007_000001\tcat, dog\r\n\n2007_000002\tbus\n2007_000003\tperson,sofa,person\n").unwrap();
+    std::fs::write(
+        &txt,
+        "# id<TAB>classes\n2007_000001\tcat, dog\r\n\n2007_000002\tbus\n2007_000003\tperson,sofa,person\n",
+    )
+    .unwrap();
     let split = tmp.path().join("train.txt");
     std::fs::write(&split, "2007_000003\n2007_000001\n2007_000003\n").unwrap();
     let out = tmp.path().join("out-txt");
-    let r = run(generate(tmp.path()).arg("--images").arg(&imgs).arg("--labels").arg(&txt).arg("--split").arg(&split).arg("--out").arg(&out).arg("--save-cams"));
+    let r = run(generate(tmp.path())
+        .arg("--images")
+        .arg(&imgs)
+        .arg("--labels")
+        .arg(&txt)
+        .arg("--split")
+        .arg(&split)
+        .arg("--out")
+        .arg(&out)
+        .arg("--save-cams"));
     assert_eq!(r.code, Some(0), "{}", r.show());
     assert_eq!(summary(&r.stderr), (2, 2, 0, 0));
     assert_eq!(ids_in(&out.join("masks")), ["2007_000001", "2007_000003"].iter().map(|s| s.to_string()).collect());
@@ -217,7 +262,15 @@ fn labels_from_voc_xml_text_files_and_splits() {
     // A split id without labels is a per-image failure, not a fatal error.
     std::fs::write(&split, "2007_000002\n2007_000009\n").unwrap();
     let out = tmp.path().join("out-split");
-    let r = run(generate(tmp.path()).arg("--images").arg(&imgs).arg("--labels").arg(&txt).arg("--split").arg(&split).arg("--out").arg(&out));
+    let r = run(generate(tmp.path())
+        .arg("--images")
+        .arg(&imgs)
+        .arg("--labels")
+        .arg(&txt)
+        .arg("--split")
+        .arg(&split)
+        .arg("--out")
+        .arg(&out));
     assert_eq!(r.code, Some(1), "{}", r.show());
     assert_eq!(summary(&r.stderr), (2, 1, 0, 1));
     let f = failures(&out);
@@ -283,7 +336,14 @@ fn coco_instances_map_categories_by_rank_and_skip_unannotated_images() {
 
     // CLI: the same through generate.
     let out = tmp.path().join("out");
-    let r = run(generate(tmp.path()).args(["--config", "coco14", "--images"]).arg(&imgs).arg("--coco").arg(&inst).arg("--out").arg(&out).arg("--save-cams"));
+    let r = run(generate(tmp.path())
+        .args(["--config", "coco14", "--images"])
+        .arg(&imgs)
+        .arg("--coco")
+        .arg(&inst)
+        .arg("--out")
+        .arg(&out)
+        .arg("--save-cams"));
     assert_eq!(r.code, Some(0), "{}", r.show());
     assert!(r.stderr.contains("1 image(s)") && r.stderr.contains("skipped"), "skipped count reported\n{}", r.show());
     assert_eq!(summary(&r.stderr), (3, 3, 0, 0), "{}", r.show());
@@ -294,7 +354,13 @@ fn coco_instances_map_categories_by_rank_and_skip_unannotated_images() {
     assert!(m.values.iter().all(|&v| v == 0 || v == 1 || v == 80));
 
     // Category count that does not match the config: fatal, one line.
-    let r = run(generate(tmp.path()).args(["--config", "voc12", "--images"]).arg(&imgs).arg("--coco").arg(&inst).arg("--out").arg(tmp.path().join("out2")));
+    let r = run(generate(tmp.path())
+        .args(["--config", "voc12", "--images"])
+        .arg(&imgs)
+        .arg("--coco")
+        .arg(&inst)
+        .arg("--out")
+        .arg(tmp.path().join("out2")));
     let line = assert_one_line_error(&r, 2);
     assert!(line.contains("80 categories") && line.contains("20 classes"), "{line}");
 }
@@ -306,7 +372,8 @@ fn coco_rss_child_helper() {
     let Some(path) = std::env::var_os("CLIPMASK_TEST_COCO_RSS") else { return };
     let cfg = clipmask::config::DatasetConfig::resolve("coco14").unwrap();
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let before = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().to_string();
+    let before =
+        status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().to_string();
     let (labels, skipped) = clipmask::datasets::read_coco_instances(Path::new(&path), &cfg).unwrap();
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
@@ -324,14 +391,19 @@ fn coco_instances_parse_in_bounded_memory() {
     let (n_images, n_anns) = (82_783u64, 604_907u64);
     {
         let mut w = std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&path).unwrap());
-        write!(w, r#"{{"info":{{"description":"synthetic","year":2014}},"licenses":[{{"id":1,"name":"x"}}],"images":["#).unwrap();
+        write!(
+            w,
+            r#"{{"info":{{"description":"synthetic","year":2014}},"licenses":[{{"id":1,"name":"x"}}],"images":["#
+        )
+        .unwrap();
         for i in 0..n_images {
             let sep = if i == 0 { "" } else { "," };
             write!(w, r#"{sep}{{"license":1,"file_name":"COCO_train2014_{i:012}.jpg","height":480,"width":640,"id":{i},"flickr_url":"http://farm.example/{i}.jpg"}}"#).unwrap();
         }
         w.write_all(br#"],"annotations":["#).unwrap();
         // ~700 bytes of polygon per annotation, like COCO's.
-        let poly: String = (0..96).map(|k| format!("{}.{:02}", 100 + (k * 37) % 500, (k * 13) % 100)).collect::<Vec<_>>().join(",");
+        let poly: String =
+            (0..96).map(|k| format!("{}.{:02}", 100 + (k * 37) % 500, (k * 13) % 100)).collect::<Vec<_>>().join(",");
         let rle: String = (0..80).map(|k| ((k * 7919) % 1000).to_string()).collect::<Vec<_>>().join(",");
         let cats = coco_category_ids();
         for a in 0..n_anns {
@@ -360,14 +432,20 @@ fn coco_instances_parse_in_bounded_memory() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "child failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    let line = stdout.lines().find_map(|l| l.find("RESULT ").map(|i| &l[i..])).unwrap_or_else(|| panic!("no RESULT in {stdout}"));
+    let line = stdout
+        .lines()
+        .find_map(|l| l.find("RESULT ").map(|i| &l[i..]))
+        .unwrap_or_else(|| panic!("no RESULT in {stdout}"));
     let kb: f64 = line.split_whitespace().rev().nth(1).unwrap().parse().unwrap();
     let mib = kb / 1024.0;
     eprintln!("{line}  (parse {:.1} s)", t1.elapsed().as_secs_f64());
     assert!(line.contains(&format!("images={} skipped=10", n_images - 10)), "{line}");
     // Extrapolated to 450 MB in case the file is smaller than the target.
     let scaled = mib * (TARGET_BYTES as f64 / size as f64).max(1.0);
-    assert!(scaled < 2048.0, "peak RSS {mib:.0} MiB for {size} bytes (scaled to 450 MB: {scaled:.0} MiB) exceeds 2 GiB");
+    assert!(
+        scaled < 2048.0,
+        "peak RSS {mib:.0} MiB for {size} bytes (scaled to 450 MB: {scaled:.0} MiB) exceeds 2 GiB"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -389,7 +467,12 @@ fn bad_images_and_labels_are_recorded_and_the_run_goes_on() {
     synthetic_image(80, 60, 4).write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg).unwrap();
     std::fs::write(imgs.join("trunc_jpg.jpg"), &jpg[..jpg.len() / 3]).unwrap();
     let mut s = 99u64;
-    let noise: Vec<u8> = (0..5000).map(|_| { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); (s >> 56) as u8 }).collect();
+    let noise: Vec<u8> = (0..5000)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (s >> 56) as u8
+        })
+        .collect();
     std::fs::write(imgs.join("random.jpg"), &noise).unwrap();
     // Odd but valid formats.
     let src = save_png(&imgs, "src_rgb", 80, 60, 5);
@@ -420,7 +503,14 @@ fn bad_images_and_labels_are_recorded_and_the_run_goes_on() {
     write_json(&lf, &serde_json::json!(labels));
 
     let out = tmp.path().join("out");
-    let r = run(generate(tmp.path()).arg("--images").arg(&imgs).arg("--labels").arg(&lf).arg("--out").arg(&out).arg("--overlays"));
+    let r = run(generate(tmp.path())
+        .arg("--images")
+        .arg(&imgs)
+        .arg("--labels")
+        .arg(&lf)
+        .arg("--out")
+        .arg(&out)
+        .arg("--overlays"));
     assert_eq!(r.code, Some(1), "{}", r.show());
     for m in PANIC_MARKERS {
         assert!(!r.stderr.contains(m), "{}", r.show());
@@ -430,7 +520,12 @@ fn bad_images_and_labels_are_recorded_and_the_run_goes_on() {
     let f = failures(&out);
     let failed_ids: BTreeMap<String, (String, String)> = f
         .iter()
-        .map(|v| (v["id"].as_str().unwrap().to_string(), (v["path"].as_str().unwrap().to_string(), v["reason"].as_str().unwrap().to_string())))
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap().to_string(),
+                (v["path"].as_str().unwrap().to_string(), v["reason"].as_str().unwrap().to_string()),
+            )
+        })
         .collect();
     eprintln!("masks: {masks:?}\nfailures:\n{}", f.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n"));
     for id in ok {
@@ -448,7 +543,8 @@ fn bad_images_and_labels_are_recorded_and_the_run_goes_on() {
         ("unknown", &["unknown class", "unicorn"]),
     ];
     for (id, words) in expect_reason {
-        let (path, reason) = failed_ids.get(*id).unwrap_or_else(|| panic!("{id} missing from failures.jsonl (masks: {masks:?})"));
+        let (path, reason) =
+            failed_ids.get(*id).unwrap_or_else(|| panic!("{id} missing from failures.jsonl (masks: {masks:?})"));
         if *id == "missing" {
             // No image: the path is the images folder, not a made-up <id>.jpg.
             assert_eq!(Path::new(path), imgs, "{id}: path {path}");
@@ -466,7 +562,14 @@ fn bad_images_and_labels_are_recorded_and_the_run_goes_on() {
     assert!(r.stderr.contains("failures.jsonl"), "points at failures.jsonl\n{}", r.show());
 
     // --allow-failures: same failures, exit 0; the good ones are already complete.
-    let r = run(generate(tmp.path()).arg("--images").arg(&imgs).arg("--labels").arg(&lf).arg("--out").arg(&out).args(["--overlays", "--allow-failures"]));
+    let r = run(generate(tmp.path())
+        .arg("--images")
+        .arg(&imgs)
+        .arg("--labels")
+        .arg(&lf)
+        .arg("--out")
+        .arg(&out)
+        .args(["--overlays", "--allow-failures"]));
     assert_eq!(r.code, Some(0), "{}", r.show());
     assert_eq!(summary(&r.stderr), (14, 0, 7, 7), "{}", r.show());
     assert_eq!(failures(&out).len(), 7);
@@ -481,13 +584,22 @@ fn a_large_image_is_downscaled_for_the_model_and_the_mask_keeps_its_size() {
     let lf = tmp.path().join("labels.txt");
     std::fs::write(&lf, "big\tperson,horse\n").unwrap();
     let out = tmp.path().join("out");
-    let r = run(generate(tmp.path()).arg("--images").arg(&imgs).arg("--labels").arg(&lf).arg("--out").arg(&out).args(["--max-side", "512", "--summary-json"]).arg(tmp.path().join("s.json")));
+    let r = run(generate(tmp.path())
+        .arg("--images")
+        .arg(&imgs)
+        .arg("--labels")
+        .arg(&lf)
+        .arg("--out")
+        .arg(&out)
+        .args(["--max-side", "512", "--summary-json"])
+        .arg(tmp.path().join("s.json")));
     assert_eq!(r.code, Some(0), "{}", r.show());
     let m = read_mask(&out.join("masks/big.png"));
     assert_eq!((m.width, m.height), (3000, 2000));
     let allowed = [0u8, 13, 15];
     assert!(m.values.iter().all(|v| allowed.contains(v)));
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("s.json")).unwrap()).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("s.json")).unwrap()).unwrap();
     assert_eq!(s["done"], 1);
     eprintln!("peak RSS {} MiB", s["peak_rss_mib"]);
 }
@@ -506,7 +618,8 @@ fn fatal_errors_stop_before_any_image_with_one_line() {
     let lf = d.join("labels.json");
     write_json(&lf, &serde_json::json!({"a": ["dog"]}));
     std::fs::write(d.join("bad.pt"), b"definitely not a model").unwrap();
-    let voc_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root().join("configs/voc12.json")).unwrap()).unwrap();
+    let voc_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("configs/voc12.json")).unwrap()).unwrap();
     let mut unknown_key = voc_json.clone();
     unknown_key["colour_map"] = serde_json::json!("jet");
     write_json(&d.join("unknown_key.json"), &unknown_key);
@@ -525,7 +638,11 @@ fn fatal_errors_stop_before_any_image_with_one_line() {
         ("missing model", vec!["--model".into(), p("nope.pt")], &["nope.pt"]),
         ("missing config", vec!["--config".into(), p("nope.json")], &["nope.json"]),
         ("config unknown key", vec!["--config".into(), p("unknown_key.json")], &["unknown field", "colour_map"]),
-        ("config unknown class key", vec!["--config".into(), p("unknown_class_key.json")], &["unknown field", "colour"]),
+        (
+            "config unknown class key",
+            vec!["--config".into(), p("unknown_class_key.json")],
+            &["unknown field", "colour"],
+        ),
         ("duplicate class", vec!["--config".into(), p("dup.json")], &["duplicate class name", "dog"]),
         ("config not JSON", vec!["--config".into(), p("not_json.json")], &["not_json.json"]),
         ("unknown shipped config", vec!["--config".into(), "voc2099".into()], &["voc2099"]),
@@ -538,14 +655,22 @@ fn fatal_errors_stop_before_any_image_with_one_line() {
     ];
     for (what, extra, words) in cases {
         let out = d.join(format!("out-{}", what.replace(' ', "-")));
-        let mut args: Vec<String> = vec!["--images".into(), imgs.to_str().unwrap().into(), "--labels".into(), lf.to_str().unwrap().into(), "--out".into(), out.to_str().unwrap().into()];
+        let mut args: Vec<String> = vec![
+            "--images".into(),
+            imgs.to_str().unwrap().into(),
+            "--labels".into(),
+            lf.to_str().unwrap().into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ];
         // Later flags of the same name replace earlier ones only for the model; rebuild instead.
         for pair in extra.chunks(2) {
             if let Some(i) = args.iter().position(|a| *a == pair[0]) {
                 args[i + 1] = pair[1].clone();
             }
         }
-        let extra_rest: Vec<String> = extra.chunks(2).filter(|pair| !args.contains(&pair[0])).flat_map(|p| p.to_vec()).collect();
+        let extra_rest: Vec<String> =
+            extra.chunks(2).filter(|pair| !args.contains(&pair[0])).flat_map(|p| p.to_vec()).collect();
         let mut cmd = clipmask(d);
         cmd.args(["generate", "--device", "cpu"]);
         if !extra.contains(&"--model".to_string()) {
@@ -588,7 +713,10 @@ fn rerun_skips_overwrite_redoes_and_shards_cover_the_list_exactly() {
         save_png(&imgs, id, 64 + 8 * k as u32, 48, 400 + k as u64);
     }
     let lf = tmp.path().join("labels.json");
-    write_json(&lf, &serde_json::json!({"i0": ["dog"], "i1": ["cat", "sofa"], "i2": ["car"], "i3": ["bird", "sheep"], "i4": ["boat"]}));
+    write_json(
+        &lf,
+        &serde_json::json!({"i0": ["dog"], "i1": ["cat", "sofa"], "i2": ["car"], "i3": ["bird", "sheep"], "i4": ["boat"]}),
+    );
     let cmd = |out: &Path| {
         let mut c = generate(tmp.path());
         c.arg("--images").arg(&imgs).arg("--labels").arg(&lf).arg("--out").arg(out).args(["--save-cams", "--overlays"]);
@@ -649,10 +777,20 @@ fn shards_into_one_directory_keep_every_failure() {
     }
     let lf = tmp.path().join("labels.json");
     // Sorted ids a, b, c, d: shard 0/2 = a, c (c fails), shard 1/2 = b, d (all good).
-    write_json(&tmp.path().join("labels.json"), &serde_json::json!({"a": ["dog"], "b": ["cat"], "c": ["unicorn"], "d": ["car"]}));
+    write_json(
+        &tmp.path().join("labels.json"),
+        &serde_json::json!({"a": ["dog"], "b": ["cat"], "c": ["unicorn"], "d": ["car"]}),
+    );
     let out = tmp.path().join("out");
     for s in ["0/2", "1/2"] {
-        let _ = run(generate(tmp.path()).arg("--images").arg(&imgs).arg("--labels").arg(&lf).arg("--out").arg(&out).args(["--shard", s]));
+        let _ = run(generate(tmp.path())
+            .arg("--images")
+            .arg(&imgs)
+            .arg("--labels")
+            .arg(&lf)
+            .arg("--out")
+            .arg(&out)
+            .args(["--shard", s]));
     }
     let f = failures(&out);
     assert_eq!(f.len(), 1, "the failure of shard 0/2 must survive shard 1/2: {f:?}");
@@ -711,7 +849,9 @@ fn sigkill_and_sigint_midway_leave_no_partial_file_and_a_rerun_completes() {
         let full = out.join(&p);
         match p.extension().and_then(|e| e.to_str()) {
             Some("png") => assert!(png_decodes(&full), "partial mask {}", p.display()),
-            Some("npz") => assert!(clipmask::outputs::CamArchive::read(&full).is_ok(), "partial archive {}", p.display()),
+            Some("npz") => {
+                assert!(clipmask::outputs::CamArchive::read(&full).is_ok(), "partial archive {}", p.display())
+            }
             Some("jpg") => assert!(image::open(&full).is_ok(), "partial overlay {}", p.display()),
             _ => panic!("unexpected file {}", p.display()),
         }

@@ -28,8 +28,9 @@ impl Rng {
 
 /// Characters that matter to the parsers, plus some that should not.
 const ALPHABET: &[char] = &[
-    'a', 'b', 'z', 'A', '0', '9', '_', '-', '.', ' ', ' ', '\t', '\t', '\n', '\n', '\r', ',', ',', '#', '<', '>', '/', '&', ';',
-    '"', '\'', '=', '?', '!', '[', ']', '{', '}', ':', '\\', 'é', '中', '\u{feff}', '\u{0}', '\u{85}', '\u{2028}', '🐕',
+    'a', 'b', 'z', 'A', '0', '9', '_', '-', '.', ' ', ' ', '\t', '\t', '\n', '\n', '\r', ',', ',', '#', '<', '>', '/',
+    '&', ';', '"', '\'', '=', '?', '!', '[', ']', '{', '}', ':', '\\', 'é', '中', '\u{feff}', '\u{0}', '\u{85}',
+    '\u{2028}', '🐕',
 ];
 
 fn random_string(rng: &mut Rng, max_len: usize) -> String {
@@ -81,12 +82,21 @@ where
     for (i, c) in cases.into_iter().enumerate() {
         n += 1;
         if let Err(e) = catch_unwind(AssertUnwindSafe(|| f(&c))) {
-            let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
             panics.push(format!("case {i}: {msg}; input {:?}", format!("{c:?}").chars().take(300).collect::<String>()));
         }
     }
     std::panic::set_hook(prev);
-    assert!(panics.is_empty(), "{what}: {} of {n} inputs panicked:\n{}", panics.len(), panics.iter().take(10).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        panics.is_empty(),
+        "{what}: {} of {n} inputs panicked:\n{}",
+        panics.len(),
+        panics.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+    );
     n
 }
 
@@ -94,7 +104,8 @@ where
 // Text labels
 // ---------------------------------------------------------------------------------------------
 
-const VALID_TEXT: &str = "# VOC labels\n2007_000032\taeroplane,person\n2007_000039\ttvmonitor\r\n\n2007_000063\tdog, chair ,\n";
+const VALID_TEXT: &str =
+    "# VOC labels\n2007_000032\taeroplane,person\n2007_000039\ttvmonitor\r\n\n2007_000063\tdog, chair ,\n";
 
 /// What any successful parse must satisfy.
 fn check_text_result(input: &str, r: &anyhow::Result<RawLabels>) {
@@ -115,7 +126,17 @@ fn labels_text_parser_never_panics_on_garbage() {
     let mut rng = Rng::new(1);
     let mut cases: Vec<String> = (0..3000).map(|_| random_string(&mut rng, 120)).collect();
     cases.extend((0..2000).map(|_| String::from_utf8_lossy(&mutate(&mut rng, VALID_TEXT.as_bytes())).into_owned()));
-    cases.extend(["".into(), "\t".into(), "\t\t\t".into(), ",".into(), "#\t".into(), "\u{feff}id\tdog".into(), "id\t".into(), "id\t,,,".into(), "\r\n\r\n".into()]);
+    cases.extend([
+        "".into(),
+        "\t".into(),
+        "\t\t\t".into(),
+        ",".into(),
+        "#\t".into(),
+        "\u{feff}id\tdog".into(),
+        "id\t".into(),
+        "id\t,,,".into(),
+        "\r\n\r\n".into(),
+    ]);
     cases.push(format!("{}\t{}", "x".repeat(1 << 20), "dog,".repeat(1 << 16)));
     let n = no_panics("parse_labels_text", cases, |s| {
         let r = parse_labels_text(s, "fuzz.txt");
@@ -283,7 +304,8 @@ fn labels_json_reader_never_panics_on_garbage() {
 
 fn small_coco() -> String {
     let gaps = [12u64, 26, 29, 30, 45, 66, 68, 69, 71, 83];
-    let cats: Vec<String> = (1..=90u64).filter(|i| !gaps.contains(i)).map(|i| format!(r#"{{"id":{i},"name":"c{i}"}}"#)).collect();
+    let cats: Vec<String> =
+        (1..=90u64).filter(|i| !gaps.contains(i)).map(|i| format!(r#"{{"id":{i},"name":"c{i}"}}"#)).collect();
     format!(
         r#"{{"images":[{{"id":1,"file_name":"COCO_val2014_000000000001.jpg"}},{{"id":2,"file_name":"b/c.d.png"}},{{"id":3,"file_name":"x.jpg"}}],"annotations":[{{"image_id":1,"category_id":1,"segmentation":[[1,2,3,4]]}},{{"image_id":2,"category_id":90}},{{"image_id":1,"category_id":84}}],"categories":[{}]}}"#,
         cats.join(",")

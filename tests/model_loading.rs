@@ -15,7 +15,10 @@ fn png(dir: &Path, name: &str, w: u32, h: u32, seed: u64) -> PathBuf {
 
 fn classify_with_model(model: &Path, img: &Path) -> Run {
     let cache = tempfile::tempdir().unwrap();
-    run(clipmask(cache.path()).args(["classify", "--device", "cpu", "--config", "voc12", "--model"]).arg(model).arg(img))
+    run(clipmask(cache.path())
+        .args(["classify", "--device", "cpu", "--config", "voc12", "--model"])
+        .arg(model)
+        .arg(img))
 }
 
 fn voc_names() -> Vec<String> {
@@ -56,11 +59,19 @@ fn bad_checkpoints_give_one_line_errors() {
     let t = tch::Tensor::zeros([4, 4, 1, 1], (tch::Kind::Float, tch::Device::Cpu));
     let pe = tch::Tensor::zeros([50, 8], (tch::Kind::Float, tch::Device::Cpu));
     tch::Tensor::write_safetensors(
-        &[("visual.layer1.0.conv1.weight", &t), ("visual.attnpool.positional_embedding", &pe), ("logit_scale", &tch::Tensor::from(4.6f32))],
+        &[
+            ("visual.layer1.0.conv1.weight", &t),
+            ("visual.attnpool.positional_embedding", &pe),
+            ("logit_scale", &tch::Tensor::from(4.6f32)),
+        ],
         d.join("rn50.safetensors"),
     )
     .unwrap();
-    tch::Tensor::write_safetensors(&[("encoder.layer.0.weight", &t), ("decoder.bias", &pe)], d.join("other.safetensors")).unwrap();
+    tch::Tensor::write_safetensors(
+        &[("encoder.layer.0.weight", &t), ("decoder.bias", &pe)],
+        d.join("other.safetensors"),
+    )
+    .unwrap();
     // The same tensors in a file without the extension (detected by the header).
     std::fs::copy(d.join("other.safetensors"), d.join("other.bin")).unwrap();
 
@@ -101,11 +112,13 @@ fn device_cuda_without_gpu_is_a_one_line_error() {
     let tmp = tempfile::tempdir().unwrap();
     let img = png(tmp.path(), "img.png", 64, 48, 1);
     for dev in ["cuda", "cuda:0", "cuda:3"] {
-        let r = run(clipmask(tmp.path()).args(["classify", "--device", dev, "--model"]).arg(fx.join("model.pt")).arg(&img));
+        let r =
+            run(clipmask(tmp.path()).args(["classify", "--device", dev, "--model"]).arg(fx.join("model.pt")).arg(&img));
         let line = assert_one_line_error(&r, 2);
         assert!(line.contains("CUDA"), "{dev}: {line}");
     }
-    let r = run(clipmask(tmp.path()).args(["classify", "--device", "tpu", "--model"]).arg(fx.join("model.pt")).arg(&img));
+    let r =
+        run(clipmask(tmp.path()).args(["classify", "--device", "tpu", "--model"]).arg(fx.join("model.pt")).arg(&img));
     let line = assert_one_line_error(&r, 2);
     assert!(line.contains("expected auto, cpu, cuda or cuda:N"), "{line}");
 }
@@ -128,7 +141,12 @@ fn parse_json_lines(stdout: &str) -> Vec<(String, BTreeMap<String, f64>)> {
             let obj = v.as_object().expect("object per line");
             assert_eq!(obj.len(), 2, "exactly `image` and `probs`: {l}");
             let image = obj["image"].as_str().expect("image is a string").to_string();
-            let probs = obj["probs"].as_object().expect("probs is an object").iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap())).collect();
+            let probs = obj["probs"]
+                .as_object()
+                .expect("probs is an object")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+                .collect();
             (image, probs)
         })
         .collect()
@@ -139,7 +157,8 @@ fn fp16_checkpoint_loads_and_classifies_like_fp32() {
     let fx32 = fixture("tiny", 0, false);
     let fx16 = fixture("tiny", 0, true);
     let tmp = tempfile::tempdir().unwrap();
-    let images: Vec<PathBuf> = (0..3).map(|i| png(tmp.path(), &format!("i{i}.png"), 200 + 20 * i, 150, 10 + i as u64)).collect();
+    let images: Vec<PathBuf> =
+        (0..3).map(|i| png(tmp.path(), &format!("i{i}.png"), 200 + 20 * i, 150, 10 + i as u64)).collect();
     // The fp16 weights upcast to fp32: on the CPU clipmask computes in fp32, so the fp16 file
     // must give exactly what its upcast copy gives (the only difference is storage).
     let up = tmp.path().join("upcast.safetensors");
@@ -160,7 +179,8 @@ fn fp16_checkpoint_loads_and_classifies_like_fp32() {
     let mut worst_rounding = 0f64;
     for i in 0..images.len() {
         for n in &names {
-            worst_storage = worst_storage.max((p16pt[i].1[n] - pup[i].1[n]).abs()).max((p16st[i].1[n] - pup[i].1[n]).abs());
+            worst_storage =
+                worst_storage.max((p16pt[i].1[n] - pup[i].1[n]).abs()).max((p16st[i].1[n] - pup[i].1[n]).abs());
             worst_rounding = worst_rounding.max((p16pt[i].1[n] - p32[i].1[n]).abs());
         }
     }
@@ -186,7 +206,12 @@ fn classify_json_prints_one_object_per_image_and_goes_on_after_a_missing_one() {
     let a = png(tmp.path(), "a.png", 120, 90, 1);
     let b = png(tmp.path(), "b.png", 90, 160, 2);
     let missing = tmp.path().join("missing.jpg");
-    let r = run(clipmask(tmp.path()).args(["classify", "--json", "--device", "cpu", "--model"]).arg(fx.join("model.safetensors")).arg(&a).arg(&missing).arg(&b));
+    let r = run(clipmask(tmp.path())
+        .args(["classify", "--json", "--device", "cpu", "--model"])
+        .arg(fx.join("model.safetensors"))
+        .arg(&a)
+        .arg(&missing)
+        .arg(&b));
     assert_eq!(r.code, Some(1), "{}", r.show());
     let lines = parse_json_lines(&r.stdout);
     assert_eq!(lines.len(), 2, "{}", r.show());
@@ -209,10 +234,17 @@ fn classify_json_prints_one_object_per_image_and_goes_on_after_a_missing_one() {
         assert!(!r.stderr.contains(m));
     }
     // And all good: exit 0, one line per image in argument order.
-    let r = run(clipmask(tmp.path()).args(["classify", "--json", "--device", "cpu", "--model"]).arg(fx.join("model.safetensors")).arg(&b).arg(&a));
+    let r = run(clipmask(tmp.path())
+        .args(["classify", "--json", "--device", "cpu", "--model"])
+        .arg(fx.join("model.safetensors"))
+        .arg(&b)
+        .arg(&a));
     assert_eq!(r.code, Some(0), "{}", r.show());
     let lines = parse_json_lines(&r.stdout);
-    assert_eq!(lines.iter().map(|l| l.0.clone()).collect::<Vec<_>>(), vec![b.display().to_string(), a.display().to_string()]);
+    assert_eq!(
+        lines.iter().map(|l| l.0.clone()).collect::<Vec<_>>(),
+        vec![b.display().to_string(), a.display().to_string()]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,7 +264,8 @@ fn bare_flags(help: &str) -> (Vec<String>, usize) {
         }
         let t = l.trim_start();
         // "--flag" or "-f, --flag"; not a "- value: ..." line of a possible-values list.
-        let is_flag = t.starts_with("--") || (t.len() >= 2 && t.starts_with('-') && t.as_bytes()[1].is_ascii_alphanumeric());
+        let is_flag =
+            t.starts_with("--") || (t.len() >= 2 && t.starts_with('-') && t.as_bytes()[1].is_ascii_alphanumeric());
         if !in_options || !is_flag {
             continue;
         }
@@ -254,15 +287,8 @@ fn bare_flags(help: &str) -> (Vec<String>, usize) {
 #[test]
 fn help_of_every_command_describes_every_flag() {
     let tmp = tempfile::tempdir().unwrap();
-    let commands: &[&[&str]] = &[
-        &[],
-        &["classify"],
-        &["generate"],
-        &["eval"],
-        &["prompts"],
-        &["prompts", "rank"],
-        &["prompts", "show"],
-    ];
+    let commands: &[&[&str]] =
+        &[&[], &["classify"], &["generate"], &["eval"], &["prompts"], &["prompts", "rank"], &["prompts", "show"]];
     for cmd in commands {
         for flag in ["--help", "-h"] {
             let r = run(clipmask(tmp.path()).args(*cmd).arg(flag));
@@ -275,7 +301,23 @@ fn help_of_every_command_describes_every_flag() {
     }
     // The flags documented in the README exist.
     let r = run(clipmask(tmp.path()).args(["generate", "--help"]));
-    for f in ["--model", "--config", "--device", "--images", "--out", "--labels", "--annotations", "--coco", "--split", "--shard", "--save-cams", "--overlays", "--overwrite", "--allow-failures", "--max-side"] {
+    for f in [
+        "--model",
+        "--config",
+        "--device",
+        "--images",
+        "--out",
+        "--labels",
+        "--annotations",
+        "--coco",
+        "--split",
+        "--shard",
+        "--save-cams",
+        "--overlays",
+        "--overwrite",
+        "--allow-failures",
+        "--max-side",
+    ] {
         assert!(r.stdout.contains(f), "generate --help lacks {f}");
     }
 }
@@ -334,7 +376,10 @@ fn model_by_name_downloads_from_the_base_url_and_rejects_a_bad_digest() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     let img = png(tmp.path(), "img.png", 64, 48, 1);
-    let r = run(clipmask(&cache).env("CLIPMASK_MODEL_BASE_URL", &server.base).args(["classify", "--device", "cpu", "--model", "ViT-B/16"]).arg(&img));
+    let r = run(clipmask(&cache)
+        .env("CLIPMASK_MODEL_BASE_URL", &server.base)
+        .args(["classify", "--device", "cpu", "--model", "ViT-B/16"])
+        .arg(&img));
     let line = assert_one_line_error(&r, 2);
     assert!(line.contains("checksum mismatch"), "{line}");
     assert!(line.contains("ViT-B/16"), "{line}");
@@ -343,7 +388,10 @@ fn model_by_name_downloads_from_the_base_url_and_rejects_a_bad_digest() {
 
     // A trailing slash on the base URL is tolerated.
     let server = serve(vec![], 1);
-    let r = run(clipmask(&cache).env("CLIPMASK_MODEL_BASE_URL", format!("{}/", server.base)).args(["classify", "--device", "cpu", "--model", "ViT-B/16"]).arg(&img));
+    let r = run(clipmask(&cache)
+        .env("CLIPMASK_MODEL_BASE_URL", format!("{}/", server.base))
+        .args(["classify", "--device", "cpu", "--model", "ViT-B/16"])
+        .arg(&img));
     let line = assert_one_line_error(&r, 2);
     assert!(line.contains("404"), "{line}");
     assert_eq!(*server.requests.lock().unwrap(), vec![format!("/{sha}/{file}")]);
@@ -352,7 +400,10 @@ fn model_by_name_downloads_from_the_base_url_and_rejects_a_bad_digest() {
     // A cached file with the wrong content: reported as corrupt, nothing fetched.
     std::fs::create_dir_all(&cache).unwrap();
     std::fs::write(cache.join(file), b"half a download").unwrap();
-    let r = run(clipmask(&cache).env("CLIPMASK_MODEL_BASE_URL", "http://127.0.0.1:1").args(["classify", "--device", "cpu", "--model", "ViT-B/16"]).arg(&img));
+    let r = run(clipmask(&cache)
+        .env("CLIPMASK_MODEL_BASE_URL", "http://127.0.0.1:1")
+        .args(["classify", "--device", "cpu", "--model", "ViT-B/16"])
+        .arg(&img));
     let line = assert_one_line_error(&r, 2);
     assert!(line.contains("corrupt"), "{line}");
     assert!(line.contains("delete"), "says what to do: {line}");

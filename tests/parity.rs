@@ -32,7 +32,12 @@ struct Case {
 /// Synthetic images (sides multiples of 16 and not, 1 to 4 labels) and `n_photos` VOC photos.
 fn cases(dir: &std::path::Path, n_photos: usize) -> Vec<Case> {
     let mut out = Vec::new();
-    let sizes = [(224u32, 160u32, vec![14usize]), (200, 130, vec![11, 14]), (97, 250, vec![0, 6, 18]), (320, 240, vec![2, 7, 11, 14])];
+    let sizes = [
+        (224u32, 160u32, vec![14usize]),
+        (200, 130, vec![11, 14]),
+        (97, 250, vec![0, 6, 18]),
+        (320, 240, vec![2, 7, 11, 14]),
+    ];
     for (i, (w, h, labels)) in sizes.into_iter().enumerate() {
         let p = dir.join(format!("syn{i}.png"));
         synthetic_image(w, h, i as u64 + 1).save(&p).unwrap();
@@ -57,7 +62,14 @@ fn cases(dir: &std::path::Path, n_photos: usize) -> Vec<Case> {
 }
 
 /// Runs tests/python/run_reference.py (pytorch-grad-cam + OpenCV, see clip_reference.py).
-fn reference(model: &std::path::Path, cases: &[Case], fp16: bool, threads: usize, zero_shot: bool, tmp: &std::path::Path) -> HashMap<String, Tensor> {
+fn reference(
+    model: &std::path::Path,
+    cases: &[Case],
+    fp16: bool,
+    threads: usize,
+    zero_shot: bool,
+    tmp: &std::path::Path,
+) -> HashMap<String, Tensor> {
     let config_path = root().join("configs/voc12.json");
     let tag = format!("{}-t{threads}", if fp16 { "fp16" } else { "fp32" });
     let spec = serde_json::json!({
@@ -72,7 +84,11 @@ fn reference(model: &std::path::Path, cases: &[Case], fp16: bool, threads: usize
     let spec_path = tmp.join(format!("spec-{tag}.json"));
     std::fs::write(&spec_path, spec.to_string()).unwrap();
     let out_path = tmp.join(format!("ref-{tag}.safetensors"));
-    run_python(&[root().join("tests/python/run_reference.py").to_str().unwrap(), spec_path.to_str().unwrap(), out_path.to_str().unwrap()]);
+    run_python(&[
+        root().join("tests/python/run_reference.py").to_str().unwrap(),
+        spec_path.to_str().unwrap(),
+        out_path.to_str().unwrap(),
+    ]);
     read_safetensors(&out_path)
 }
 
@@ -242,9 +258,17 @@ fn fp16_maps_match_the_fp16_reference() {
         a_ours * 100.0,
         a_ref * 100.0
     );
-    assert!(a_ours >= a_ref, "fp16 labels agree {:.4}% with the fp16 reference, less than its own fp32 ({:.4}%)", a_ours * 100.0, a_ref * 100.0);
+    assert!(
+        a_ours >= a_ref,
+        "fp16 labels agree {:.4}% with the fp16 reference, less than its own fp32 ({:.4}%)",
+        a_ours * 100.0,
+        a_ref * 100.0
+    );
     // The raw maps are far closer to the fp16 reference than fp16 is to fp32.
-    assert!(raw_d < raw_16_32, "fp16 raw maps {raw_d:.2e} from the fp16 reference, not closer than fp32 is ({raw_16_32:.2e})");
+    assert!(
+        raw_d < raw_16_32,
+        "fp16 raw maps {raw_d:.2e} from the fp16 reference, not closer than fp32 is ({raw_16_32:.2e})"
+    );
 }
 
 /// OpenAI's logit scale 100 on random weights: probabilities ~1e-13 and GradCAM is noise, so
@@ -284,8 +308,14 @@ fn torchscript_and_safetensors_load_to_the_same_model() {
     assert!((a.logit_scale - 10.0).abs() < 1e-4);
     let img = synthetic_image(150, 100, 9);
     let p = prepare(&img, 16, None);
-    let fa = tch::no_grad(|| a.visual.patch_pool(&a.visual.trunk(a.visual.embed(&p.input, &a.visual.positional(p.gh, p.gw, true)), 12).tokens));
-    let fb = tch::no_grad(|| b.visual.patch_pool(&b.visual.trunk(b.visual.embed(&p.input, &b.visual.positional(p.gh, p.gw, true)), 12).tokens));
+    let fa = tch::no_grad(|| {
+        a.visual
+            .patch_pool(&a.visual.trunk(a.visual.embed(&p.input, &a.visual.positional(p.gh, p.gw, true)), 12).tokens)
+    });
+    let fb = tch::no_grad(|| {
+        b.visual
+            .patch_pool(&b.visual.trunk(b.visual.embed(&p.input, &b.visual.positional(p.gh, p.gw, true)), 12).tokens)
+    });
     assert_eq!(max_abs_diff(&to_vec(&fa), &to_vec(&fb)), 0.0);
 }
 
@@ -335,7 +365,11 @@ fn token_ids_match_openai_tokenizer_for_every_shipped_prompt() {
     )
     .unwrap();
     let out = tmp.path().join("ref.safetensors");
-    run_python(&[root().join("tests/python/run_reference.py").to_str().unwrap(), spec.to_str().unwrap(), out.to_str().unwrap()]);
+    run_python(&[
+        root().join("tests/python/run_reference.py").to_str().unwrap(),
+        spec.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     let r = read_safetensors(&out);
     for (i, s) in sentences.iter().enumerate() {
         let ours = tokenize(s, 77).unwrap();

@@ -98,7 +98,13 @@ fn ranking_is_stable_and_writes_a_config() {
     let mut labels = serde_json::Map::new();
     for i in 0..6u32 {
         synthetic_image(200 + 10 * i, 150, i as u64 + 40).save(images.join(format!("im{i}.png"))).unwrap();
-        let l: Vec<&str> = ["person", "dog", "car", "cat"].iter().copied().cycle().skip(i as usize).take(2 + (i as usize % 2)).collect();
+        let l: Vec<&str> = ["person", "dog", "car", "cat"]
+            .iter()
+            .copied()
+            .cycle()
+            .skip(i as usize)
+            .take(2 + (i as usize % 2))
+            .collect();
         labels.insert(format!("im{i}"), serde_json::json!(l));
     }
     labels.insert("single".into(), serde_json::json!(["dog"]));
@@ -106,14 +112,24 @@ fn ranking_is_stable_and_writes_a_config() {
     let labels_path = tmp.path().join("labels.json");
     std::fs::write(&labels_path, serde_json::Value::Object(labels).to_string()).unwrap();
     let templates = tmp.path().join("templates.txt");
-    std::fs::write(&templates, "a photo of a {}.\na clean origami {}.\nart of the {}.\na rendering of a weird {}.\n").unwrap();
+    std::fs::write(&templates, "a photo of a {}.\na clean origami {}.\nart of the {}.\na rendering of a weird {}.\n")
+        .unwrap();
     let out_cfg = tmp.path().join("best.json");
     let run = |extra: &[&str]| {
         let mut c = clipmask_bin();
-        c.args(["prompts", "rank", "--model", fx.join("model.pt").to_str().unwrap(), "--config", "voc12", "--device", "cpu"])
-            .args(["--images", images.to_str().unwrap(), "--labels", labels_path.to_str().unwrap()])
-            .args(["--templates", templates.to_str().unwrap(), "--json"])
-            .args(extra);
+        c.args([
+            "prompts",
+            "rank",
+            "--model",
+            fx.join("model.pt").to_str().unwrap(),
+            "--config",
+            "voc12",
+            "--device",
+            "cpu",
+        ])
+        .args(["--images", images.to_str().unwrap(), "--labels", labels_path.to_str().unwrap()])
+        .args(["--templates", templates.to_str().unwrap(), "--json"])
+        .args(extra);
         let out = c.output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()

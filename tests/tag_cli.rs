@@ -217,7 +217,8 @@ fn eval_labels_pred_reads_every_ground_truth_source() {
         for (j, &k) in g.iter().enumerate() {
             px[j] = (cfg.class_index(NAMES[k]).unwrap() + 1) as u8;
         }
-        clipmask::outputs::write_label_png(&masks.join(format!("{id}.png")), &px, 4, 4, Some(&cfg.png_palette())).unwrap();
+        clipmask::outputs::write_label_png(&masks.join(format!("{id}.png")), &px, 4, 4, Some(&cfg.png_palette()))
+            .unwrap();
     }
     let cache = d.join("cache");
     for source in [

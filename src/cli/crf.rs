@@ -66,7 +66,8 @@ pub fn run(args: &CrfCmdArgs) -> Result<i32> {
         bail!("no .npz maps in {}", args.cams.display());
     }
     let masks_dir = args.out.join("masks");
-    std::fs::create_dir_all(&masks_dir).with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
+    std::fs::create_dir_all(&masks_dir)
+        .with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
     crate::files::sweep_temp_files(&crate::pipeline::temp_dirs(&args.out), false);
     let interrupt = crate::signals::Interrupt::install(crate::pipeline::temp_dirs(&args.out))?;
     let stop = interrupt.stop_flag();
@@ -87,11 +88,20 @@ pub fn run(args: &CrfCmdArgs) -> Result<i32> {
                 let mut a = CamArchive::read(&npz)?;
                 a.validate(&args.cam_key, cfg.classes.len()).with_context(|| format!("{}", npz.display()))?;
                 let maps = if args.cam_key == "cams" { a.cams } else { a.raw_cams };
-                path = find_image(&args.images, id).ok_or_else(|| anyhow::anyhow!(missing_image_reason(&args.images, id)))?;
+                path = find_image(&args.images, id)
+                    .ok_or_else(|| anyhow::anyhow!(missing_image_reason(&args.images, id)))?;
                 let img = load_rgb_limited(&path, args.max_pixels)?;
                 let (_, h, w) = maps.dim();
                 if (img.width() as usize, img.height() as usize) != (w, h) {
-                    bail!("image {} is {}x{} but its maps {} are {}x{}", path.display(), img.width(), img.height(), npz.display(), w, h);
+                    bail!(
+                        "image {} is {}x{} but its maps {} are {}x{}",
+                        path.display(),
+                        img.width(),
+                        img.height(),
+                        npz.display(),
+                        w,
+                        h
+                    );
                 }
                 let (labels, conf) = crf_labels(&img, &maps, &a.keys, args.alpha, &opts)?;
                 if opts.save_confidence {
@@ -101,7 +111,11 @@ pub fn run(args: &CrfCmdArgs) -> Result<i32> {
                 write_label_png(&output_path(&args.out, "masks", id, "png")?, &labels, w as u32, h as u32, png_palette)
             })();
             bar.inc(1);
-            let r = r.map_err(|e| Failure { id: id.clone(), path: path.display().to_string(), reason: super::format_error(&e) });
+            let r = r.map_err(|e| Failure {
+                id: id.clone(),
+                path: path.display().to_string(),
+                reason: super::format_error(&e),
+            });
             (id, Some(r))
         })
         .collect();

@@ -45,7 +45,8 @@ pub struct GenerateArgs {
     /// OUT/labels.scores.json (a file named auto: ./auto).
     #[arg(long, conflicts_with = "annotations")]
     pub labels: Option<PathBuf>,
-    /// With --labels auto: relative threshold of the predicted labels (see `clipmask tag --threshold`).
+    /// With --labels auto: relative threshold of the predicted labels (as the tag command's
+    /// threshold option).
     #[arg(long, value_name = "T", default_value_t = crate::tagclip::DEFAULT_THRESHOLD)]
     pub tag_threshold: f64,
     /// Image-level labels from VOC XML annotations (<id>.xml, object names).
@@ -163,7 +164,11 @@ fn check_images_not_in_outputs(images: &std::path::Path, out: &std::path::Path) 
     let Ok(images) = images.canonicalize() else { return Ok(()) };
     for dir in crate::pipeline::temp_dirs(out).into_iter().skip(1) {
         if dir.canonicalize().is_ok_and(|d| d == images) {
-            bail!("--images {} is an output folder of --out {}: outputs would overwrite inputs", images.display(), out.display());
+            bail!(
+                "--images {} is an output folder of --out {}: outputs would overwrite inputs",
+                images.display(),
+                out.display()
+            );
         }
     }
     Ok(())
@@ -203,13 +208,16 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
             }
             labels.into_iter().map(|(k, v)| (k, Ok(v))).collect()
         }
-        (None, None, None) => bail!("give image-level labels with --labels FILE, --annotations DIR or --coco INSTANCES.json"),
+        (None, None, None) => {
+            bail!("give image-level labels with --labels FILE, --annotations DIR or --coco INSTANCES.json")
+        }
     };
     let split = args.split.as_deref().map(read_split).transpose()?;
     let shard_spec = args.shard.as_deref().map(parse_shard).transpose()?;
     let crf = if args.crf { Some(args.crf_settings.options(&cfg)?) } else { None };
     let masks_dir = args.out.join("masks");
-    std::fs::create_dir_all(&masks_dir).with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
+    std::fs::create_dir_all(&masks_dir)
+        .with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
     check_images_not_in_outputs(&args.images, &args.out)?;
     let probe = args.out.join(format!(".clipmask-write-test-{}", std::process::id()));
     std::fs::write(&probe, b"").with_context(|| format!("output directory {} is not writable", args.out.display()))?;

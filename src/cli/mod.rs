@@ -46,7 +46,11 @@ pub enum Command {
 /// visible (the first thing to check when a GPU run falls back or fails).
 pub fn version_text() -> String {
     let cuda = if tch::Cuda::is_available() {
-        format!("available, {} device(s), cuDNN {}", tch::Cuda::device_count(), if tch::Cuda::cudnn_is_available() { "yes" } else { "no" })
+        format!(
+            "available, {} device(s), cuDNN {}",
+            tch::Cuda::device_count(),
+            if tch::Cuda::cudnn_is_available() { "yes" } else { "no" }
+        )
     } else {
         "no device visible to libtorch (no GPU, no driver, a CPU-only torch, or CUDA_VISIBLE_DEVICES)".to_string()
     };
@@ -77,10 +81,7 @@ pub fn run() -> Result<i32> {
 
 /// One error per line: the context chain, without libtorch's C++ backtrace lines.
 pub fn format_error(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string().lines().next().unwrap_or("").to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
+    e.chain().map(|c| c.to_string().lines().next().unwrap_or("").to_string()).collect::<Vec<_>>().join(": ")
 }
 
 /// Shared model flags.

@@ -111,10 +111,15 @@ fn rank(args: &RankArgs) -> Result<i32> {
         None => labels.keys().cloned().collect(),
     };
     let (template_file, text) = match &args.templates {
-        Some(f) => (f.clone(), std::fs::read_to_string(f).with_context(|| format!("cannot read templates {}", f.display()))?),
-        None => (PathBuf::from("prompts/imagenet-templates.txt (built in)"), crate::config::IMAGENET_TEMPLATES.to_string()),
+        Some(f) => {
+            (f.clone(), std::fs::read_to_string(f).with_context(|| format!("cannot read templates {}", f.display()))?)
+        }
+        None => {
+            (PathBuf::from("prompts/imagenet-templates.txt (built in)"), crate::config::IMAGENET_TEMPLATES.to_string())
+        }
     };
-    let mut templates: Vec<String> = text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let mut templates: Vec<String> =
+        text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
     for t in &cfg.templates {
         if !templates.contains(t) {
             templates.push(t.clone());
@@ -166,7 +171,8 @@ fn rank(args: &RankArgs) -> Result<i32> {
     bar.set_message("templates");
     let mut ranked = Vec::new();
     for t in &templates {
-        let groups: Vec<Vec<String>> = class_sentences(&cfg, std::slice::from_ref(t)).into_iter().map(|(_, s)| s).collect();
+        let groups: Vec<Vec<String>> =
+            class_sentences(&cfg, std::slice::from_ref(t)).into_iter().map(|(_, s)| s).collect();
         let classes = encode_groups(&model, &groups)?.to_device(model.device);
         let scores = zero_shot_scores(&model, &feats, &classes)?;
         let (s, n) = sharpness(&scores, &gts);

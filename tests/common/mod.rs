@@ -21,11 +21,8 @@ pub fn clipmask_bin() -> Command {
 }
 
 pub fn run_python(args: &[&str]) {
-    let out = Command::new(python())
-        .args(args)
-        .env("PYTHONPATH", root().join("tests/python"))
-        .output()
-        .expect("run python");
+    let out =
+        Command::new(python()).args(args).env("PYTHONPATH", root().join("tests/python")).output().expect("run python");
     assert!(
         out.status.success(),
         "python {:?} failed:\n{}\n{}",
@@ -54,8 +51,16 @@ pub fn fixture_scaled(size: &str, seed: u64, fp16: bool, logit_scale: f64) -> Pa
         let script = root().join("tests/python/make_fixture.py");
         let seed_s = seed.to_string();
         let scale_s = logit_scale.to_string();
-        let mut args =
-            vec![script.to_str().unwrap(), tmp.to_str().unwrap(), "--seed", &seed_s, "--size", size, "--logit-scale", &scale_s];
+        let mut args = vec![
+            script.to_str().unwrap(),
+            tmp.to_str().unwrap(),
+            "--seed",
+            &seed_s,
+            "--size",
+            size,
+            "--logit-scale",
+            &scale_s,
+        ];
         if fp16 {
             args.push("--fp16");
         }
@@ -78,7 +83,9 @@ pub fn synthetic_image(w: u32, h: u32, seed: u64) -> RgbImage {
         ((state >> 33) as f64) / (1u64 << 31) as f64
     };
     let blobs: Vec<(f64, f64, f64, [f64; 3])> = (0..5)
-        .map(|_| (rnd() * w as f64, rnd() * h as f64, 10.0 + rnd() * 40.0, [rnd() * 255.0, rnd() * 255.0, rnd() * 255.0]))
+        .map(|_| {
+            (rnd() * w as f64, rnd() * h as f64, 10.0 + rnd() * 40.0, [rnd() * 255.0, rnd() * 255.0, rnd() * 255.0])
+        })
         .collect();
     let mut img = RgbImage::new(w, h);
     for (x, y, p) in img.enumerate_pixels_mut() {

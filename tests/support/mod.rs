@@ -29,7 +29,11 @@ impl Run {
 
 pub fn run(cmd: &mut Command) -> Run {
     let Output { status, stdout, stderr } = cmd.output().expect("spawn clipmask");
-    Run { code: status.code(), stdout: String::from_utf8_lossy(&stdout).into_owned(), stderr: String::from_utf8_lossy(&stderr).into_owned() }
+    Run {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
 }
 
 pub const PANIC_MARKERS: &[&str] = &["panicked", "stack backtrace", "Exception raised from", "RUST_BACKTRACE"];
