@@ -32,7 +32,9 @@ lint: venv
 demo: build
 	bash scripts/demo.sh
 
+# The benchmark programs are examples/ (never installed by `cargo install`).
 bench: build
+	cargo build --release --examples
 	bash scripts/bench.sh
 
 clean:

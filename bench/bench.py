@@ -3,7 +3,7 @@ process, same random-weight model with ViT-B/16's dimensions, same VOC photos, s
 Writes a section of BENCHMARKS.md between markers and prints it.
 
 Optional parts run when present: the dense CRF benchmark (scripts/bench_crf.py) and the
-evaluation benchmark (target/release/eval_bench).
+evaluation benchmark (target/release/examples/eval_bench).
 """
 import json
 import os
@@ -124,11 +124,11 @@ def main():
     ]
     extra = []
     crf = os.path.join(ROOT, "scripts/bench_crf.py")
-    if os.path.exists(crf) and os.path.exists(os.path.join(ROOT, "target/release/crf_bench")):
+    if os.path.exists(crf) and os.path.exists(os.path.join(ROOT, "target/release/examples/crf_bench")):
         r = subprocess.run([PY, crf], capture_output=True, text=True)
         extra += ["", "### Dense CRF", "", r.stdout.strip() or r.stderr.strip()[-2000:]]
     ev = os.path.join(ROOT, "scripts/bench_eval.sh")
-    if os.path.exists(ev) and os.path.exists(os.path.join(ROOT, "target/release/eval_bench")):
+    if os.path.exists(ev) and os.path.exists(os.path.join(ROOT, "target/release/examples/eval_bench")):
         r = subprocess.run(["bash", ev], capture_output=True, text=True)
         extra += ["", "### Evaluation", "", "```", (r.stdout.strip() or r.stderr.strip()[-2000:]), "```"]
     section = "\n".join(lines + extra)

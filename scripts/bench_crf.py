@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Dense CRF speed: clipmask (src/bin/crf_bench.rs) against pydensecrf, the implementation
+"""Dense CRF speed: clipmask (examples/crf_bench.rs) against pydensecrf, the implementation
 CLIP-ES uses (targets.md: one 500x375 image, CLIP-ES parameters, one thread, >= 2x faster;
 all cores used across images).
 
@@ -35,7 +35,7 @@ def run_bench(binary, args, env_extra):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "crf_bench"))
+    ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "examples" / "crf_bench"))
     ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "voc-sample" / "JPEGImages"))
     ap.add_argument("--labels", default="21,3,2")
     ap.add_argument("--rounds", type=int, default=5)
@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--throughput-repeats", type=int, default=3)
     args = ap.parse_args()
     if not Path(args.bin).exists():
-        sys.exit(f"{args.bin} not found: build it with `cargo build --release --bin crf_bench`")
+        sys.exit(f"{args.bin} not found: build it with `cargo build --release --examples`")
     labels = [int(x) for x in args.labels.split(",")]
     one = {"RAYON_NUM_THREADS": "1"}
 

@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${BENCH_EVAL_DIR:-bench-out/eval}
 count=${EVAL_BENCH_COUNT:-10000}
-cargo build --release --quiet --bin eval_bench
-target/release/eval_bench --dir "$dir" --count "$count" --width 500 --height 375 --repeat 2
+cargo build --release --quiet --examples
+target/release/examples/eval_bench --dir "$dir" --count "$count" --width 500 --height 375 --repeat 2

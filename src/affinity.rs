@@ -1,4 +1,4 @@
-//! Class-aware attention affinity, CAA (method.md §5): an affinity from the last blocks'
+//! Class-aware attention affinity, CAA (docs/method.md §5): an affinity from the last blocks'
 //! attention, restricted per label to boxes around its GradCAM map, propagates each map.
 use crate::cam::min_max;
 use tch::{Kind, Tensor};
@@ -27,7 +27,7 @@ pub fn affinity(attentions: &[Tensor]) -> Tensor {
     s.matmul(&s)
 }
 
-/// Box mask over the gh x gw grid for one normalised map (method.md §5): threshold
+/// Box mask over the gh x gw grid for one normalised map (docs/method.md §5): threshold
 /// uint8(255 M) > floor(thr * max), bounding box of every 8-connected region with the
 /// reference's right/bottom edge clipping, union.
 pub fn box_mask(map: &[f32], gh: usize, gw: usize, threshold: f64) -> Vec<f32> {

@@ -1,10 +1,10 @@
-//! Softmax-GradCAM (method.md §4): one map per image label, from the gradient of that label's
+//! Softmax-GradCAM (docs/method.md §4): one map per image label, from the gradient of that label's
 //! softmax probability (over labels + background words) with respect to block L's ln_1 output.
 //!
 //! The numbers follow the reference's pytorch-grad-cam exactly, including two details that
 //! move the maps: the min-max normalisation runs twice (once per target layer, once when the
 //! layers are aggregated), and in fp16 the channel weighting is done in NumPy float16.
-use crate::model::Clip;
+use crate::clip::vision::VisionTransformer;
 use tch::{Kind, Tensor};
 
 pub struct CamResult {
@@ -26,7 +26,7 @@ pub fn min_max(maps: &Tensor) -> Tensor {
     (&shifted / (shifted.amax([1], true) + 1e-7)).reshape(maps.size())
 }
 
-/// The reference's GradCAM scaling (method.md §4): `compute_cam_per_layer` scales each layer's
+/// The reference's GradCAM scaling (docs/method.md §4): `compute_cam_per_layer` scales each layer's
 /// map, `aggregate_multi_layers` takes ReLU and the mean over the (single) layer, which leave
 /// it unchanged, and scales again. The second pass is not a no-op: when the map's maximum is
 /// small, the 1e-7 is a visible fraction of it.
@@ -39,9 +39,17 @@ pub fn scale_twice(maps: &Tensor) -> Tensor {
 ///
 /// `tokens`: (1, n+1, D) input of block L. `text`: (K + M, E) normalised features of the
 /// image's labels then the background words.
-pub fn grad_cam(model: &Clip, tokens: &Tensor, text: &Tensor, k: usize, gh: i64, gw: i64) -> CamResult {
+pub fn grad_cam(
+    vit: &VisionTransformer,
+    logit_scale: f64,
+    tokens: &Tensor,
+    text: &Tensor,
+    k: usize,
+    gh: i64,
+    gw: i64,
+) -> CamResult {
     let targets: Vec<i64> = (0..k as i64).collect();
-    grad_cam_targets(model, tokens, text, &targets, gh, gw)
+    grad_cam_targets(vit, logit_scale, tokens, text, &targets, gh, gw)
 }
 
 /// GradCAM where copy r of block L's input is differentiated for candidate `targets[r]`.
@@ -49,14 +57,21 @@ pub fn grad_cam(model: &Clip, tokens: &Tensor, text: &Tensor, k: usize, gh: i64,
 /// Everything up to the probabilities runs in the model's precision, as the reference's
 /// `forward_last_layer` does: in fp16 the image feature, its normalisation, the logits
 /// (`logit_scale * f` first, then `@ text.T`) and the softmax are all fp16.
-pub fn grad_cam_targets(model: &Clip, tokens: &Tensor, text: &Tensor, targets: &[i64], gh: i64, gw: i64) -> CamResult {
-    let vit = &model.visual;
+pub fn grad_cam_targets(
+    vit: &VisionTransformer,
+    logit_scale: f64,
+    tokens: &Tensor,
+    text: &Tensor,
+    targets: &[i64],
+    gh: i64,
+    gw: i64,
+) -> CamResult {
     let block = vit.blocks.last().expect("at least one block");
     let k = targets.len() as i64;
     let (_, l, d) = tokens.size3().expect("tokens are (1, n+1, D)");
     let kind = tokens.kind();
     let x = tokens.detach().expand([k, l, d], false);
-    // A = ln_1(x) is a leaf: x itself needs no gradient (method.md §2), so dp/dA is the same as
+    // A = ln_1(x) is a leaf: x itself needs no gradient (docs/method.md §2), so dp/dA is the same as
     // in the full graph.
     let a = {
         let _g = tch::no_grad_guard();
@@ -69,7 +84,7 @@ pub fn grad_cam_targets(model: &Clip, tokens: &Tensor, text: &Tensor, targets: &
     // The reference normalises the (already normalised) text features once more.
     let t = text.to_kind(kind);
     let t = &t / t.norm_scalaropt_dim(2, [-1], true);
-    let logits = (f * model.logit_scale).matmul(&t.transpose(0, 1));
+    let logits = (f * logit_scale).matmul(&t.transpose(0, 1));
     let probs = logits.softmax(-1, kind);
     let rows = Tensor::arange(k, (Kind::Int64, probs.device()));
     let cols = Tensor::from_slice(targets).to_device(probs.device());

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-/// How several names for one class become one text embedding (method.md §3).
+/// How several names for one class become one text embedding (docs/method.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Fusion {
@@ -58,18 +58,18 @@ pub struct DatasetConfig {
     pub name: String,
     /// Foreground classes; class id in label maps = index + 1 (0 is background).
     pub classes: Vec<ClassEntry>,
-    /// Words that compete with the labels in the softmax (method.md §3–4).
+    /// Words that compete with the labels in the softmax (docs/method.md §3–4).
     pub background_words: Vec<String>,
     /// Templates with one `{}` each; embeddings are averaged over templates.
     pub templates: Vec<String>,
     #[serde(default)]
     pub fusion: Fusion,
-    /// CAA box threshold as a fraction of the map maximum (method.md §5): 0.4 VOC, 0.7 COCO.
+    /// CAA box threshold as a fraction of the map maximum (docs/method.md §5): 0.4 VOC, 0.7 COCO.
     pub box_threshold: f64,
     /// RGB colours for label ids 0..; ids past the end get black, 255 gets white.
     #[serde(default)]
     pub palette: Vec<[u8; 3]>,
-    /// Dense CRF parameters (method.md §6); CLIP-ES's when absent.
+    /// Dense CRF parameters (docs/method.md §6); CLIP-ES's when absent.
     #[serde(default, skip_serializing_if = "is_default_crf")]
     pub crf: crate::crf::CrfParams,
 }

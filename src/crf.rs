@@ -1,4 +1,4 @@
-//! Dense CRF (method.md §6): mean-field inference for a fully connected CRF with Potts
+//! Dense CRF (docs/method.md §6): mean-field inference for a fully connected CRF with Potts
 //! compatibility and Gaussian/bilateral kernels filtered on a permutohedral lattice
 //! (Krähenbühl & Koltun 2011; Adams, Baek & Davis 2010).
 //!
@@ -48,7 +48,7 @@
 // Index loops mirror the C++ being reproduced, which makes them easier to check against it.
 #![allow(clippy::needless_range_loop)]
 
-/// Parameters of the dense CRF. Defaults are CLIP-ES's (method.md §6).
+/// Parameters of the dense CRF. Defaults are CLIP-ES's (docs/method.md §6).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CrfParams {
     /// Mean-field iterations.
@@ -78,7 +78,7 @@ impl Default for CrfParams {
     }
 }
 
-/// Which image the bilateral kernel sees (method.md §6).
+/// Which image the bilateral kernel sees (docs/method.md §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrfImage {
     /// The reference's image: OpenCV BGR order, minus the mean (104.008, 116.669, 122.675),
@@ -170,7 +170,7 @@ pub fn dense_crf(
 
 /// Argmax of the marginals per pixel (first maximum on ties, like numpy and Eigen), mapped
 /// through `ids[channel]`; pixels whose maximum marginal is below `confidence` become 255
-/// (method.md §6). Also returns the maximum marginal per pixel (confidence map).
+/// (docs/method.md §6). Also returns the maximum marginal per pixel (confidence map).
 pub fn labels_from_marginals(q: &[f32], n_labels: usize, ids: &[u8], confidence: f32) -> (Vec<u8>, Vec<f32>) {
     assert!(n_labels > 0, "labels_from_marginals: no labels");
     assert_eq!(q.len() % n_labels, 0, "labels_from_marginals: q is not C*H*W");

@@ -1,4 +1,4 @@
-//! `--device auto|cpu|cuda|cuda:N` and `--precision auto|fp32|fp16` (method.md §1: fp16 on
+//! `--device auto|cpu|cuda|cuda:N` and `--precision auto|fp32|fp16` (docs/method.md §1: fp16 on
 //! CUDA like the reference, fp32 on CPU).
 use anyhow::{bail, Result};
 use tch::{Device, Kind};

@@ -1,5 +1,5 @@
-//! Evaluation of label maps against pixel ground truth (method.md §8), and of saved CAMs through
-//! the background-threshold labelling of method.md §6.
+//! Evaluation of label maps against pixel ground truth (docs/method.md §8), and of saved CAMs through
+//! the background-threshold labelling of docs/method.md §6.
 //!
 //! Conventions used throughout:
 //! - Classes are `0..n`: 0 is background, `1..=C` the config's classes in order (n = 21 for
@@ -88,7 +88,7 @@ pub struct ClassMetrics {
 /// - `pixel_accuracy = Σ_c TP_c / N`
 /// - `mean_accuracy = mean_{c∈S} TP_c / G_c`
 /// - `IoU_c = TP_c / (G_c + P_c - TP_c)` for `c ∈ S`, `None` otherwise (a class only predicted
-///   has no IoU: method.md §8 averages over classes present in the ground truth)
+///   has no IoU: docs/method.md §8 averages over classes present in the ground truth)
 /// - `miou = mean_{c∈S} IoU_c`
 /// - `fw_iou = Σ_{c∈S} (G_c / N) · IoU_c`
 /// - `ignored_fraction = Σ_c I[c] / N`
@@ -269,7 +269,7 @@ impl ConfusionMatrix {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Labels from CAMs (method.md §6)
+// Labels from CAMs (docs/method.md §6)
 // ---------------------------------------------------------------------------------------------
 
 /// Label map from an image's class maps: `bg = (1 - max_k cams_k)^alpha`, argmax over
@@ -377,7 +377,7 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DIR", requires = "report")]
     pub images: Option<PathBuf>,
     /// Evaluate saved maps `<id>.npz` (from generate --save-cams) instead of label PNGs,
-    /// labelled with the background threshold of method.md §6 for each --alpha.
+    /// labelled with the background threshold of docs/method.md §6 for each --alpha.
     #[arg(long, value_name = "DIR")]
     pub cams: Option<PathBuf>,
     /// Background exponents to try with --cams, comma separated; the best is reported.

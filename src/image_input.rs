@@ -1,4 +1,4 @@
-//! Image input (method.md §1): decoding to RGB, Pillow-exact bicubic resizing, CLIP
+//! Image input (docs/method.md §1): decoding to RGB, Pillow-exact bicubic resizing, CLIP
 //! normalisation, and the two input geometries (CLIP-ES's patch-multiple resize and CLIP's
 //! zero-shot resize + centre crop).
 use anyhow::{bail, Context, Result};
@@ -265,7 +265,7 @@ pub fn to_tensor(img: &RgbImage) -> Tensor {
     Tensor::from_slice(&planar).reshape([1, 3, h as i64, w as i64])
 }
 
-/// Model input size for CLIP-ES (method.md §1): each side rounded up to a multiple of the
+/// Model input size for CLIP-ES (docs/method.md §1): each side rounded up to a multiple of the
 /// patch. `max_side` first caps the longer side (aspect ratio kept) for very large images.
 pub fn clipes_size(width: u32, height: u32, patch: u32, max_side: Option<u32>) -> (u32, u32) {
     let (mut w, mut h) = (width as f64, height as f64);

@@ -1,8 +1,8 @@
 //! clipmask: pixel pseudo-masks from image-level labels with a frozen CLIP ViT (CLIP-ES).
 //!
-//! Data flow (see [`pipeline::generate`]): [`model`] loads CLIP, [`prompts`] turns the
-//! [`config`] into text features, [`image_input`] prepares each image, [`vit`] runs the vision
-//! tower, [`cam`] computes softmax-GradCAM, [`affinity`] refines with attention, [`crf`]
+//! Data flow (see [`pipeline::generate`]): [`clip`] loads CLIP, [`prompts`] turns the
+//! [`config`] into text features, [`image_input`] prepares each image, [`clip::vision`] runs the
+//! vision tower, [`cam`] computes softmax-GradCAM, [`affinity`] refines with attention, [`crf`]
 //! optionally sharpens, [`outputs`] writes masks and maps. [`eval`] scores label maps.
 // Doc comments of clap arguments are the --help text, where `<id>` and `<class>` are
 // placeholders, not HTML.
@@ -10,24 +10,17 @@
 pub mod affinity;
 pub mod cam;
 pub mod cli;
+pub mod clip;
 pub mod config;
 pub mod crf;
 pub mod datasets;
 pub mod device;
-pub mod download;
 pub mod eval;
 pub mod files;
-pub mod hub;
 pub mod image_input;
 pub mod label_metrics;
-pub mod layout;
-pub mod model;
 pub mod outputs;
 pub mod pipeline;
 pub mod prompts;
 pub mod signals;
 pub mod tagclip;
-pub mod text;
-pub mod torch_pickle;
-pub mod transformer;
-pub mod vit;

@@ -3,10 +3,10 @@
 //! [`generate`] runs a dataset with decoding and writing overlapped with the model.
 use crate::affinity::{affinity, box_mask, refine};
 use crate::cam::grad_cam;
+use crate::clip::Clip;
 use crate::config::DatasetConfig;
 use crate::datasets::Item;
 use crate::image_input::{clipes_size, load_rgb_limited, resize_bicubic, to_tensor};
-use crate::model::Clip;
 use crate::outputs::{output_path, write_label_png, write_overlay, CamArchive};
 use crate::prompts::TextFeatures;
 use anyhow::{Context, Result};
@@ -23,11 +23,11 @@ use tch::{Kind, Tensor};
 /// Settings of the map computation that change numbers.
 #[derive(Debug, Clone)]
 pub struct MapOptions {
-    /// CAA box threshold (method.md §5).
+    /// CAA box threshold (docs/method.md §5).
     pub box_threshold: f64,
     /// Cap on the longer side of the model input; maps are upsampled back to the original.
     pub max_side: Option<u32>,
-    /// Round the interpolated positional table to fp16 as the reference does (method.md §1).
+    /// Round the interpolated positional table to fp16 as the reference does (docs/method.md §1).
     pub round_pos_fp16: bool,
 }
 
@@ -75,7 +75,7 @@ pub struct Prepared {
     pub height: i64,
 }
 
-/// method.md §1: resize to patch multiples (Pillow bicubic), normalise.
+/// docs/method.md §1: resize to patch multiples (Pillow bicubic), normalise.
 pub fn prepare(img: &RgbImage, patch: i64, max_side: Option<u32>) -> Prepared {
     let (w, h) = (img.width(), img.height());
     let (iw, ih) = clipes_size(w, h, patch as u32, max_side);
@@ -83,7 +83,7 @@ pub fn prepare(img: &RgbImage, patch: i64, max_side: Option<u32>) -> Prepared {
     Prepared { input, gh: ih as i64 / patch, gw: iw as i64 / patch, width: w as i64, height: h as i64 }
 }
 
-/// method.md §2, §4, §5 for one prepared image.
+/// docs/method.md §2, §4, §5 for one prepared image.
 pub fn compute_maps(
     model: &Clip,
     text: &TextFeatures,
@@ -109,7 +109,7 @@ pub fn compute_maps(
         Tensor::cat(&[text.classes.index_select(0, &idx), text.background.shallow_clone()], 0).to_device(device);
     times.forward = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let cam = grad_cam(model, &trunk.tokens, &candidates, k, p.gh, p.gw);
+    let cam = grad_cam(vit, model.logit_scale, &trunk.tokens, &candidates, k, p.gh, p.gw);
     times.backward = t1.elapsed().as_secs_f64();
     let t2 = Instant::now();
 
@@ -142,7 +142,7 @@ fn upsample(maps: &Tensor, height: i64, width: i64) -> Result<Array3<f32>> {
     Ok(Array3::from_shape_vec((k as usize, height as usize, width as usize), v)?)
 }
 
-/// Dense CRF and confidence step (method.md §6).
+/// Dense CRF and confidence step (docs/method.md §6).
 #[derive(Debug, Clone)]
 pub struct CrfOptions {
     pub params: crate::crf::CrfParams,
@@ -185,7 +185,7 @@ pub fn crf_labels(
 pub struct GenerateOptions {
     pub out: PathBuf,
     pub maps: MapOptions,
-    /// Background exponent for labels without CRF (method.md §6).
+    /// Background exponent for labels without CRF (docs/method.md §6).
     pub alpha: f32,
     /// Dense CRF + confidence instead of the plain argmax.
     pub crf: Option<CrfOptions>,

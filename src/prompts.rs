@@ -1,8 +1,8 @@
-//! Prompts and text features (method.md §3): template x class sentences, CLIP's BPE
+//! Prompts and text features (docs/method.md §3): template x class sentences, CLIP's BPE
 //! tokenisation, encoding, per-template normalisation and averaging, and a disk cache keyed by
 //! model digest and prompt text.
+use crate::clip::Clip;
 use crate::config::{DatasetConfig, Fusion};
-use crate::model::Clip;
 use anyhow::{bail, Context, Result};
 use instant_clip_tokenizer::{Token, Tokenizer};
 use sha2::{Digest, Sha256};
@@ -75,7 +75,7 @@ fn l2norm(x: &Tensor) -> Tensor {
 }
 
 /// Encodes groups of sentences: each group's embeddings are normalised, averaged, normalised
-/// again (method.md §3), in the model's precision as the reference does (in fp16 every
+/// again (docs/method.md §3), in the model's precision as the reference does (in fp16 every
 /// normalisation and the mean are fp16). Returns (groups, E) in fp32 on the CPU.
 pub fn encode_groups(model: &Clip, groups: &[Vec<String>]) -> Result<Tensor> {
     let text = model.text.as_ref().context("the text tower was already dropped")?;
@@ -103,7 +103,7 @@ pub fn encode_groups(model: &Clip, groups: &[Vec<String>]) -> Result<Tensor> {
 pub fn text_features(model: &Clip, cfg: &DatasetConfig) -> Result<TextFeatures> {
     let (classes, bg) = all_sentences(cfg);
     let key = cache_key(model, &classes, &bg);
-    let path = crate::download::cache_dir().join("text").join(format!("{key}.safetensors"));
+    let path = crate::clip::download::cache_dir().join("text").join(format!("{key}.safetensors"));
     if let Ok(list) = Tensor::read_safetensors(&path) {
         let get = |n: &str| list.iter().find(|(k, _)| k == n).map(|(_, t)| t.shallow_clone());
         if let (Some(c), Some(b)) = (get("classes"), get("background")) {
@@ -141,7 +141,7 @@ fn cache_key(model: &Clip, classes: &[(String, Vec<String>)], bg: &[(String, Vec
     h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Sharpness of one template (method.md §7): over images with at least two ground-truth
+/// Sharpness of one template (docs/method.md §7): over images with at least two ground-truth
 /// classes, the zero-shot softmax scores (over all dataset classes) of the image's own classes
 /// have dispersion variance / mean (population variance); the template's sharpness is the mean
 /// of that over those images. Lower is better. Returns (sharpness, images used).

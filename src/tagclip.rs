@@ -3,8 +3,8 @@
 //! classification, dual-masking attention refinement, class-wise re-identification on crops,
 //! score fusion and a relative threshold. Every formula, the official function it follows
 //! (linyq2117/TagCLIP, classify.py and clip/) and each deviation are in docs/tagclip.md.
+use crate::clip::Clip;
 use crate::config::DatasetConfig;
-use crate::model::Clip;
 use crate::pipeline::Prepared;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};

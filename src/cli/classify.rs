@@ -2,8 +2,8 @@
 //! to the model's resolution, centre crop, class-token feature, softmax over the config's
 //! classes with the model's logit scale).
 use super::ModelArgs;
+use crate::clip::Clip;
 use crate::image_input::{load_rgb, to_tensor, zero_shot_crop};
-use crate::model::Clip;
 use crate::prompts::TextFeatures;
 use anyhow::Result;
 use std::path::{Path, PathBuf};

@@ -109,16 +109,16 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> Result<(crate::model::Clip, crate::config::DatasetConfig)> {
+    pub fn load(&self) -> Result<(crate::clip::Clip, crate::config::DatasetConfig)> {
         let cfg = crate::config::DatasetConfig::resolve(&self.config)?;
         Ok((self.load_model()?, cfg))
     }
 
     /// The model alone, for callers that have already read the config.
-    pub fn load_model(&self) -> Result<crate::model::Clip> {
+    pub fn load_model(&self) -> Result<crate::clip::Clip> {
         let device = crate::device::parse_device(&self.device)?;
         let precision = if self.fp32 { crate::device::Precision::Fp32 } else { self.precision };
         let kind = crate::device::kind_for(device, precision);
-        crate::model::Clip::load(&self.model, device, kind)
+        crate::clip::Clip::load(&self.model, device, kind)
     }
 }

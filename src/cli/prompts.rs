@@ -1,5 +1,5 @@
 //! `clipmask prompts show|rank`: what the text encoder reads, and sharpness-based template
-//! selection (method.md §7).
+//! selection (docs/method.md §7).
 use super::ModelArgs;
 use crate::config::DatasetConfig;
 use crate::datasets::{find_image, read_labels_file, read_split, resolve_labels};

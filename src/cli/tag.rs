@@ -2,10 +2,10 @@
 //! the labels format `generate --labels` reads, with the per-class scores next to them. Also
 //! the `--labels auto` step of `generate`.
 use super::ModelArgs;
+use crate::clip::Clip;
 use crate::config::DatasetConfig;
 use crate::datasets::{find_image, read_split};
 use crate::label_metrics::{scores_path_for, ScoresFile};
-use crate::model::Clip;
 use crate::outputs::write_atomic;
 use crate::tagclip::{
     list_images, select, tag_image, text_features, TagOptions, TagText, DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_THRESHOLD,

@@ -1,4 +1,4 @@
-"""pydensecrf reference for clipmask's dense CRF (tests/crf_parity.rs, scripts/bench_crf.py).
+"""pydensecrf reference for clipmask's dense CRF (tests/it/crf_parity.rs, scripts/bench_crf.py).
 
 Runs the CRF exactly as CLIP-ES does (method.md §6):
 

@@ -1,4 +1,4 @@
-"""Independent NumPy reference for `clipmask eval` (tests/eval_metrics.rs).
+"""Independent NumPy reference for `clipmask eval` (tests/it/eval_metrics.rs).
 
 Confusion matrices are built the usual NumPy way (np.bincount over n * gt + pred), ground-truth
 255 skipped, predicted 255 counted as a miss of the ground-truth class (a separate "ignored"

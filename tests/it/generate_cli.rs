@@ -1,15 +1,13 @@
 //! Issues 3 and 6: `clipmask generate` end to end on the tiny random-weight model: output formats,
 //! label sources (JSON, text, VOC XML, COCO), bad input that must not stop a run, fatal errors,
 //! resume / overwrite / sharding, and interruption (SIGKILL, SIGINT).
-mod common;
-mod support;
-use common::*;
+use crate::common::*;
+use crate::support::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::*;
 
 fn model() -> PathBuf {
     fixture("tiny", 0, false).join("model.safetensors")
@@ -426,7 +424,7 @@ fn coco_instances_parse_in_bounded_memory() {
 
     let t1 = Instant::now();
     let o = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "coco_rss_child_helper", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "generate_cli::coco_rss_child_helper", "--nocapture", "--test-threads=1"])
         .env("CLIPMASK_TEST_COCO_RSS", &path)
         .output()
         .unwrap();

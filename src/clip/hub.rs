@@ -5,7 +5,7 @@
 //! ~/.cache/huggingface/hub, as `huggingface_hub` does) and passed to `hf-hub` explicitly:
 //! versions of that crate differ in which variables they read. `HF_HUB_OFFLINE=1` never touches
 //! the network; `HF_ENDPOINT` replaces the hub's address (mirrors, tests).
-use crate::layout::Activation;
+use super::layout::Activation;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -93,7 +93,7 @@ pub fn fetch(repo_id: &str) -> Result<HubModel> {
             dir.display()
         );
     }
-    let released: Vec<&str> = crate::download::RELEASED.iter().map(|r| r.0).collect();
+    let released: Vec<&str> = super::download::RELEASED.iter().map(|r| r.0).collect();
     bail!(
         "model {repo_id:?} is not a file, not a released name ({}), and no CLIP checkpoint was found for it on \
          the Hugging Face Hub or in {} (looked for {tried})",

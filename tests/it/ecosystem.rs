@@ -3,12 +3,11 @@
 //! identical maps; the activation comes from each layout's config; `--model org/name` fetches
 //! through a local stand-in for the Hub into the standard HF cache and then works offline from
 //! a cache laid out by Python's huggingface_hub.
-mod common;
+use crate::common::*;
+use clipmask::clip::Clip;
 use clipmask::config::DatasetConfig;
-use clipmask::model::Clip;
 use clipmask::pipeline::{compute_maps, prepare, MapOptions};
 use clipmask::prompts::text_features;
-use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use tch::{Device, Kind};

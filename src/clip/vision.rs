@@ -1,6 +1,6 @@
-//! The CLIP vision transformer for any input size (method.md §1–2).
-use crate::model::{ClipConfig, Weights};
-use crate::transformer::{LayerNorm, ResidualBlock};
+//! The CLIP vision transformer for any input size (docs/method.md §1–2).
+use super::layers::{LayerNorm, ResidualBlock};
+use super::{ClipConfig, Weights};
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
@@ -18,7 +18,7 @@ pub struct VisionTransformer {
     kind: Kind,
 }
 
-/// Output of the blocks before the last one (method.md §2): tokens entering block L and the
+/// Output of the blocks before the last one (docs/method.md §2): tokens entering block L and the
 /// head-averaged attention of each block run so far.
 pub struct Trunk {
     /// (B, n+1, D), no gradient.
@@ -52,7 +52,7 @@ impl VisionTransformer {
         self.blocks.len()
     }
 
-    /// Positional table for an gh x gw grid (method.md §1): the G x G part resized bilinearly
+    /// Positional table for an gh x gw grid (docs/method.md §1): the G x G part resized bilinearly
     /// (align_corners = false), class row first; `round_fp16` reproduces the reference, which
     /// rounds the interpolated table to fp16 even in fp32.
     pub fn positional(&self, gh: i64, gw: i64, round_fp16: bool) -> Tensor {
@@ -105,7 +105,7 @@ impl VisionTransformer {
         Trunk { tokens: x, attentions }
     }
 
-    /// CLIP-ES image feature (method.md §2): ln_post, mean over PATCH tokens, @ proj.
+    /// CLIP-ES image feature (docs/method.md §2): ln_post, mean over PATCH tokens, @ proj.
     pub fn patch_pool(&self, x: &Tensor) -> Tensor {
         let n = x.size()[1];
         let patches = self.ln_post.forward(&x.narrow(1, 1, n - 1));

@@ -2,12 +2,11 @@
 //! (tests/python/clip_reference.py: pytorch-grad-cam and OpenCV, as the original calls them)
 //! on the same random weights (logit scale 10, the well-conditioned regime) and pixels, with
 //! targets.md's tolerances; fp16 against the same reference in fp16.
-mod common;
+use crate::common::*;
+use clipmask::clip::Clip;
 use clipmask::config::DatasetConfig;
-use clipmask::model::Clip;
 use clipmask::pipeline::{compute_maps, prepare, MapOptions};
 use clipmask::prompts::{all_sentences, text_features, tokenize};
-use common::*;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
@@ -331,10 +330,14 @@ fn one_backward_for_all_labels_equals_the_per_label_loop() {
     let trunk = model.visual.trunk(x, 11);
     let labels = Tensor::from_slice(&[3i64, 8, 14, 19]);
     let cand = Tensor::cat(&[text.classes.index_select(0, &labels), text.background.shallow_clone()], 0);
-    let all = clipmask::cam::grad_cam(&model, &trunk.tokens, &cand, 4, p.gh, p.gw);
+    let all = clipmask::cam::grad_cam(&model.visual, model.logit_scale, &trunk.tokens, &cand, 4, p.gh, p.gw);
     // The reference's way: block L recomputed and one backward pass per label.
-    let loop_: Vec<Tensor> =
-        (0..4).map(|i| clipmask::cam::grad_cam_targets(&model, &trunk.tokens, &cand, &[i], p.gh, p.gw).maps).collect();
+    let loop_: Vec<Tensor> = (0..4)
+        .map(|i| {
+            clipmask::cam::grad_cam_targets(&model.visual, model.logit_scale, &trunk.tokens, &cand, &[i], p.gh, p.gw)
+                .maps
+        })
+        .collect();
     let d = max_abs_diff(&to_vec(&all.maps), &to_vec(&Tensor::cat(&loop_, 0)));
     eprintln!("batched vs per-label GradCAM: max |diff| = {d:.2e}");
     assert!(d <= 1e-5);

@@ -2,14 +2,12 @@
 //! about their size, signals that clusters send, FIFOs and devices among the images, corrupt
 //! `.npz` maps for `clipmask crf`, and the smaller items (eval's mismatch message, --max-side,
 //! palettes, .gif, label normalisation, OUT/masks as a file).
-mod common;
-mod support;
-use common::*;
+use crate::common::*;
+use crate::support::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::*;
 
 fn model() -> PathBuf {
     fixture("tiny", 0, false).join("model.safetensors")

@@ -1,7 +1,6 @@
 //! `generate --crf` and `clipmask crf` on saved maps give the same masks; confidence maps and
 //! the 255 rule hold on the real outputs.
-mod common;
-use common::*;
+use crate::common::*;
 
 #[test]
 fn generate_crf_equals_crf_on_saved_maps() {

@@ -1,13 +1,11 @@
 //! Issue 18 end to end: `clipmask tag`, `generate --labels auto` (equal to `tag` followed by
 //! `generate --labels`), and label quality in `clipmask eval --labels-pred` on hand-made cases
 //! with known precision, recall, F1 and AP.
-mod common;
-mod support;
+use crate::common::*;
+use crate::support::*;
 use clipmask::label_metrics::{average_precision, label_metrics};
-use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use support::*;
 
 fn model() -> PathBuf {
     fixture("tiny", 0, false).join("model.safetensors")

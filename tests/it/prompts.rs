@@ -1,9 +1,8 @@
 //! Text side (issue 7): sharpness against NumPy, stable ranking, fusion modes, `prompts show`.
-mod common;
+use crate::common::*;
+use clipmask::clip::Clip;
 use clipmask::config::{DatasetConfig, Fusion, PromptName};
-use clipmask::model::Clip;
 use clipmask::prompts::{sharpness, text_features};
-use common::*;
 use std::process::Command;
 use tch::{Device, Kind};
 

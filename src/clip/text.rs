@@ -1,6 +1,6 @@
-//! The CLIP text transformer (method.md §3): causal mask, EOT pooling, projection.
-use crate::model::{ClipConfig, Weights};
-use crate::transformer::{LayerNorm, ResidualBlock};
+//! The CLIP text transformer (docs/method.md §3): causal mask, EOT pooling, projection.
+use super::layers::{LayerNorm, ResidualBlock};
+use super::{ClipConfig, Weights};
 use anyhow::Result;
 use tch::{Kind, Tensor};
 

@@ -1,12 +1,11 @@
 //! TagCLIP tagging (src/tagclip.rs) against the independent PyTorch reference
 //! (tests/python/tagclip_reference.py, written from the official classify.py with OpenCV boxes)
 //! on the same random weights (logit scale 10) and pixels: scores within 1e-5, identical tags.
-mod common;
+use crate::common::*;
+use clipmask::clip::Clip;
 use clipmask::config::DatasetConfig;
-use clipmask::model::Clip;
 use clipmask::pipeline::prepare;
 use clipmask::tagclip::{box_region, component_boxes, crop_span, select, tag_image, text_features, TagOptions};
-use common::*;
 use std::collections::HashMap;
 use tch::{Device, Kind};
 

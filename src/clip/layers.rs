@@ -1,8 +1,8 @@
 //! The pieces both CLIP towers share: layer norm, the residual attention block
-//! (method.md §2: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), QuickGELU for OpenAI weights,
+//! (docs/method.md §2: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), QuickGELU for OpenAI weights,
 //! GELU where the checkpoint's config says so), weights by name.
-use crate::layout::Activation;
-use crate::model::Weights;
+use super::layout::Activation;
+use crate::clip::Weights;
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
@@ -62,7 +62,7 @@ impl Attention {
     }
 
     /// x: (B, L, D). Returns the output (B, L, D) and the attention probabilities averaged
-    /// over heads (B, L, L), which CAA needs (method.md §5).
+    /// over heads (B, L, L), which CAA needs (docs/method.md §5).
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> (Tensor, Tensor) {
         let (b, l, d) = x.size3().expect("attention input is (B, L, D)");
         let dh = d / self.heads;
@@ -111,7 +111,7 @@ impl ResidualBlock {
     }
 
     /// The block given its input `x` and `a = ln_1(x)` computed by the caller, so the caller
-    /// can take gradients with respect to `a` (method.md §4).
+    /// can take gradients with respect to `a` (docs/method.md §4).
     pub fn forward_from_ln1(&self, x: &Tensor, a: &Tensor, mask: Option<&Tensor>) -> (Tensor, Tensor) {
         let (attn_out, probs) = self.attn.forward(a, mask);
         let x = x + attn_out;

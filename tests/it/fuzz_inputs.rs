@@ -12,8 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-mod common;
-
 /// Counts live bytes and their peak.
 struct Counting;
 
@@ -143,7 +141,7 @@ fn run_cases(what: &str, cases: &[Vec<u8>], limit: Duration, mut f: impl FnMut(&
 
 /// Valid small files of every decoded format, plus VOC photos when available.
 fn seeds() -> Vec<Vec<u8>> {
-    let img = image::DynamicImage::ImageRgb8(common::synthetic_image(40, 30, 7));
+    let img = image::DynamicImage::ImageRgb8(crate::common::synthetic_image(40, 30, 7));
     let mut out = Vec::new();
     for fmt in [
         image::ImageFormat::Jpeg,
@@ -160,7 +158,7 @@ fn seeds() -> Vec<Vec<u8>> {
     let mut b = Vec::new();
     img.to_luma16().write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Png).unwrap();
     out.push(b);
-    if let Some(voc) = common::voc_sample() {
+    if let Some(voc) = crate::common::voc_sample() {
         let mut photos: Vec<_> =
             std::fs::read_dir(voc.join("JPEGImages")).unwrap().flatten().map(|e| e.path()).collect();
         photos.sort();

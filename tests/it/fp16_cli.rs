@@ -1,7 +1,6 @@
 //! `--precision fp16` on the CPU: every subcommand that runs the model (classify, generate,
 //! generate --crf, prompts rank) runs in fp16 without a dtype error and writes finite maps.
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::Path;
 use std::process::Command;
 

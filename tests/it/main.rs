@@ -1,0 +1,21 @@
+//! The integration tests, one binary (libtorch is linked once): the CLI end to end, parity
+//! against the Python references in tests/python (pytorch-grad-cam, OpenCV, PIL, pydensecrf),
+//! hostile inputs and fuzzing. `common` builds fixtures and runs Python; `support` runs the
+//! binary and checks its errors.
+mod common;
+mod support;
+
+mod crf_cli;
+mod crf_parity;
+mod ecosystem;
+mod eval_metrics;
+mod fp16_cli;
+mod fuzz_inputs;
+mod generate_cli;
+mod hostile;
+mod label_parsers;
+mod model_loading;
+mod parity;
+mod prompts;
+mod tag_cli;
+mod tagclip;
