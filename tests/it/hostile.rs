@@ -586,7 +586,7 @@ fn stale_temp_files_of_dead_processes_are_swept_and_live_ones_kept() {
 
 #[test]
 fn a_second_signal_quits_at_once_without_crashing_many_times_over() {
-    let s = signal_setup(20);
+    let s = signal_setup(40);
     let out = s.root.join("out");
     let (mut codes, mut quick) = (Vec::new(), 0);
     for i in 0..20u64 {
@@ -594,16 +594,24 @@ fn a_second_signal_quits_at_once_without_crashing_many_times_over() {
         let child = s.cmd(&out).arg("--overwrite").spawn().unwrap();
         assert!(wait_for(|| handlers_installed(&child), Duration::from_secs(60)), "no signal handlers");
         // Varied moments: during the model load, the forward and backward passes, the writes.
-        std::thread::sleep(Duration::from_millis((i * 97) % 1000));
+        std::thread::sleep(Duration::from_millis((i * 97) % 500));
         kill(&child, "INT");
         std::thread::sleep(Duration::from_millis((i * 7) % 25));
         kill(&child, "INT");
         let (status, stderr) = wait_output(child, Duration::from_secs(60));
-        assert_eq!(status, Some(130), "double SIGINT #{i}: exit {status:?}\n{stderr}");
+        // On a fast machine a late pair of signals can find the run already finished (exit 0,
+        // every image done); anything else but 130 (a crash: 134, 139, ...) fails.
+        let finished_first = status == Some(0) && stderr.contains(&format!("{} done", s.n));
+        assert!(status == Some(130) || finished_first, "double SIGINT #{i}: exit {status:?}\n{stderr}");
         codes.push(status);
         quick += stderr.contains("quitting at once") as usize;
     }
     eprintln!("20 double interrupts: {codes:?}, {quick} quit at once, {} masks", mask_ids(&out).len());
+    let interrupted = codes.iter().filter(|c| **c == Some(130)).count();
+    assert!(
+        interrupted >= 15,
+        "only {interrupted} of 20 runs were interrupted: the signals came too late to test anything"
+    );
     assert!(quick >= 1, "the second signal should usually arrive while the first is handled");
     // The next run sweeps whatever the quick exits left and completes the list.
     let (status, stderr) = wait_output(s.cmd(&out).spawn().unwrap(), Duration::from_secs(300));

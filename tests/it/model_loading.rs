@@ -280,7 +280,7 @@ fn help_of_every_command_describes_every_flag() {
             );
         }
         for sub in cmd.get_subcommands() {
-            check(sub, &format!("{path} {}", sub.get_name()).trim().to_string());
+            check(sub, format!("{path} {}", sub.get_name()).trim());
         }
     }
     let root_cmd = clipmask::cli::Cli::command();
