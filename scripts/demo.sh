@@ -23,6 +23,6 @@ echo "== clipmask generate (pseudo-masks, model $MODEL)"
 $BIN generate --model "$MODEL" --config voc12 --images examples/images --labels examples/labels.json \
   --out "$OUT" --save-cams --overlays --overwrite
 echo
-echo "masks:    $OUT/masks/*.png   (palette PNG, 0 = background, 1..20 = VOC classes, 255 = ignore)"
+echo "masks:    $OUT/masks/*.png   (8-bit grayscale PNG, value = class id: 0 = background, 1..20 = VOC classes, 255 = ignore)"
 echo "maps:     $OUT/cams/*.npz    (numpy.load: keys, cams, raw_cams)"
 echo "overlays: $OUT/overlays/*.jpg (open these to look at the masks)"
