@@ -27,6 +27,45 @@ pub fn affinity(attentions: &[Tensor]) -> Tensor {
     s.matmul(&s)
 }
 
+/// Bounding boxes (x0, y0, x1, y1), end-exclusive, of the 8-connected components of `fg` on an
+/// h x w grid: what OpenCV's findContours(RETR_EXTERNAL) + boundingRect give for a binary map
+/// (components nested in another's hole lie inside its box, so dropping them changes nothing).
+pub fn component_boxes(fg: &[bool], h: usize, w: usize) -> Vec<(usize, usize, usize, usize)> {
+    let mut seen = vec![false; h * w];
+    let mut boxes = Vec::new();
+    let mut stack = Vec::new();
+    for start in 0..h * w {
+        if !fg[start] || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        stack.push(start);
+        let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
+        while let Some(i) = stack.pop() {
+            let (y, x) = (i / w, i % w);
+            x0 = x0.min(x);
+            y0 = y0.min(y);
+            x1 = x1.max(x + 1);
+            y1 = y1.max(y + 1);
+            for dy in -1i64..=1 {
+                for dx in -1i64..=1 {
+                    let (ny, nx) = (y as i64 + dy, x as i64 + dx);
+                    if ny < 0 || nx < 0 || ny >= h as i64 || nx >= w as i64 {
+                        continue;
+                    }
+                    let j = ny as usize * w + nx as usize;
+                    if fg[j] && !seen[j] {
+                        seen[j] = true;
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+        boxes.push((x0, y0, x1, y1));
+    }
+    boxes
+}
+
 /// Box mask over the gh x gw grid for one normalised map (docs/method.md §5): threshold
 /// uint8(255 M) > floor(thr * max), bounding box of every 8-connected region with the
 /// reference's right/bottom edge clipping, union.
@@ -36,39 +75,10 @@ pub fn box_mask(map: &[f32], gh: usize, gw: usize, threshold: f64) -> Vec<f32> {
     let thr = (threshold * max as f64) as u8;
     let fg: Vec<bool> = u8map.iter().map(|&v| v > thr).collect();
     let mut mask = vec![0f32; gh * gw];
-    let mut seen = vec![false; gh * gw];
-    let mut stack = Vec::new();
-    for start in 0..gh * gw {
-        if !fg[start] || seen[start] {
-            continue;
-        }
-        seen[start] = true;
-        stack.push(start);
-        let (mut x0, mut x1, mut y0, mut y1) = (usize::MAX, 0, usize::MAX, 0);
-        while let Some(p) = stack.pop() {
-            let (y, x) = (p / gw, p % gw);
-            x0 = x0.min(x);
-            x1 = x1.max(x);
-            y0 = y0.min(y);
-            y1 = y1.max(y);
-            for dy in -1i64..=1 {
-                for dx in -1i64..=1 {
-                    let (ny, nx) = (y as i64 + dy, x as i64 + dx);
-                    if ny < 0 || nx < 0 || ny >= gh as i64 || nx >= gw as i64 {
-                        continue;
-                    }
-                    let q = ny as usize * gw + nx as usize;
-                    if fg[q] && !seen[q] {
-                        seen[q] = true;
-                        stack.push(q);
-                    }
-                }
-            }
-        }
-        // cv2.boundingRect gives width = x1 - x0 + 1; the reference clips the exclusive end
-        // to w - 1 / h - 1, dropping the last column/row at the right/bottom edge.
-        let xe = (x1 + 1).min(gw - 1);
-        let ye = (y1 + 1).min(gh - 1);
+    for (x0, y0, x1, y1) in component_boxes(&fg, gh, gw) {
+        // cv2.boundingRect's end is exclusive; the reference clips it to w - 1 / h - 1,
+        // dropping the last column/row at the right/bottom edge.
+        let (xe, ye) = (x1.min(gw - 1), y1.min(gh - 1));
         for y in y0..ye {
             mask[y * gw + x0..y * gw + xe.max(x0)].iter_mut().for_each(|m| *m = 1.0);
         }

@@ -3,6 +3,7 @@
 //! classification, dual-masking attention refinement, class-wise re-identification on crops,
 //! score fusion and a relative threshold. Every formula, the official function it follows
 //! (linyq2117/TagCLIP, classify.py and clip/) and each deviation are in docs/tagclip.md.
+use crate::affinity::component_boxes;
 use crate::clip::Clip;
 use crate::config::DatasetConfig;
 use crate::pipeline::Prepared;
@@ -125,45 +126,6 @@ fn normalise(col: &Tensor) -> Tensor {
     let t = col - col.min();
     let m = t.max();
     t / m
-}
-
-/// Bounding boxes (x0, y0, x1, y1), end-exclusive, of the 8-connected components of `fg` on an
-/// h x w grid: what OpenCV's findContours(RETR_EXTERNAL) + boundingRect give for a binary map
-/// (components nested in another's hole lie inside its box, so dropping them changes nothing).
-pub fn component_boxes(fg: &[bool], h: usize, w: usize) -> Vec<(usize, usize, usize, usize)> {
-    let mut seen = vec![false; h * w];
-    let mut boxes = Vec::new();
-    let mut stack = Vec::new();
-    for start in 0..h * w {
-        if !fg[start] || seen[start] {
-            continue;
-        }
-        seen[start] = true;
-        stack.push(start);
-        let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
-        while let Some(i) = stack.pop() {
-            let (y, x) = (i / w, i % w);
-            x0 = x0.min(x);
-            y0 = y0.min(y);
-            x1 = x1.max(x + 1);
-            y1 = y1.max(y + 1);
-            for dy in -1i64..=1 {
-                for dx in -1i64..=1 {
-                    let (ny, nx) = (y as i64 + dy, x as i64 + dx);
-                    if ny < 0 || nx < 0 || ny >= h as i64 || nx >= w as i64 {
-                        continue;
-                    }
-                    let j = ny as usize * w + nx as usize;
-                    if fg[j] && !seen[j] {
-                        seen[j] = true;
-                        stack.push(j);
-                    }
-                }
-            }
-        }
-        boxes.push((x0, y0, x1, y1));
-    }
-    boxes
 }
 
 /// Dual-masking box mask of one class (classify.py `mask_attn` with utils.py `scoremap2bbox`):

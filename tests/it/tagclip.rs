@@ -2,10 +2,11 @@
 //! (tests/python/tagclip_reference.py, written from the official classify.py with OpenCV boxes)
 //! on the same random weights (logit scale 10) and pixels: scores within 1e-5, identical tags.
 use crate::common::*;
+use clipmask::affinity::component_boxes;
 use clipmask::clip::Clip;
 use clipmask::config::DatasetConfig;
 use clipmask::pipeline::prepare;
-use clipmask::tagclip::{box_region, component_boxes, crop_span, select, tag_image, text_features, TagOptions};
+use clipmask::tagclip::{box_region, crop_span, select, tag_image, text_features, TagOptions};
 use std::collections::HashMap;
 use tch::{Device, Kind};
 
