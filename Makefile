@@ -8,7 +8,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export CLIPMASK_PYTHON := $(VENV)/bin/python
 BIN := target/release/clipmask
 
-.PHONY: all venv build test lint demo bench clean
+.PHONY: all venv build test lint demo bench gpu-check clean
 
 all: build
 
@@ -36,6 +36,10 @@ demo: build
 bench: build
 	cargo build --release --examples
 	bash scripts/bench.sh
+
+# The CUDA check of issue 16, for a device machine (scripts/gpu-check.sh; --dry-run on CPU).
+gpu-check: build
+	bash scripts/gpu-check.sh
 
 clean:
 	cargo clean

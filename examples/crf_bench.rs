@@ -8,10 +8,82 @@
 //! crf_bench throughput [--photos DIR] [--labels 21,3] [--repeats 3]
 //!     Images per second over all photos of DIR, rayon across images, all threads.
 //! Prints one JSON object.
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
 use clipmask::crf::{crf_image, dense_crf, CrfImage, CrfParams};
+use ndarray::ArrayView3;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Seconds per image on one 500x375 photo, one thread per image.
+    Single,
+    /// Images per second over all photos, rayon across images.
+    Throughput,
+}
+
+#[derive(Parser)]
+#[command(about = "Time clipmask's dense CRF (CLIP-ES parameters, faithful image); prints one JSON object")]
+struct Args {
+    /// What to time.
+    #[arg(value_enum, default_value_t = Mode::Single)]
+    mode: Mode,
+    /// Photos (.jpg, .png); synthetic images stand in when there are none.
+    #[arg(long, default_value_os_t = default_photos())]
+    photos: PathBuf,
+    /// Label counts (background included), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "21,3")]
+    labels: Vec<usize>,
+    /// Timed runs per label count [default: 5 single, 3 throughput].
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// single: write the timed inputs as image_{L}.npy and probs_{L}.npy into DIR.
+    #[arg(long, value_name = "DIR")]
+    dump: Option<PathBuf>,
+}
+
+fn default_photos() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/voc-sample/JPEGImages")
+}
+
+#[derive(Serialize)]
+struct SingleResult {
+    labels: usize,
+    median_s: f64,
+    times_s: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct SingleReport {
+    mode: &'static str,
+    photo: String,
+    width: usize,
+    height: usize,
+    threads: usize,
+    repeats: usize,
+    results: Vec<SingleResult>,
+}
+
+#[derive(Serialize)]
+struct ThroughputResult {
+    labels: usize,
+    images: usize,
+    median_s: f64,
+    images_per_s: f64,
+}
+
+#[derive(Serialize)]
+struct ThroughputReport {
+    mode: &'static str,
+    threads: usize,
+    repeats: usize,
+    results: Vec<ThroughputResult>,
+}
 
 struct Photo {
     name: String,
@@ -53,16 +125,13 @@ fn synthetic(w: usize, h: usize) -> Photo {
 
 /// CLIP-ES-like P = [bg; maps]: smooth blobs per label scaled to [0, 1], bg = 1 - max.
 fn probs(w: usize, h: usize, labels: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    let mut rnd = move || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((s >> 33) as f32) / (1u64 << 31) as f32
-    };
+    let mut rng = StdRng::seed_from_u64(seed);
     let n = w * h;
     let mut p = vec![0f32; labels * n];
     let sc = w.max(h) as f32;
     for k in 1..labels {
-        let (bx, by, r) = (rnd() * w as f32, rnd() * h as f32, sc * (0.05 + 0.25 * rnd()));
+        let (bx, by) = (rng.random::<f32>() * w as f32, rng.random::<f32>() * h as f32);
+        let r = sc * rng.random_range(0.05..0.3);
         for i in 0..n {
             let (x, y) = ((i % w) as f32, (i / w) as f32);
             p[k * n + i] = (-((x - bx).powi(2) + (y - by).powi(2)) / (2.0 * r * r)).exp();
@@ -74,112 +143,86 @@ fn probs(w: usize, h: usize, labels: usize, seed: u64) -> Vec<f32> {
     p
 }
 
-fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
-    let shape_s = match shape.len() {
-        1 => format!("({},)", shape[0]),
-        _ => format!("({})", shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")),
-    };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_s}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(data);
-    std::fs::write(path, out).unwrap();
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let mode = args.get(1).cloned().unwrap_or_else(|| "single".into());
-    let opt = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let photos_dir = opt("--photos")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/voc-sample/JPEGImages"));
-    let labels: Vec<usize> =
-        opt("--labels").unwrap_or_else(|| "21,3".into()).split(',').map(|s| s.trim().parse().unwrap()).collect();
-    let params = CrfParams::default();
-    let mut photos = load_photos(&photos_dir);
-    let threads = rayon::current_num_threads();
+fn single(args: &Args, mut photos: Vec<Photo>, params: &CrfParams) -> Result<SingleReport> {
+    let repeats = args.repeats.unwrap_or(5).max(1);
+    let photo = match photos.iter().position(|p| p.w == 500 && p.h == 375) {
+        Some(i) => photos.swap_remove(i),
+        None => synthetic(500, 375),
+    };
+    let (w, h) = (photo.w, photo.h);
+    let img = crf_image(&photo.rgb, CrfImage::Faithful);
     let mut results = vec![];
-    match mode.as_str() {
-        "single" => {
-            let repeats: usize = opt("--repeats").map(|s| s.parse().unwrap()).unwrap_or(5);
-            let photo = match photos.iter().position(|p| p.w == 500 && p.h == 375) {
-                Some(i) => photos.swap_remove(i),
-                None => synthetic(500, 375),
-            };
-            let img = crf_image(&photo.rgb, CrfImage::Faithful);
-            for &l in &labels {
-                let p = probs(photo.w, photo.h, l, 1);
-                if let Some(dir) = opt("--dump") {
-                    let dir = PathBuf::from(dir);
-                    std::fs::create_dir_all(&dir).unwrap();
-                    write_npy(&dir.join(format!("image_{l}.npy")), "|u1", &[photo.h, photo.w, 3], &img);
-                    let bytes: Vec<u8> = p.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    write_npy(&dir.join(format!("probs_{l}.npy")), "<f4", &[l, photo.h, photo.w], &bytes);
-                }
-                let _ = dense_crf(&img, photo.w, photo.h, &p, l, &params).unwrap(); // warm-up
-                let times: Vec<f64> = (0..repeats)
-                    .map(|_| {
-                        let t = Instant::now();
-                        std::hint::black_box(dense_crf(&img, photo.w, photo.h, &p, l, &params).unwrap());
-                        t.elapsed().as_secs_f64()
-                    })
-                    .collect();
-                results.push(format!(
-                    "{{\"labels\": {l}, \"median_s\": {:.6}, \"times_s\": [{}]}}",
-                    median(times.clone()),
-                    times.iter().map(|t| format!("{t:.6}")).collect::<Vec<_>>().join(", ")
-                ));
-            }
-            println!(
-                "{{\"mode\": \"single\", \"photo\": \"{}\", \"width\": {}, \"height\": {}, \"threads\": {threads}, \"repeats\": {repeats}, \"results\": [{}]}}",
-                photo.name,
-                photo.w,
-                photo.h,
-                results.join(", ")
-            );
+    for &l in &args.labels {
+        let p = probs(w, h, l, 1);
+        if let Some(dir) = &args.dump {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            ndarray_npy::write_npy(dir.join(format!("image_{l}.npy")), &ArrayView3::from_shape((h, w, 3), &img[..])?)?;
+            ndarray_npy::write_npy(dir.join(format!("probs_{l}.npy")), &ArrayView3::from_shape((l, h, w), &p[..])?)?;
         }
-        "throughput" => {
-            let repeats: usize = opt("--repeats").map(|s| s.parse().unwrap()).unwrap_or(3);
-            if photos.is_empty() {
-                photos = (0..8).map(|_| synthetic(500, 375)).collect();
-            }
-            let imgs: Vec<Vec<u8>> = photos.iter().map(|p| crf_image(&p.rgb, CrfImage::Faithful)).collect();
-            for &l in &labels {
-                let ps: Vec<Vec<f32>> = photos.iter().enumerate().map(|(i, p)| probs(p.w, p.h, l, i as u64)).collect();
-                let times: Vec<f64> = (0..repeats)
-                    .map(|_| {
-                        let t = Instant::now();
-                        photos.par_iter().zip(&imgs).zip(&ps).for_each(|((ph, img), p)| {
-                            std::hint::black_box(dense_crf(img, ph.w, ph.h, p, l, &params).unwrap());
-                        });
-                        t.elapsed().as_secs_f64()
-                    })
-                    .collect();
-                let t = median(times);
-                results.push(format!(
-                    "{{\"labels\": {l}, \"images\": {}, \"median_s\": {t:.6}, \"images_per_s\": {:.4}}}",
-                    photos.len(),
-                    photos.len() as f64 / t
-                ));
-            }
-            println!(
-                "{{\"mode\": \"throughput\", \"threads\": {threads}, \"repeats\": {repeats}, \"results\": [{}]}}",
-                results.join(", ")
-            );
-        }
-        other => {
-            eprintln!("unknown mode {other:?}: use single or throughput");
-            std::process::exit(2);
-        }
+        let _ = dense_crf(&img, w, h, &p, l, params)?; // warm-up
+        let times_s = (0..repeats)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(dense_crf(&img, w, h, &p, l, params)?);
+                Ok(t.elapsed().as_secs_f64())
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        results.push(SingleResult { labels: l, median_s: median(times_s.clone()), times_s });
     }
+    Ok(SingleReport {
+        mode: "single",
+        photo: photo.name,
+        width: w,
+        height: h,
+        threads: rayon::current_num_threads(),
+        repeats,
+        results,
+    })
+}
+
+fn throughput(args: &Args, mut photos: Vec<Photo>, params: &CrfParams) -> Result<ThroughputReport> {
+    let repeats = args.repeats.unwrap_or(3).max(1);
+    if photos.is_empty() {
+        photos = (0..8).map(|_| synthetic(500, 375)).collect();
+    }
+    let imgs: Vec<Vec<u8>> = photos.iter().map(|p| crf_image(&p.rgb, CrfImage::Faithful)).collect();
+    let mut results = vec![];
+    for &l in &args.labels {
+        let ps: Vec<Vec<f32>> = photos.iter().enumerate().map(|(i, p)| probs(p.w, p.h, l, i as u64)).collect();
+        let times = (0..repeats)
+            .map(|_| {
+                let t = Instant::now();
+                photos.par_iter().zip(&imgs).zip(&ps).try_for_each(|((ph, img), p)| -> Result<()> {
+                    std::hint::black_box(dense_crf(img, ph.w, ph.h, p, l, params)?);
+                    Ok(())
+                })?;
+                Ok(t.elapsed().as_secs_f64())
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        let t = median(times);
+        results.push(ThroughputResult {
+            labels: l,
+            images: photos.len(),
+            median_s: t,
+            images_per_s: photos.len() as f64 / t,
+        });
+    }
+    Ok(ThroughputReport { mode: "throughput", threads: rayon::current_num_threads(), repeats, results })
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let params = CrfParams::default();
+    let photos = load_photos(&args.photos);
+    let json = match args.mode {
+        Mode::Single => serde_json::to_string(&single(&args, photos, &params)?)?,
+        Mode::Throughput => serde_json::to_string(&throughput(&args, photos, &params)?)?,
+    };
+    println!("{json}");
+    Ok(())
 }

@@ -4,9 +4,12 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use clipmask::config::DatasetConfig;
-use clipmask::eval::{self, EvalArgs};
+use clipmask::eval::{self, EvalOptions};
 use clipmask::outputs::write_label_png;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -33,32 +36,35 @@ struct Args {
     repeat: usize,
 }
 
-/// splitmix64: deterministic masks without a rand dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+/// The JSON object printed.
+#[derive(Serialize)]
+struct Report {
+    masks: usize,
+    width: u32,
+    height: u32,
+    threads: usize,
+    generate_seconds: f64,
+    eval_seconds: f64,
+    masks_per_second: f64,
+    miou: f64,
+}
+
+/// A uniform integer in `0..n` (0 when `n` is 0).
+fn below(rng: &mut StdRng, n: usize) -> usize {
+    rng.random_range(0..n.max(1))
 }
 
 /// Ground truth: background with a few ellipses and boxes, each with a 3-pixel 255 border like
 /// VOC's; prediction: the same shifted, one object relabelled, a block of 255.
-fn pair(i: usize, w: usize, h: usize, n_classes: u64) -> (Vec<u8>, Vec<u8>) {
-    let mut rng = Rng(i as u64 * 7919 + 1);
+fn pair(i: usize, w: usize, h: usize, n_classes: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut rng = StdRng::seed_from_u64(i as u64);
     let mut gt = vec![0u8; w * h];
-    let objects = 1 + rng.below(4);
+    let objects = rng.random_range(1..=4);
     for _ in 0..objects {
-        let class = 1 + rng.below(n_classes - 1) as u8;
-        let (cx, cy) = (rng.below(w as u64) as i64, rng.below(h as u64) as i64);
-        let (rx, ry) = (20 + rng.below(w as u64 / 3) as i64, 20 + rng.below(h as u64 / 3) as i64);
-        let ellipse = rng.below(2) == 0;
+        let class = 1 + below(&mut rng, n_classes - 1) as u8;
+        let (cx, cy) = (below(&mut rng, w) as i64, below(&mut rng, h) as i64);
+        let (rx, ry) = (20 + below(&mut rng, w / 3) as i64, 20 + below(&mut rng, h / 3) as i64);
+        let ellipse: bool = rng.random();
         for y in (cy - ry).max(0)..(cy + ry).min(h as i64) {
             for x in (cx - rx).max(0)..(cx + rx).min(w as i64) {
                 let (u, v) = ((x - cx) as f32 / rx as f32, (y - cy) as f32 / ry as f32);
@@ -70,7 +76,7 @@ fn pair(i: usize, w: usize, h: usize, n_classes: u64) -> (Vec<u8>, Vec<u8>) {
             }
         }
     }
-    let (dx, dy) = (rng.below(13) as usize, rng.below(9) as usize);
+    let (dx, dy) = (below(&mut rng, 13), below(&mut rng, 9));
     let mut pred = vec![0u8; w * h];
     for y in dy..h {
         for x in dx..w {
@@ -78,8 +84,8 @@ fn pair(i: usize, w: usize, h: usize, n_classes: u64) -> (Vec<u8>, Vec<u8>) {
             pred[y * w + x] = if g == 255 { 0 } else { g };
         }
     }
-    let wrong = 1 + rng.below(n_classes - 1) as u8;
-    let (bx, by) = (rng.below(w as u64 / 2) as usize, rng.below(h as u64 / 2) as usize);
+    let wrong = 1 + below(&mut rng, n_classes - 1) as u8;
+    let (bx, by) = (below(&mut rng, w / 2), below(&mut rng, h / 2));
     for y in by..(by + h / 5).min(h) {
         for x in bx..(bx + w / 5).min(w) {
             if pred[y * w + x] != 0 {
@@ -94,7 +100,8 @@ fn pair(i: usize, w: usize, h: usize, n_classes: u64) -> (Vec<u8>, Vec<u8>) {
 }
 
 fn generate(dir: &Path, args: &Args, config: &DatasetConfig) -> Result<()> {
-    let stamp = format!("{} {} {} {} v1\n", args.count, args.width, args.height, config.name);
+    // v2: masks drawn with rand's StdRng (v1 used a hand-written generator).
+    let stamp = format!("{} {} {} {} v2\n", args.count, args.width, args.height, config.name);
     let marker = dir.join(".complete");
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(stamp.as_str()) {
         return Ok(());
@@ -109,7 +116,7 @@ fn generate(dir: &Path, args: &Args, config: &DatasetConfig) -> Result<()> {
         std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     let palette = config.png_palette();
-    let n_classes = config.classes.len() as u64 + 1;
+    let n_classes = config.classes.len() + 1;
     (0..args.count).into_par_iter().try_for_each(|i| -> Result<()> {
         let (gt, pred) = pair(i, args.width as usize, args.height as usize, n_classes);
         let id = format!("{i:06}");
@@ -127,7 +134,7 @@ fn main() -> Result<()> {
     let t0 = Instant::now();
     generate(&args.dir, &args, &config)?;
     let generate_s = t0.elapsed().as_secs_f64();
-    let eval_args = EvalArgs::new(args.dir.join("pred"), args.dir.join("gt"), args.config.clone());
+    let eval_args = EvalOptions::new(args.dir.join("pred"), args.dir.join("gt"), args.config.clone());
     let mut best = f64::INFINITY;
     let mut miou = f64::NAN;
     for _ in 0..args.repeat.max(1) {
@@ -137,16 +144,16 @@ fn main() -> Result<()> {
         miou = report.best_metrics().miou;
         anyhow::ensure!(report.images == args.count, "evaluated {} of {} masks", report.images, args.count);
     }
-    let out = serde_json::json!({
-        "masks": args.count,
-        "width": args.width,
-        "height": args.height,
-        "threads": rayon::current_num_threads(),
-        "generate_seconds": generate_s,
-        "eval_seconds": best,
-        "masks_per_second": args.count as f64 / best,
-        "miou": miou,
-    });
-    println!("{out}");
+    let report = Report {
+        masks: args.count,
+        width: args.width,
+        height: args.height,
+        threads: rayon::current_num_threads(),
+        generate_seconds: generate_s,
+        eval_seconds: best,
+        masks_per_second: args.count as f64 / best,
+        miou,
+    };
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

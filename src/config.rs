@@ -125,9 +125,7 @@ impl DatasetConfig {
             bail!("`templates` is empty");
         }
         for t in &self.templates {
-            if t.matches("{}").count() != 1 {
-                bail!("template {t:?} must contain exactly one `{{}}`");
-            }
+            crate::prompts::check_template(t)?;
         }
         let mut seen = HashSet::new();
         for c in &self.classes {

@@ -50,11 +50,8 @@ pub fn parse_voc_xml(text: &str) -> Result<Vec<String>> {
 /// the image an error entry rather than stopping the read.
 pub fn read_voc_annotations(dir: &Path) -> Result<BTreeMap<String, Result<Vec<String>, String>>> {
     let mut out = BTreeMap::new();
-    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read annotations {}", dir.display()))?;
-    for e in entries {
-        let p = e?.path();
-        if p.extension().is_some_and(|x| x == "xml") {
-            let id = p.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+    for (id, p) in crate::files::files_by_stem(dir, &["xml"], "annotations", false)? {
+        {
             // Only a regular file is read (a FIFO would block), and at most 16 MiB of it.
             let parsed = crate::files::read_regular(&p, 16 << 20)
                 .and_then(|b| String::from_utf8(b).map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", p.display())))
@@ -78,15 +75,22 @@ pub fn read_labels_file(path: &Path) -> Result<RawLabels> {
 
 /// Ids of a split file, one per line, in order, duplicates dropped.
 pub fn read_split(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read split {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read split file {}", path.display()))?;
     let mut seen = HashSet::new();
-    Ok(text
+    let ids: Vec<String> = text
         .lines()
-        .map(|l| l.trim())
+        .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| l.split_whitespace().next().unwrap_or(l).to_string())
-        .filter(|id| seen.insert(id.clone()))
-        .collect())
+        // Segmentation splits hold one id per line; detection-style "id label" lines keep
+        // their first field.
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|id| seen.insert(id.to_string()))
+        .map(str::to_string)
+        .collect();
+    if ids.is_empty() {
+        bail!("split file {} lists no ids", path.display());
+    }
+    Ok(ids)
 }
 
 /// Class names to 0-based indices, first occurrence kept. An empty list or an unknown name

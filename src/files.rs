@@ -118,3 +118,35 @@ pub fn sweep_temp_files(dirs: &[PathBuf], include_own: bool) -> usize {
     }
     removed
 }
+
+/// Regular files `<dir>/<stem>.<ext>` whose extension is one of `exts`, by stem, sorted. When a
+/// stem has several, the earlier extension of `exts` wins. Entries that are not regular files
+/// are listed too: reading them fails their image with a reason. With `skip_hidden`, stems
+/// starting with '.' (macOS `._x.png` forks) are left out. `what` names the directory in errors.
+pub fn files_by_stem(
+    dir: &Path,
+    exts: &[&str],
+    what: &str,
+    skip_hidden: bool,
+) -> Result<std::collections::BTreeMap<String, PathBuf>> {
+    let mut out: std::collections::BTreeMap<String, (usize, PathBuf)> = std::collections::BTreeMap::new();
+    let err = || format!("cannot read {what} {}", dir.display());
+    for entry in std::fs::read_dir(dir).with_context(err)? {
+        let path = entry.with_context(err)?.path();
+        let Some(rank) = path.extension().and_then(|e| e.to_str()).and_then(|e| exts.iter().position(|x| *x == e))
+        else {
+            continue;
+        };
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+        if skip_hidden && stem.starts_with('.') {
+            continue;
+        }
+        match out.get(stem) {
+            Some((r, _)) if *r <= rank => {}
+            _ => {
+                out.insert(stem.to_string(), (rank, path));
+            }
+        }
+    }
+    Ok(out.into_iter().map(|(k, (_, p))| (k, p)).collect())
+}

@@ -12,26 +12,6 @@ use std::path::{Path, PathBuf};
 /// The ground truth's description and, per id, its classes (or why they could not be read).
 type GtLabels = (String, BTreeMap<String, Result<BTreeSet<usize>>>);
 
-/// Flags of `clipmask eval` for label quality.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct LabelEvalArgs {
-    /// Score image-level labels instead of masks: a labels file as the tag command (or
-    /// generate with labels auto) writes it, JSON {"<id>": ["<class>", ...]} or tab-separated
-    /// text. Ground truth from --labels-gt, --annotations or --gt (classes in the mask).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["pred", "cams"])]
-    pub labels_pred: Option<PathBuf>,
-    /// Ground-truth image-level labels (same formats as --labels-pred).
-    #[arg(long, value_name = "FILE", requires = "labels_pred", conflicts_with_all = ["annotations", "gt"])]
-    pub labels_gt: Option<PathBuf>,
-    /// Ground-truth labels from VOC XML annotations `<id>.xml` (object names).
-    #[arg(long, value_name = "DIR", requires = "labels_pred", conflicts_with = "gt")]
-    pub annotations: Option<PathBuf>,
-    /// Per-class scores for the mAP (`<labels>.scores.json` as tag writes it); default: the
-    /// file next to --labels-pred when it exists. Without scores the mAP is not reported.
-    #[arg(long, value_name = "FILE", requires = "labels_pred")]
-    pub scores: Option<PathBuf>,
-}
-
 /// Per-class scores as `clipmask tag` writes them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScoresFile {
@@ -269,7 +249,7 @@ fn mask_classes(path: &Path, cfg: &DatasetConfig) -> Result<BTreeSet<usize>> {
 }
 
 /// Ground truth per id, from the source the flags name.
-fn ground_truth(args: &crate::eval::EvalArgs, cfg: &DatasetConfig) -> Result<GtLabels> {
+fn ground_truth(args: &crate::eval::EvalOptions, cfg: &DatasetConfig) -> Result<GtLabels> {
     let l = &args.labels;
     let mut out = BTreeMap::new();
     if let Some(f) = &l.labels_gt {
@@ -295,21 +275,15 @@ fn ground_truth(args: &crate::eval::EvalArgs, cfg: &DatasetConfig) -> Result<GtL
         .gt
         .as_deref()
         .context("--labels-pred needs ground truth: --labels-gt FILE, --annotations DIR or --gt DIR (masks)")?;
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("cannot read ground-truth directory {}", dir.display()))?;
-    for e in entries {
-        let p = e?.path();
-        if p.extension().is_some_and(|x| x == "png") {
-            let id = p.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-            let r = mask_classes(&p, cfg);
-            out.insert(id, r);
-        }
+    for (id, p) in crate::files::files_by_stem(dir, &["png"], "ground-truth directory", false)? {
+        let r = mask_classes(&p, cfg);
+        out.insert(id, r);
     }
     Ok((format!("masks in {}", dir.display()), out))
 }
 
 /// Reads everything the flags name and computes the report.
-pub fn evaluate(args: &crate::eval::EvalArgs) -> Result<LabelReport> {
+pub fn evaluate(args: &crate::eval::EvalOptions) -> Result<LabelReport> {
     let pred_path = args.labels.labels_pred.as_deref().context("--labels-pred FILE is required")?;
     let l = &args.labels;
     if l.labels_gt.is_none() && l.annotations.is_none() && args.gt.is_none() {
@@ -390,9 +364,9 @@ pub fn evaluate(args: &crate::eval::EvalArgs) -> Result<LabelReport> {
 }
 
 /// `clipmask eval --labels-pred ...`
-pub fn run(args: &crate::eval::EvalArgs) -> Result<i32> {
+pub fn run(args: &crate::eval::EvalOptions, json: bool) -> Result<i32> {
     let report = evaluate(args)?;
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.to_table());

@@ -3,7 +3,7 @@
 //! Data flow (see [`pipeline::generate`]): [`clip`] loads CLIP, [`prompts`] turns the
 //! [`config`] into text features, [`image_input`] prepares each image, [`clip::vision`] runs the
 //! vision tower, [`cam`] computes softmax-GradCAM, [`affinity`] refines with attention, [`crf`]
-//! optionally sharpens, [`outputs`] writes masks and maps. [`eval`] scores label maps.
+//! optionally sharpens, [`labels`] turns maps into labels, [`outputs`] writes masks and maps. [`eval`] scores label maps.
 // Doc comments of clap arguments are the --help text, where `<id>` and `<class>` are
 // placeholders, not HTML.
 #![allow(rustdoc::invalid_html_tags)]
@@ -15,10 +15,12 @@ pub mod config;
 pub mod crf;
 pub mod datasets;
 pub mod device;
+pub mod errors;
 pub mod eval;
 pub mod files;
 pub mod image_input;
 pub mod label_metrics;
+pub mod labels;
 pub mod outputs;
 pub mod pipeline;
 pub mod prompts;

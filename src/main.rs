@@ -6,19 +6,14 @@ fn main() {
     }
     // Panics are caught per image; print one line, never a backtrace.
     std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(|s| s.as_str())
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or("internal error");
+        let msg = clipmask::errors::panic_message(info.payload());
         if std::env::var_os("CLIPMASK_DEBUG").is_some() {
             eprintln!("internal error: {msg} ({:?})", info.location());
         }
     }));
     let code = match std::panic::catch_unwind(clipmask::cli::run) {
         Err(p) => {
-            eprintln!("error: {}", clipmask::pipeline::panic_message(&p));
+            eprintln!("error: {}", clipmask::errors::panic_message(p.as_ref()));
             std::process::exit(2);
         }
         Ok(r) => r,

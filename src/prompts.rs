@@ -70,8 +70,14 @@ pub struct TextFeatures {
     pub background: Tensor,
 }
 
-fn l2norm(x: &Tensor) -> Tensor {
-    x / x.norm_scalaropt_dim(2, [-1], true)
+use crate::clip::l2_normalize as l2norm;
+
+/// A prompt template must hold exactly one `{}` (where the class name goes).
+pub fn check_template(t: &str) -> Result<()> {
+    if t.matches("{}").count() != 1 {
+        bail!("template {t:?} must contain exactly one `{{}}`");
+    }
+    Ok(())
 }
 
 /// Encodes groups of sentences: each group's embeddings are normalised, averaged, normalised

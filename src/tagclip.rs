@@ -208,7 +208,7 @@ pub fn tag_image(model: &Clip, text: &TagText, p: &Prepared, opts: &TagOptions) 
 
     // Coarse patch-level classification: softmax over classes and background words.
     let feats = vit.class_pool(&tokens.transpose(0, 1)).to_kind(Kind::Float); // (n+1, E)
-    let feats = &feats / feats.norm_scalaropt_dim(2, [-1], true);
+    let feats = crate::clip::l2_normalize(&feats);
     let logits = (feats * scale).matmul(&text.all.transpose(0, 1));
     let coarse = logits.narrow(0, 1, n).softmax(-1, Kind::Float); // (n, K)
 
@@ -306,24 +306,14 @@ fn crop_score(
         x = block.forward(&x, Some(&mask)).0;
     }
     let f = vit.class_pool(&x).to_kind(Kind::Float);
-    let f = &f / f.norm_scalaropt_dim(2, [-1], true);
+    let f = crate::clip::l2_normalize(&f);
     let probs = (f * model.logit_scale).matmul(&text.all.transpose(0, 1)).softmax(-1, Kind::Float);
     Ok(probs.double_value(&[0, cls as i64]) as f32)
 }
 
-/// Image files of a directory as (id, path), sorted by id; the first extension wins when an
-/// id has several.
+/// Image files of a directory as (id, path), sorted by id; the earlier extension of
+/// [`crate::datasets::IMAGE_EXTENSIONS`] wins when an id has several.
 pub fn list_images(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    const EXT: &[&str] = &["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"];
-    let mut out: std::collections::BTreeMap<String, PathBuf> = std::collections::BTreeMap::new();
-    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read image directory {}", dir.display()))?;
-    for e in entries {
-        let p = e.with_context(|| format!("cannot read image directory {}", dir.display()))?.path();
-        let ext = p.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
-        if p.is_file() && EXT.contains(&ext.as_str()) {
-            let id = p.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-            out.entry(id).or_insert(p);
-        }
-    }
-    Ok(out.into_iter().collect())
+    let all = crate::files::files_by_stem(dir, crate::datasets::IMAGE_EXTENSIONS, "image directory", false)?;
+    Ok(all.into_iter().filter(|(_, p)| p.is_file()).collect())
 }

@@ -3,7 +3,7 @@
 //! classes with the model's logit scale).
 use super::ModelArgs;
 use crate::clip::Clip;
-use crate::image_input::{load_rgb, to_tensor, zero_shot_crop};
+use crate::image_input::load_rgb;
 use crate::prompts::TextFeatures;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -27,10 +27,7 @@ pub struct ClassifyArgs {
 /// Zero-shot probabilities over the config's classes, in config order.
 pub fn zero_shot(model: &Clip, text: &TextFeatures, path: &Path) -> Result<Vec<f32>> {
     let img = load_rgb(path)?;
-    let res = model.config.input_resolution() as u32;
-    let x = to_tensor(&zero_shot_crop(&img, res)).to_device(model.device);
-    let f = model.visual.encode_standard(&x).to_kind(Kind::Float);
-    let f = &f / f.norm_scalaropt_dim(2, [-1], true);
+    let f = model.image_feature(&img);
     let logits = f.matmul(&text.classes.to_kind(Kind::Float).transpose(0, 1)) * model.logit_scale;
     let probs = logits.softmax(-1, Kind::Float).get(0).to_device(tch::Device::Cpu);
     Ok(Vec::<f32>::try_from(probs)?)

@@ -4,8 +4,9 @@ use super::generate::CrfArgs;
 use crate::config::DatasetConfig;
 use crate::datasets::{find_image, missing_image_reason};
 use crate::image_input::load_rgb_limited;
+use crate::labels::crf_labels;
 use crate::outputs::{output_path, write_label_png, CamArchive};
-use crate::pipeline::{crf_labels, progress_bar, write_confidence, write_failures, Failure};
+use crate::pipeline::{progress_bar, write_confidence, write_failures, Failure};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::collections::HashSet;
@@ -54,14 +55,7 @@ pub struct CrfCmdArgs {
 pub fn run(args: &CrfCmdArgs) -> Result<i32> {
     let cfg = DatasetConfig::resolve(&args.config)?;
     let opts = args.crf.options(&cfg)?;
-    let mut ids: Vec<String> = std::fs::read_dir(&args.cams)
-        .with_context(|| format!("cannot read --cams {}", args.cams.display()))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "npz"))
-        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-        .collect();
-    ids.sort();
+    let ids: Vec<String> = crate::files::files_by_stem(&args.cams, &["npz"], "--cams", false)?.into_keys().collect();
     if ids.is_empty() {
         bail!("no .npz maps in {}", args.cams.display());
     }
@@ -114,6 +108,7 @@ pub fn run(args: &CrfCmdArgs) -> Result<i32> {
             let r = r.map_err(|e| Failure {
                 id: id.clone(),
                 path: path.display().to_string(),
+                stage: "crf".to_string(),
                 reason: super::format_error(&e),
             });
             (id, Some(r))

@@ -98,6 +98,25 @@ pub struct GenerateArgs {
     /// decodes it to ids; OpenCV and imageio return colours or luminance.
     #[arg(long, value_enum, default_value = "gray")]
     pub mask_format: crate::outputs::MaskFormat,
+    /// Where the maps come from before CAA. gradcam: CLIP-ES's softmax-GradCAM (the default;
+    /// one backward pass). maskclip, sclip, clearclip, naclip: training-free dense CLIP (the
+    /// last block's attention changed as each paper's code does; no backward pass). CAA,
+    /// labels and CRF are the same for all (docs/method.md §10).
+    #[arg(long = "cam", value_enum, default_value = "gradcam", value_name = "SOURCE")]
+    pub cam_source: CamSourceArg,
+    /// Test-time augmentation: input scales, comma separated (e.g. 1.0,0.75,1.25). Each scale's
+    /// maps are resized back to the original size and averaged (raw and refined separately).
+    #[arg(long, value_delimiter = ',', default_value = "1.0", value_name = "S,S,..")]
+    pub scales: Vec<f64>,
+    /// Test-time augmentation: also run every scale on the mirrored image (maps flipped back
+    /// before averaging).
+    #[arg(long)]
+    pub flip: bool,
+    /// Model inputs per batch: images of the same input size (VOC: mostly 500x375 and 375x500)
+    /// share one trunk forward and one GradCAM backward. Each scale and flip is an input.
+    /// 0 (default): 8 on CUDA, 1 on CPU (where batching does not pay).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub batch_size: usize,
 
     /// Refine the labels with a dense CRF (method §6: unary -log P on P = [bg; maps], Potts
     /// Gaussian + bilateral kernels, 10 mean-field iterations; parameters from the config's
@@ -142,11 +161,11 @@ pub enum CrfImageArg {
 }
 
 impl CrfArgs {
-    pub fn options(&self, cfg: &crate::config::DatasetConfig) -> Result<crate::pipeline::CrfOptions> {
+    pub fn options(&self, cfg: &crate::config::DatasetConfig) -> Result<crate::labels::CrfOptions> {
         if !(0.0..=1.0).contains(&self.confidence) {
             bail!("--confidence must be in [0, 1], got {}", self.confidence);
         }
-        Ok(crate::pipeline::CrfOptions {
+        Ok(crate::labels::CrfOptions {
             params: cfg.crf,
             image: match self.crf_image {
                 CrfImageArg::Faithful => crate::crf::CrfImage::Faithful,
@@ -257,6 +276,9 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
             box_threshold: args.box_threshold.unwrap_or(cfg.box_threshold),
             max_side: Some(args.max_side),
             round_pos_fp16: !args.exact_positions,
+            source: args.cam_source.into(),
+            scales: args.scales.clone(),
+            flip: args.flip,
         },
         alpha: args.alpha,
         crf,
@@ -265,6 +287,11 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
         overwrite: args.overwrite,
         max_pixels: args.max_pixels,
         mask_format: args.mask_format,
+        batch_size: match args.batch_size {
+            0 if model.device.is_cuda() => 8,
+            0 => 1,
+            n => n,
+        },
     };
     let s = generate(&model, &text, &cfg, items, &opts, interrupt.stop_flag())?;
     eprintln!(
@@ -291,4 +318,32 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     } else {
         0
     })
+}
+
+/// `--cam` values.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum CamSourceArg {
+    /// CLIP-ES softmax-GradCAM.
+    Gradcam,
+    /// MaskCLIP (ECCV 2022): value path.
+    Maskclip,
+    /// SCLIP (ECCV 2024): q-q + k-k attention.
+    Sclip,
+    /// ClearCLIP (ECCV 2024): q-q attention, no residual, no FFN.
+    Clearclip,
+    /// NACLIP (WACV 2025): k-k attention + Gaussian neighbourhood.
+    Naclip,
+}
+
+impl From<CamSourceArg> for crate::cam::CamSource {
+    fn from(a: CamSourceArg) -> Self {
+        use crate::cam::CamSource as S;
+        match a {
+            CamSourceArg::Gradcam => S::GradCam,
+            CamSourceArg::Maskclip => S::MaskClip,
+            CamSourceArg::Sclip => S::Sclip,
+            CamSourceArg::Clearclip => S::ClearClip,
+            CamSourceArg::Naclip => S::Naclip,
+        }
+    }
 }

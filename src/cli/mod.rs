@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 pub mod classify;
 pub mod crf;
+pub mod eval;
 pub mod generate;
 pub mod prompts;
 pub mod tag;
@@ -35,7 +36,7 @@ pub enum Command {
     /// Dense CRF + confidence on maps saved by `generate --save-cams` (try CRF settings without recomputing maps).
     Crf(crf::CrfCmdArgs),
     /// Score label maps against ground truth (mIoU and more), or sweep the background exponent on saved maps.
-    Eval(crate::eval::EvalArgs),
+    Eval(eval::EvalArgs),
     /// Prompt tools: show what the text encoder reads; rank templates by sharpness.
     Prompts(prompts::PromptsArgs),
     /// Predict image-level labels with CLIP itself (TagCLIP, AAAI 2024), for data without labels.
@@ -73,7 +74,7 @@ pub fn run() -> Result<i32> {
         Command::Classify(a) => classify::run(&a),
         Command::Generate(a) => generate::run(&a),
         Command::Crf(a) => crf::run(&a),
-        Command::Eval(a) => crate::eval::run(&a),
+        Command::Eval(a) => eval::run(&a),
         Command::Prompts(a) => prompts::run(&a),
         Command::Tag(a) => tag::run(&a),
     }

@@ -3,11 +3,11 @@
 use super::ModelArgs;
 use crate::config::DatasetConfig;
 use crate::datasets::{find_image, read_labels_file, read_split, resolve_labels};
-use crate::image_input::{load_rgb, to_tensor, zero_shot_crop};
+use crate::image_input::load_rgb;
 use crate::prompts::{all_sentences, class_sentences, encode_groups, sharpness, zero_shot_scores};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 #[derive(clap::Args, Debug)]
 pub struct PromptsArgs {
@@ -125,12 +125,11 @@ fn rank(args: &RankArgs) -> Result<i32> {
             templates.push(t.clone());
         }
     }
-    if let Some(bad) = templates.iter().find(|t| t.matches("{}").count() != 1) {
-        bail!("template {bad:?} in {} must contain exactly one {{}}", template_file.display());
+    for t in &templates {
+        crate::prompts::check_template(t).with_context(|| format!("templates {}", template_file.display()))?;
     }
 
     // Image features once (standard zero-shot protocol), multi-label images only.
-    let res = model.config.input_resolution() as u32;
     let mut feats = Vec::new();
     let mut gts = Vec::new();
     let mut skipped = 0;
@@ -148,9 +147,7 @@ fn rank(args: &RankArgs) -> Result<i32> {
             .and_then(|path| load_rgb(&path));
         match loaded {
             Ok(img) => {
-                let x = to_tensor(&zero_shot_crop(&img, res)).to_device(model.device);
-                let f = model.visual.encode_standard(&x).to_kind(Kind::Float);
-                feats.push(&f / f.norm_scalaropt_dim(2, [-1], true));
+                feats.push(model.image_feature(&img));
                 gts.push(gt);
             }
             Err(e) => {

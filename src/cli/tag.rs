@@ -129,7 +129,7 @@ pub fn tag_images(
             let p = crate::pipeline::prepare(&img, model.visual.patch, opts.max_side);
             // libtorch errors surface as panics in tch: they fail this image, not the run.
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tag_image(model, text, &p, opts)))
-                .unwrap_or_else(|p| Err(anyhow::anyhow!("model error: {}", crate::pipeline::panic_message(&p))))
+                .unwrap_or_else(|p| Err(anyhow::anyhow!("model error: {}", crate::errors::panic_message(p.as_ref()))))
         });
         match r {
             Ok(t) => {

@@ -64,19 +64,34 @@ impl Attention {
     /// x: (B, L, D). Returns the output (B, L, D) and the attention probabilities averaged
     /// over heads (B, L, L), which CAA needs (docs/method.md §5).
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> (Tensor, Tensor) {
-        let (b, l, d) = x.size3().expect("attention input is (B, L, D)");
-        let dh = d / self.heads;
-        let qkv = self.in_proj.forward(x).view([b, l, 3, self.heads, dh]).permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let (q, k, v) = self.qkv(x);
         // Scale q before the product, as nn.MultiheadAttention does.
-        let q = q * (1.0 / (dh as f64).sqrt());
+        let q = q * self.scale();
         let mut scores = q.matmul(&k.transpose(-2, -1));
         if let Some(m) = mask {
             scores += m;
         }
         let probs = scores.softmax(-1, scores.kind());
-        let out = probs.matmul(&v).permute([0, 2, 1, 3]).reshape([b, l, d]);
-        (self.out_proj.forward(&out), probs.mean_dim(1, false, probs.kind()))
+        (self.project_out(&probs.matmul(&v)), probs.mean_dim(1, false, probs.kind()))
+    }
+
+    /// Queries, keys and values per head, each (B, heads, L, D / heads).
+    pub fn qkv(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let (b, l, d) = x.size3().expect("attention input is (B, L, D)");
+        let qkv = self.in_proj.forward(x).view([b, l, 3, self.heads, d / self.heads]).permute([2, 0, 3, 1, 4]);
+        (qkv.get(0), qkv.get(1), qkv.get(2))
+    }
+
+    /// `1 / sqrt(D / heads)`, the attention's scaling.
+    pub fn scale(&self) -> f64 {
+        let d = self.out_proj.weight.size()[0];
+        1.0 / ((d / self.heads) as f64).sqrt()
+    }
+
+    /// Heads (B, heads, L, D / heads) merged and through out_proj: (B, L, D).
+    pub fn project_out(&self, heads: &Tensor) -> Tensor {
+        let (b, h, l, dh) = heads.size4().expect("heads are (B, heads, L, D / heads)");
+        self.out_proj.forward(&heads.permute([0, 2, 1, 3]).reshape([b, l, h * dh]))
     }
 }
 

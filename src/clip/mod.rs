@@ -22,6 +22,11 @@ use tch::{Device, Kind};
 use text::TextTransformer;
 use vision::VisionTransformer;
 
+/// `x / ||x||` along the last dimension, in `x`'s precision (CLIP's feature normalisation).
+pub fn l2_normalize(x: &tch::Tensor) -> tch::Tensor {
+    x / x.norm_scalaropt_dim(2, [-1], true)
+}
+
 /// A loaded CLIP: the vision tower, the text tower (dropped once text features are cached,
 /// to save memory) and the logit scale.
 pub struct Clip {
@@ -37,6 +42,16 @@ pub struct Clip {
 }
 
 impl Clip {
+    /// CLIP's standard image feature of a photo (bicubic resize of the shorter side, centre
+    /// crop, class token through every block), L2-normalised, fp32 (1, E). The zero-shot
+    /// protocol of `classify` and `prompts rank`.
+    pub fn image_feature(&self, img: &image::RgbImage) -> tch::Tensor {
+        use crate::image_input::{to_tensor, zero_shot_crop};
+        let res = self.config.input_resolution() as u32;
+        let x = to_tensor(&zero_shot_crop(img, res)).to_device(self.device);
+        l2_normalize(&self.visual.encode_standard(&x).to_kind(Kind::Float))
+    }
+
     /// `spec` is a path, a released name such as `ViT-B/16` (see [`download::resolve`]) or a
     /// Hugging Face Hub repo id such as `openai/clip-vit-base-patch16` (see [`hub`]).
     pub fn load(spec: &str, device: Device, kind: Kind) -> Result<Self> {

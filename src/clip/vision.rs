@@ -112,6 +112,12 @@ impl VisionTransformer {
         patches.mean_dim(1, false, patches.kind()).matmul(&self.proj)
     }
 
+    /// Per-patch features in the joint space: ln_post of every patch token @ proj, (B, n, E).
+    pub fn patch_features(&self, x: &Tensor) -> Tensor {
+        let n = x.size()[1];
+        self.ln_post.forward(&x.narrow(1, 1, n - 1)).matmul(&self.proj)
+    }
+
     /// Standard CLIP image feature: ln_post of the class token @ proj.
     pub fn class_pool(&self, x: &Tensor) -> Tensor {
         self.ln_post.forward(&x.select(1, 0)).matmul(&self.proj)

@@ -1,10 +1,9 @@
 //! `generate --crf` and `clipmask crf` on saved maps give the same masks; confidence maps and
 //! the 255 rule hold on the real outputs.
-use crate::common::*;
+use crate::support::*;
 
 #[test]
 fn generate_crf_equals_crf_on_saved_maps() {
-    let fx = fixture("tiny", 0, false);
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     std::fs::create_dir_all(&images).unwrap();
@@ -13,9 +12,9 @@ fn generate_crf_equals_crf_on_saved_maps() {
     }
     let labels = tmp.path().join("labels.json");
     std::fs::write(&labels, r#"{"s0": ["dog"], "s1": ["person", "car"], "s2": ["cat", "sofa", "person"]}"#).unwrap();
-    let model = fx.join("model.safetensors");
+    let model = tiny_model();
     let a = tmp.path().join("a");
-    let st = clipmask_bin()
+    let st = clipmask(&shared_cache())
         .args(["generate", "--model", model.to_str().unwrap(), "--device", "cpu", "--images", images.to_str().unwrap()])
         .args([
             "--labels",
@@ -30,7 +29,7 @@ fn generate_crf_equals_crf_on_saved_maps() {
         .unwrap();
     assert!(st.success());
     let b = tmp.path().join("b");
-    let st = clipmask_bin()
+    let st = clipmask(&shared_cache())
         .args([
             "crf",
             "--cams",
@@ -60,7 +59,7 @@ fn generate_crf_equals_crf_on_saved_maps() {
     }
     // The rgb image mode is a different CRF input: it runs and gives valid masks.
     let c = tmp.path().join("c");
-    let st = clipmask_bin()
+    let st = clipmask(&shared_cache())
         .args(["crf", "--cams", a.join("cams").to_str().unwrap(), "--images", images.to_str().unwrap()])
         .args(["--out", c.to_str().unwrap(), "--crf-image", "rgb", "--confidence", "0"])
         .status()

@@ -3,29 +3,22 @@
 //! ../shared/data/voc-sample (when present) and synthetic images; 2, 3, 5 and 21 labels;
 //! Gaussian kernel alone, bilateral alone and both; faithful and RGB CRF images.
 //! The reference is tests/python/crf_reference.py run with $CLIPMASK_PYTHON (default .venv/bin/python).
+use crate::support::{python, python_cmd, rng, root, synthetic_image, Rng};
 use clipmask::crf::{crf_image, dense_crf, CrfImage, CrfParams};
 use ndarray::{Array3, ArrayView3};
 use ndarray_npy::{read_npy, write_npy};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 const TOL_Q: f32 = 1e-3;
 const MIN_AGREEMENT: f64 = 0.999;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("CLIPMASK_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
-}
 
 fn script() -> PathBuf {
     root().join("tests/python/crf_reference.py")
 }
 
 fn spawn_python(args: &[String]) -> Child {
-    Command::new(python())
+    python_cmd()
         .arg(script())
         .args(args)
         .stdout(Stdio::piped())
@@ -44,56 +37,24 @@ fn wait_python(child: Child, what: &str) {
     );
 }
 
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
-    }
-    fn f(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((self.0 >> 33) as f64) / (1u64 << 31) as f64
-    }
-}
-
-/// A smooth, structured RGB image (blobs + gradients + a little noise), deterministic.
-fn synthetic_image(w: usize, h: usize, seed: u64) -> Vec<u8> {
-    let mut rnd = Rng::new(seed);
-    let blobs: Vec<(f64, f64, f64, [f64; 3])> = (0..6)
-        .map(|_| {
-            let b = (rnd.f() * w as f64, rnd.f() * h as f64, 8.0 + rnd.f() * 40.0);
-            (b.0, b.1, b.2, [rnd.f() * 255.0, rnd.f() * 255.0, rnd.f() * 255.0])
-        })
-        .collect();
-    let mut img = Vec::with_capacity(w * h * 3);
-    for y in 0..h {
-        for x in 0..w {
-            let mut c = [x as f64 / w as f64 * 120.0, y as f64 / h as f64 * 120.0, 60.0];
-            for (bx, by, r, col) in &blobs {
-                let d2 = ((x as f64 - bx).powi(2) + (y as f64 - by).powi(2)) / (r * r);
-                let a = (-d2).exp();
-                for i in 0..3 {
-                    c[i] = c[i] * (1.0 - a) + col[i] * a;
-                }
-            }
-            let n = (rnd.f() - 0.5) * 20.0;
-            img.push((c[0] + n).clamp(0.0, 255.0) as u8);
-            img.push((c[1] - n).clamp(0.0, 255.0) as u8);
-            img.push((c[2] + n * 0.5).clamp(0.0, 255.0) as u8);
-        }
-    }
-    img
+/// `support::synthetic_image` as RGB bytes.
+fn synthetic_rgb(w: usize, h: usize, seed: u64) -> Vec<u8> {
+    synthetic_image(w as u32, h as u32, seed).into_raw()
 }
 
 /// CLIP-ES-like probabilities P = [bg; maps], C x H x W, not renormalised: each map is a few
 /// Gaussian blobs min-max normalised to [0, 1] (as CAMs are), bg = 1 - max_k map_k.
 fn clip_es_probs(w: usize, h: usize, n_labels: usize, seed: u64) -> Vec<f32> {
-    let mut rnd = Rng::new(seed ^ 0x5eed);
+    let mut rng = rng(seed ^ 0x5eed);
     let n = w * h;
     let mut p = vec![0f32; n_labels * n];
     let s = w.max(h) as f64;
     for k in 1..n_labels {
-        let blobs: Vec<(f64, f64, f64, f64)> = (0..1 + (rnd.f() * 3.0) as usize)
-            .map(|_| (rnd.f() * w as f64, rnd.f() * h as f64, s * (0.05 + 0.25 * rnd.f()), 0.3 + 0.7 * rnd.f()))
+        let blobs: Vec<(f64, f64, f64, f64)> = (0..rng.random_range(1..=3))
+            .map(|_| {
+                let (x, y) = (rng.random::<f64>() * w as f64, rng.random::<f64>() * h as f64);
+                (x, y, s * rng.random_range(0.05..0.3), rng.random_range(0.3..1.0))
+            })
             .collect();
         let mut m: Vec<f64> = (0..n)
             .map(|i| {
@@ -230,7 +191,7 @@ fn cases() -> Vec<Case> {
     for (k, (w, h, labels, mode, kernels)) in spec.into_iter().enumerate() {
         out.push(Case {
             name: format!("synthetic {w}x{h}"),
-            rgb: synthetic_image(w, h, 100 + k as u64),
+            rgb: synthetic_rgb(w, h, 100 + k as u64),
             w,
             h,
             labels,
@@ -252,7 +213,7 @@ fn faithful_image_matches_numpy() {
     // every byte value in every channel, then real photos
     let all: Vec<u8> = (0..=255u8).flat_map(|v| [v, v.wrapping_mul(7), 255 - v]).collect();
     imgs.push(("all values".into(), all, 256, 1));
-    imgs.push(("synthetic".into(), synthetic_image(150, 100, 1), 150, 100));
+    imgs.push(("synthetic".into(), synthetic_rgb(150, 100, 1), 150, 100));
     if let Some(photos) = voc_photos() {
         imgs.extend(photos.into_iter().take(3));
     }

@@ -3,13 +3,13 @@
 //! identical maps; the activation comes from each layout's config; `--model org/name` fetches
 //! through a local stand-in for the Hub into the standard HF cache and then works offline from
 //! a cache laid out by Python's huggingface_hub.
-use crate::common::*;
+use crate::support::*;
 use clipmask::clip::Clip;
 use clipmask::config::DatasetConfig;
 use clipmask::pipeline::{compute_maps, prepare, MapOptions};
 use clipmask::prompts::text_features;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use tch::{Device, Kind};
 
 /// The layouts of the default fixture, made once per test process.
@@ -36,7 +36,7 @@ fn maps(weights: &Path) -> (Vec<f32>, Vec<f32>) {
         Clip::load_path(weights, Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{}: {e:#}", weights.display()));
     let cfg = DatasetConfig::resolve("voc12").unwrap();
     let text = text_features(&model, &cfg).unwrap();
-    let opts = MapOptions { box_threshold: cfg.box_threshold, max_side: None, round_pos_fp16: true };
+    let opts = MapOptions { box_threshold: cfg.box_threshold, max_side: None, ..Default::default() };
     let p = prepare(&synthetic_image(200, 150, 5), 16, None);
     let m = compute_maps(&model, &text, &p, &[6, 14], &opts).unwrap();
     (m.raw.iter().copied().collect(), m.refined.iter().copied().collect())
@@ -99,11 +99,11 @@ impl Drop for Hub {
     }
 }
 
-fn start_hub(root: &Path, tmp: &Path) -> Hub {
+fn start_hub(hub_root: &Path, tmp: &Path) -> Hub {
     let port_file = tmp.join("hub.port");
-    let child = Command::new(python())
-        .arg(root_dir().join("tests/python/fake_hub.py"))
-        .arg(root)
+    let child = python_cmd()
+        .arg(root().join("tests/python/fake_hub.py"))
+        .arg(hub_root)
         .arg(&port_file)
         .spawn()
         .expect("start the fake hub");
@@ -116,14 +116,9 @@ fn start_hub(root: &Path, tmp: &Path) -> Hub {
     Hub { child, url: format!("http://127.0.0.1:{}", port.trim()) }
 }
 
-fn root_dir() -> PathBuf {
-    root()
-}
-
 /// `clipmask classify --json` on one image, with the HF variables cleared except `env`.
 fn classify(model: &str, image: &Path, env: &[(&str, &Path)], extra: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_clipmask"));
-    c.env("CLIPMASK_CACHE", root().join("target/test-cache"));
+    let mut c = clipmask(&shared_cache());
     for k in ["HF_HUB_CACHE", "HF_HOME", "HF_ENDPOINT", "HF_HUB_OFFLINE"] {
         c.env_remove(k);
     }
@@ -232,14 +227,14 @@ fn truncated_or_foreign_bin_files_fail_with_an_error_not_a_panic() {
 /// `--version` says which libtorch it runs on and whether CUDA is visible.
 #[test]
 fn the_binary_runs_from_anywhere_and_reports_its_libtorch() {
-    let bin = std::fs::read(env!("CARGO_BIN_EXE_clipmask")).unwrap();
+    let bin = std::fs::read(BIN).unwrap();
     let manifest = env!("CARGO_MANIFEST_DIR");
     for dir in ["configs", "prompts"] {
         let needle = format!("{manifest}/{dir}");
         assert!(!bin.windows(needle.len()).any(|w| w == needle.as_bytes()), "the binary refers to {needle}");
     }
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_clipmask"))
+    let out = clipmask(&shared_cache())
         .current_dir(tmp.path())
         .env_remove("CLIPMASK_CONFIGS")
         .args(["prompts", "show", "-c", "coco14"])
@@ -247,7 +242,7 @@ fn the_binary_runs_from_anywhere_and_reports_its_libtorch() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("a clean origami backpack,bag."));
-    let out = Command::new(env!("CARGO_BIN_EXE_clipmask")).arg("--version").output().unwrap();
+    let out = clipmask(&shared_cache()).arg("--version").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(
@@ -270,13 +265,12 @@ fn gray_masks_decode_to_the_same_ids_in_every_reader() {
     // Labels with high class ids too (palette colours there are far from their index).
     let labels = tmp.path().join("labels.json");
     std::fs::write(&labels, r#"{"im0": ["tvmonitor", "train", "sofa"], "im1": ["person", "pottedplant"]}"#).unwrap();
-    let model = fixture("tiny", 0, false).join("model.safetensors");
+    let model = tiny_model();
     let mut results = Vec::new();
     for (format, crf) in [("gray", false), ("palette", false), ("gray", true)] {
         let out = tmp.path().join(format!("out-{format}-{crf}"));
-        let mut c = Command::new(env!("CARGO_BIN_EXE_clipmask"));
-        c.env("CLIPMASK_CACHE", root().join("target/test-cache"))
-            .args(["generate", "--device", "cpu", "--model"])
+        let mut c = clipmask(&shared_cache());
+        c.args(["generate", "--device", "cpu", "--model"])
             .arg(&model)
             .arg("--images")
             .arg(&imgs)
@@ -301,7 +295,7 @@ fn gray_masks_decode_to_the_same_ids_in_every_reader() {
             ndarray_npy::write_npy(expected.join(format!("{id}.npy")), &arr).unwrap();
         }
         assert!(distinct.iter().any(|&v| v > 8), "{format}: no high class id to tell readers apart: {distinct:?}");
-        let py = Command::new(python())
+        let py = python_cmd()
             .arg(root().join("tests/python/read_masks.py"))
             .arg(out.join("masks"))
             .arg(&expected)
@@ -352,7 +346,7 @@ fn eval_reads_gray_palette_and_rgb_ground_truth() {
                 image::RgbImage::from_raw(w, h, rgb).unwrap().save(d.join("a.png")).unwrap();
             }
         }
-        let out = Command::new(env!("CARGO_BIN_EXE_clipmask"))
+        let out = clipmask(&shared_cache())
             .args(["eval", "--config", "voc12", "--json", "--pred"])
             .arg(&pred_dir)
             .arg("--gt")
@@ -368,7 +362,7 @@ fn eval_reads_gray_palette_and_rgb_ground_truth() {
     let d = tmp.path().join("gt-bad");
     std::fs::create_dir_all(&d).unwrap();
     image::RgbImage::from_pixel(w, h, image::Rgb([1, 2, 3])).save(d.join("a.png")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_clipmask"))
+    let out = clipmask(&shared_cache())
         .args(["eval", "--config", "voc12", "--pred"])
         .arg(&pred_dir)
         .arg("--gt")

@@ -3,8 +3,8 @@
 //! VOC ground truth, the error messages, and the HTML report (rendered by Chromium if present).
 // Confusion matrices read most clearly with explicit (gt, pred) indices.
 #![allow(clippy::needless_range_loop)]
-use clipmask::config::DatasetConfig;
-use clipmask::eval::{self, labels_from_cams, CamKey, ConfusionMatrix, EvalArgs, LabelError};
+use crate::support::*;
+use clipmask::eval::{self, labels_from_cams, CamKey, ConfusionMatrix, EvalOptions, LabelError};
 use clipmask::outputs::{write_label_png, CamArchive};
 use ndarray::Array3;
 use std::path::{Path, PathBuf};
@@ -12,29 +12,16 @@ use std::process::Command;
 
 const TOL: f64 = 1e-12;
 
-fn manifest() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("CLIPMASK_PYTHON").map(PathBuf::from).unwrap_or_else(|| manifest().join(".venv/bin/python"))
-}
-
 /// Runs the NumPy reference and parses its JSON.
 fn numpy_reference(args: &[&str]) -> serde_json::Value {
-    let script = manifest().join("tests/python/eval_reference.py");
-    let py = python();
-    let out = Command::new(&py)
+    let script = root().join("tests/python/eval_reference.py");
+    let out = python_cmd()
         .arg(&script)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {} (set CLIPMASK_PYTHON): {e}", py.display()));
+        .unwrap_or_else(|e| panic!("cannot run {} (set CLIPMASK_PYTHON): {e}", python().display()));
     assert!(out.status.success(), "eval_reference.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("reference prints JSON")
-}
-
-fn voc() -> DatasetConfig {
-    DatasetConfig::resolve("voc12").expect("shipped voc12 config")
 }
 
 fn write_png(dir: &Path, id: &str, labels: &[u8], w: u32, h: u32) {
@@ -47,18 +34,6 @@ fn write_ids(path: &Path, ids: &[&str]) {
 
 fn close(a: f64, b: f64, what: &str) {
     assert!((a - b).abs() < TOL, "{what}: {a} != {b}");
-}
-
-/// Small deterministic generator so that tests need no rand crate.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 33) as u32
-    }
-    fn below(&mut self, n: u32) -> u32 {
-        self.next() % n
-    }
 }
 
 fn json_f64(v: &serde_json::Value, key: &str) -> f64 {
@@ -158,7 +133,7 @@ fn absent_classes_are_null_and_not_averaged() {
     // GT: background and person (15); prediction adds one car (7) pixel.
     write_png(&gt_dir, "a", &[0, 0, 0, 0, 15, 15, 15, 15], 4, 2);
     write_png(&pred_dir, "a", &[0, 0, 7, 0, 15, 15, 0, 15], 4, 2);
-    let report = eval::evaluate(&EvalArgs::new(&pred_dir, &gt_dir, "voc12")).unwrap();
+    let report = eval::evaluate(&EvalOptions::new(&pred_dir, &gt_dir, "voc12")).unwrap();
     let m = report.best_metrics();
     // G0 = 4, G15 = 4, P0 = 4, P7 = 1, P15 = 3, TP0 = 3, TP15 = 3.
     close(m.per_class[0].iou.unwrap(), 3.0 / 5.0, "background IoU");
@@ -207,29 +182,29 @@ fn labels_from_cams_by_hand() {
 /// Synthetic archives with maps quantised to 1/16 (so that ties between channels and with the
 /// background really happen) and GT derived from them with noise and some 255.
 fn synthetic_cams(dir: &Path, n_images: usize) -> Vec<String> {
-    let mut rng = Lcg(7);
+    let mut rng = rng(7);
     let (cams_dir, gt_dir) = (dir.join("cams"), dir.join("gt"));
     let mut ids = Vec::new();
     for i in 0..n_images {
-        let (w, h) = (20 + rng.below(30) as usize, 15 + rng.below(30) as usize);
-        let k = 1 + rng.below(3) as usize;
+        let (w, h) = (rng.random_range(20..50), rng.random_range(15..45));
+        let k = rng.random_range(1..4);
         let mut keys: Vec<i64> = Vec::new();
         while keys.len() < k {
-            let c = rng.below(20) as i64;
+            let c = rng.random_range(0..20);
             if !keys.contains(&c) {
                 keys.push(c);
             }
         }
-        let quant = |rng: &mut Lcg| rng.below(17) as f32 / 16.0;
+        let quant = |rng: &mut StdRng| rng.random_range(0..17) as f32 / 16.0;
         let mut cams = Array3::<f32>::zeros((k, h, w));
         let mut raw = cams.clone();
         cams.iter_mut().for_each(|v| *v = quant(&mut rng));
         raw.iter_mut().for_each(|v| *v = quant(&mut rng));
         let mut gt = labels_from_cams(&cams, &keys, 1.5);
         for g in gt.iter_mut() {
-            match rng.below(10) {
+            match rng.random_range(0..10) {
                 0 => *g = 255,
-                1 => *g = keys[rng.below(k as u32) as usize] as u8 + 1,
+                1 => *g = keys[rng.random_range(0..k)] as u8 + 1,
                 2 => *g = 0,
                 _ => {}
             }
@@ -252,9 +227,9 @@ fn alpha_sweep_matches_numpy() {
     std::fs::create_dir_all(&dump).unwrap();
     for key in [CamKey::Cams, CamKey::RawCams] {
         let key_name = if key == CamKey::Cams { "cams" } else { "raw_cams" };
-        let mut args = EvalArgs::new("", dir.path().join("gt"), "voc12");
-        args.pred = None;
-        args.cams = Some(dir.path().join("cams"));
+        let mut args = EvalOptions::new("", dir.path().join("gt"), "voc12");
+        args.pred = vec![];
+        args.cams = vec![dir.path().join("cams")];
         args.alpha = vec![1.0, 2.0, 3.0];
         args.cam_key = key;
         args.split = Some(ids_file.clone());
@@ -325,21 +300,20 @@ fn alpha_sweep_matches_numpy() {
 // Real VOC ground truth
 // ------------------------------------------------------------------------------------------
 
-fn voc_sample() -> Option<PathBuf> {
-    let dir = manifest().join("../shared/data/voc-sample");
-    if dir.join("SegmentationClass").is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("note: {} absent, test skipped", dir.display());
-        None
+/// ../shared/data/voc-sample with its SegmentationClass ground truth, when present.
+fn voc_ground_truth() -> Option<PathBuf> {
+    let dir = voc_sample().filter(|d| d.join("SegmentationClass").is_dir());
+    if dir.is_none() {
+        eprintln!("note: ../shared/data/voc-sample/SegmentationClass absent, test skipped");
     }
+    dir
 }
 
 #[test]
 fn voc_sample_against_itself_is_perfect() {
-    let Some(voc_dir) = voc_sample() else { return };
+    let Some(voc_dir) = voc_ground_truth() else { return };
     let gt = voc_dir.join("SegmentationClass");
-    let mut args = EvalArgs::new(&gt, &gt, "voc12");
+    let mut args = EvalOptions::new(&gt, &gt, "voc12");
     args.split = Some(voc_dir.join("ids.txt"));
     let report = eval::evaluate(&args).unwrap();
     assert_eq!(report.images, 40);
@@ -348,12 +322,12 @@ fn voc_sample_against_itself_is_perfect() {
     assert_eq!(m.pixel_accuracy, 1.0);
     assert_eq!(m.fw_iou, 1.0);
     assert!(m.classes_in_gt > 10, "the sample covers many classes");
-    assert_eq!(eval::run(&args).unwrap(), 0);
+    assert_eq!(eval::run(&args, false).unwrap(), 0);
 }
 
 #[test]
 fn voc_sample_shifted_matches_numpy() {
-    let Some(voc_dir) = voc_sample() else { return };
+    let Some(voc_dir) = voc_ground_truth() else { return };
     let gt = voc_dir.join("SegmentationClass");
     let dir = tempfile::tempdir().unwrap();
     let pred = dir.path().join("pred");
@@ -379,7 +353,7 @@ fn voc_sample_shifted_matches_numpy() {
         }
         write_png(&pred, id, &shifted, w, h);
     }
-    let mut args = EvalArgs::new(&pred, &gt, "voc12");
+    let mut args = EvalOptions::new(&pred, &gt, "voc12");
     args.split = Some(voc_dir.join("ids.txt"));
     let report = eval::evaluate(&args).unwrap();
     let reference = numpy_reference(&[
@@ -415,8 +389,8 @@ fn voc_sample_shifted_matches_numpy() {
 // Errors
 // ------------------------------------------------------------------------------------------
 
-fn err_text(args: &EvalArgs) -> String {
-    format!("{:#}", eval::run(args).expect_err("should fail"))
+fn err_text(args: &EvalOptions) -> String {
+    format!("{:#}", eval::run(args, false).expect_err("should fail"))
 }
 
 #[test]
@@ -428,7 +402,7 @@ fn missing_and_extra_ids_are_listed() {
         write_png(&gt, id, &[0, 1, 1, 0], 2, 2);
     }
     write_png(&pred, "im0", &[0, 1, 1, 0], 2, 2);
-    let args = EvalArgs::new(&pred, &gt, "voc12");
+    let args = EvalOptions::new(&pred, &gt, "voc12");
     let e = err_text(&args);
     assert!(e.contains("7 of 8 ids have no prediction"), "{e}");
     assert!(e.contains("im1, im2, im3, im4, im5 and 2 more"), "{e}");
@@ -469,7 +443,7 @@ fn size_mismatch_names_both_files() {
     let (gt, pred) = (dir.path().join("gt"), dir.path().join("pred"));
     write_png(&gt, "a", &[0; 20], 4, 5);
     write_png(&pred, "a", &[0; 20], 5, 4);
-    let e = err_text(&EvalArgs::new(&pred, &gt, "voc12"));
+    let e = err_text(&EvalOptions::new(&pred, &gt, "voc12"));
     assert!(e.contains("size mismatch"), "{e}");
     assert!(e.contains(&pred.join("a.png").display().to_string()) && e.contains("5x4"), "{e}");
     assert!(e.contains(&gt.join("a.png").display().to_string()) && e.contains("4x5"), "{e}");
@@ -481,13 +455,13 @@ fn out_of_range_label_names_file_and_value() {
     let (gt, pred) = (dir.path().join("gt"), dir.path().join("pred"));
     write_png(&gt, "a", &[0, 1, 255, 20], 2, 2);
     write_png(&pred, "a", &[0, 21, 1, 20], 2, 2);
-    let e = err_text(&EvalArgs::new(&pred, &gt, "voc12"));
+    let e = err_text(&EvalOptions::new(&pred, &gt, "voc12"));
     assert!(e.contains(&pred.join("a.png").display().to_string()), "{e}");
     assert!(e.contains("predicted label value 21"), "{e}");
 
     write_png(&gt, "a", &[0, 99, 255, 20], 2, 2);
     write_png(&pred, "a", &[0, 1, 1, 20], 2, 2);
-    let e = err_text(&EvalArgs::new(&pred, &gt, "voc12"));
+    let e = err_text(&EvalOptions::new(&pred, &gt, "voc12"));
     assert!(e.contains(&gt.join("a.png").display().to_string()), "{e}");
     assert!(e.contains("ground-truth label value 99"), "{e}");
 }
@@ -498,9 +472,9 @@ fn bad_cam_archives_are_reported() {
     let (gt, cams) = (dir.path().join("gt"), dir.path().join("cams"));
     write_png(&gt, "a", &[0; 6], 3, 2);
     let maps = Array3::<f32>::zeros((1, 2, 3));
-    let mut args = EvalArgs::new("", &gt, "voc12");
-    args.pred = None;
-    args.cams = Some(cams.clone());
+    let mut args = EvalOptions::new("", &gt, "voc12");
+    args.pred = vec![];
+    args.cams = vec![cams.clone()];
     CamArchive { keys: vec![20], cams: maps.clone(), raw_cams: maps.clone() }.write(&cams.join("a.npz")).unwrap();
     let e = err_text(&args);
     assert!(e.contains("a.npz") && e.contains("key 20 is not a class index"), "{e}");
@@ -516,6 +490,7 @@ fn bad_cam_archives_are_reported() {
 #[test]
 fn cli_arguments_parse() {
     use clap::Parser;
+    use clipmask::cli::eval::{CamKeyArg, EvalArgs};
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
@@ -536,13 +511,16 @@ fn cli_arguments_parse() {
     ])
     .unwrap();
     assert_eq!(cli.args.alpha, vec![1.0, 2.0, 3.5]);
-    assert_eq!(cli.args.cam_key, CamKey::RawCams);
-    assert!(cli.args.pred.is_none());
+    assert_eq!(cli.args.cam_key, CamKeyArg::RawCams);
+    assert!(cli.args.pred.is_empty());
     let cli = Cli::try_parse_from(["eval", "--gt", "g", "--config", "voc12", "--pred", "p"]).unwrap();
     assert_eq!(cli.args.alpha, vec![1.0, 2.0]);
-    assert_eq!(cli.args.cam_key, CamKey::Cams);
+    assert_eq!(cli.args.cam_key, CamKeyArg::Cams);
     assert!(Cli::try_parse_from(["eval", "--gt", "g", "--config", "voc12"]).is_err(), "needs --pred or --cams");
-    assert!(Cli::try_parse_from(["eval", "--gt", "g", "--config", "c", "--pred", "p", "--cams", "c"]).is_err());
+    // Label PNG runs and CAM runs may be compared in one call.
+    let cli = Cli::try_parse_from(["eval", "--gt", "g", "--pred", "p", "--pred", "q", "--cams", "c"]).unwrap();
+    assert_eq!(cli.args.pred.len(), 2);
+    assert_eq!(cli.args.config, "voc12", "the default config");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -550,7 +528,7 @@ fn cli_arguments_parse() {
 // ------------------------------------------------------------------------------------------
 
 /// Three images of decreasing quality plus photos; returns (args, ids worst-first).
-fn report_fixture(dir: &Path, photos: bool) -> (EvalArgs, Vec<&'static str>) {
+fn report_fixture(dir: &Path, photos: bool) -> (EvalOptions, Vec<&'static str>) {
     let (gt, pred, img) = (dir.join("gt"), dir.join("pred"), dir.join("img"));
     let (w, h) = (64u32, 48u32);
     let mut base = vec![0u8; (w * h) as usize];
@@ -574,7 +552,7 @@ fn report_fixture(dir: &Path, photos: bool) -> (EvalArgs, Vec<&'static str>) {
             photo.save(img.join(format!("{id}.jpg"))).unwrap();
         }
     }
-    let mut args = EvalArgs::new(&pred, &gt, "voc12");
+    let mut args = EvalOptions::new(&pred, &gt, "voc12");
     args.report = Some(dir.join("report"));
     if photos {
         args.images = Some(img);
@@ -587,7 +565,7 @@ fn report_lists_images_worst_first() {
     for photos in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let (args, worst_first) = report_fixture(dir.path(), photos);
-        assert_eq!(eval::run(&args).unwrap(), 0);
+        assert_eq!(eval::run(&args, false).unwrap(), 0);
         let report = dir.path().join("report");
         let html = std::fs::read_to_string(report.join("index.html")).unwrap();
         let pos: Vec<usize> = worst_first.iter().map(|id| html.find(&format!("thumbs/{id}.")).unwrap()).collect();
@@ -623,9 +601,9 @@ fn report_renders_in_chromium() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (args, _) = report_fixture(dir.path(), true);
-    eval::run(&args).unwrap();
+    eval::run(&args, false).unwrap();
     let index = dir.path().join("report/index.html");
-    let artifacts = manifest().join("target/test-artifacts");
+    let artifacts = root().join("target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
     let shot = artifacts.join("eval_report.png");
     let _ = std::fs::remove_file(&shot);

@@ -1,14 +1,7 @@
 //! `--precision fp16` on the CPU: every subcommand that runs the model (classify, generate,
 //! generate --crf, prompts rank) runs in fp16 without a dtype error and writes finite maps.
-use crate::common::*;
-use std::path::Path;
+use crate::support::*;
 use std::process::Command;
-
-fn clipmask(cache: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_clipmask"));
-    c.env("CLIPMASK_CACHE", cache);
-    c
-}
 
 fn ok(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawn clipmask");
@@ -19,7 +12,7 @@ fn ok(cmd: &mut Command) -> String {
 
 #[test]
 fn every_model_command_runs_in_fp16_on_cpu() {
-    let model = fixture("tiny", 0, false).join("model.safetensors");
+    let model = tiny_model();
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     let images = tmp.path().join("images");

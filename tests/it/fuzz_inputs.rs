@@ -3,6 +3,7 @@
 //! photos when ../shared/data is present) must never panic, never hang and never allocate past
 //! the pixel budget: a counting global allocator measures the peak of Rust allocations during
 //! each decode (libjpeg's own C allocations are bounded by the header check that precedes them).
+use crate::support::{rng, synthetic_image, voc_sample, Rng, StdRng};
 use clipmask::image_input::decode_rgb_limited;
 use clipmask::outputs::CamArchive;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -51,49 +52,31 @@ static ALLOC: Counting = Counting;
 /// The tests of this file measure one global counter: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 /// Byte-level mutations: bit flips, bytes set to extremes (sizes in headers), deletions,
 /// insertions, truncation, duplicated runs.
-fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
+fn mutate(rng: &mut StdRng, base: &[u8]) -> Vec<u8> {
     let mut v = base.to_vec();
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..rng.random_range(1..=4) {
         if v.is_empty() {
-            v.push(rng.next() as u8);
+            v.push(rng.random());
             continue;
         }
         // Headers matter most: half the mutations land in the first 64 bytes.
-        let i = if rng.below(2) == 0 { rng.below(v.len().min(64)) } else { rng.below(v.len()) };
-        match rng.below(7) {
-            0 => v[i] ^= 1 << rng.below(8),
-            1 => v[i] = [0x00, 0xFF, 0x7F, 0x80][rng.below(4)],
+        let i = if rng.random() { rng.random_range(0..v.len().min(64)) } else { rng.random_range(0..v.len()) };
+        match rng.random_range(0..7) {
+            0 => v[i] ^= 1 << rng.random_range(0..8),
+            1 => v[i] = [0x00, 0xFF, 0x7F, 0x80][rng.random_range(0..4)],
             2 => {
                 v.remove(i);
             }
-            3 => v.insert(i, rng.next() as u8),
+            3 => v.insert(i, rng.random()),
             4 => v.truncate(i.max(1)),
             5 => {
-                let j = (i + rng.below(64)).min(v.len());
+                let j = (i + rng.random_range(0..64)).min(v.len());
                 let chunk = v[i..j].to_vec();
                 v.splice(i..i, chunk);
             }
-            _ => v[i] = rng.next() as u8,
+            _ => v[i] = rng.random(),
         }
     }
     v
@@ -141,7 +124,7 @@ fn run_cases(what: &str, cases: &[Vec<u8>], limit: Duration, mut f: impl FnMut(&
 
 /// Valid small files of every decoded format, plus VOC photos when available.
 fn seeds() -> Vec<Vec<u8>> {
-    let img = image::DynamicImage::ImageRgb8(crate::common::synthetic_image(40, 30, 7));
+    let img = image::DynamicImage::ImageRgb8(synthetic_image(40, 30, 7));
     let mut out = Vec::new();
     for fmt in [
         image::ImageFormat::Jpeg,
@@ -158,7 +141,7 @@ fn seeds() -> Vec<Vec<u8>> {
     let mut b = Vec::new();
     img.to_luma16().write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Png).unwrap();
     out.push(b);
-    if let Some(voc) = crate::common::voc_sample() {
+    if let Some(voc) = voc_sample() {
         let mut photos: Vec<_> =
             std::fs::read_dir(voc.join("JPEGImages")).unwrap().flatten().map(|e| e.path()).collect();
         photos.sort();
@@ -176,18 +159,18 @@ fn image_decoding_survives_random_and_mutated_files_within_the_budget() {
     let seeds = seeds();
     let largest = seeds.iter().map(Vec::len).max().unwrap();
     let bound = (max_pixels * 16).max(64 << 20) as usize + (max_pixels * 3) as usize + 2 * largest + (4 << 20);
-    let mut rng = Rng::new(13);
+    let mut rng = rng(13);
     let mut cases: Vec<Vec<u8>> = Vec::new();
     for _ in 0..120 {
-        let n = rng.below(3000);
-        cases.push((0..n).map(|_| rng.next() as u8).collect());
+        let n = rng.random_range(0..3000);
+        cases.push((0..n).map(|_| rng.random()).collect());
     }
     // Random bytes behind each format's magic number reach the decoders' header parsers.
     for magic in [&b"\xFF\xD8\xFF\xE0"[..], b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM", b"II*\0", b"RIFF\0\0\0\0WEBPVP8 "] {
         for _ in 0..20 {
-            let n = rng.below(400);
+            let n = rng.random_range(0..400);
             let mut c = magic.to_vec();
-            c.extend((0..n).map(|_| rng.next() as u8));
+            c.extend((0..n).map(|_| rng.random::<u8>()));
             cases.push(c);
         }
     }
@@ -262,8 +245,9 @@ fn npz_reading_and_validation_survive_random_and_mutated_archives() {
         c
     };
     let seeds = [std::fs::read(&valid).unwrap(), plain];
-    let mut rng = Rng::new(31);
-    let mut cases: Vec<Vec<u8>> = (0..60).map(|_| (0..rng.below(2000)).map(|_| rng.next() as u8).collect()).collect();
+    let mut rng = rng(31);
+    let mut cases: Vec<Vec<u8>> =
+        (0..60).map(|_| (0..rng.random_range(0..2000)).map(|_| rng.random()).collect()).collect();
     cases.push(lying);
     for seed in &seeds {
         for _ in 0..250 {

@@ -1,7 +1,6 @@
 //! Issues 3 and 6: `clipmask generate` end to end on the tiny random-weight model: output formats,
 //! label sources (JSON, text, VOC XML, COCO), bad input that must not stop a run, fatal errors,
 //! resume / overwrite / sharding, and interruption (SIGKILL, SIGINT).
-use crate::common::*;
 use crate::support::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufReader, Write};
@@ -9,29 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn model() -> PathBuf {
-    fixture("tiny", 0, false).join("model.safetensors")
-}
-
 /// `clipmask generate --device cpu --model <tiny> ...` with the cache under `cache`.
 fn generate(cache: &Path) -> Command {
     let mut c = clipmask(cache);
-    c.args(["generate", "--device", "cpu", "--model"]).arg(model());
+    c.args(["generate", "--device", "cpu", "--model"]).arg(tiny_model());
     c
-}
-
-fn save_png(dir: &Path, id: &str, w: u32, h: u32, seed: u64) -> PathBuf {
-    let p = dir.join(format!("{id}.png"));
-    synthetic_image(w, h, seed).save(&p).unwrap();
-    p
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) {
     std::fs::write(path, serde_json::to_string_pretty(v).unwrap()).unwrap();
-}
-
-fn voc() -> clipmask::config::DatasetConfig {
-    clipmask::config::DatasetConfig::resolve("voc12").unwrap()
 }
 
 fn idx(names: &[&str]) -> Vec<i64> {
@@ -174,7 +159,7 @@ for p in sys.argv[1:]:
 print(json.dumps(out))
 "#;
     let paths: Vec<PathBuf> = sizes.iter().map(|(id, _, _)| out.join(format!("cams/{id}.npz"))).collect();
-    let o = Command::new(python()).arg("-c").arg(script).args(&paths).output().unwrap();
+    let o = python_cmd().arg("-c").arg(script).args(&paths).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for ((id, w, h), p) in sizes.iter().zip(&paths) {
@@ -464,13 +449,8 @@ fn bad_images_and_labels_are_recorded_and_the_run_goes_on() {
     let mut jpg = Vec::new();
     synthetic_image(80, 60, 4).write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg).unwrap();
     std::fs::write(imgs.join("trunc_jpg.jpg"), &jpg[..jpg.len() / 3]).unwrap();
-    let mut s = 99u64;
-    let noise: Vec<u8> = (0..5000)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
-            (s >> 56) as u8
-        })
-        .collect();
+    let mut rng = rng(99);
+    let noise: Vec<u8> = (0..5000).map(|_| rng.random()).collect();
     std::fs::write(imgs.join("random.jpg"), &noise).unwrap();
     // Odd but valid formats.
     let src = save_png(&imgs, "src_rgb", 80, 60, 5);
@@ -672,7 +652,7 @@ fn fatal_errors_stop_before_any_image_with_one_line() {
         let mut cmd = clipmask(d);
         cmd.args(["generate", "--device", "cpu"]);
         if !extra.contains(&"--model".to_string()) {
-            cmd.arg("--model").arg(model());
+            cmd.arg("--model").arg(tiny_model());
         }
         cmd.args(&args).args(&extra_rest);
         let r = run(&mut cmd);

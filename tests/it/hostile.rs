@@ -2,29 +2,22 @@
 //! about their size, signals that clusters send, FIFOs and devices among the images, corrupt
 //! `.npz` maps for `clipmask crf`, and the smaller items (eval's mismatch message, --max-side,
 //! palettes, .gif, label normalisation, OUT/masks as a file).
-use crate::common::*;
 use crate::support::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn model() -> PathBuf {
-    fixture("tiny", 0, false).join("model.safetensors")
-}
-
 /// `clipmask generate --device cpu --model <tiny> --images imgs --out out` plus `extra`.
 fn generate(tmp: &Path, imgs: &Path, out: &Path) -> Command {
     let mut c = clipmask(&tmp.join("cache"));
-    c.args(["generate", "--device", "cpu", "--model"]).arg(model()).arg("--images").arg(imgs).arg("--out").arg(out);
+    c.args(["generate", "--device", "cpu", "--model"])
+        .arg(tiny_model())
+        .arg("--images")
+        .arg(imgs)
+        .arg("--out")
+        .arg(out);
     c
-}
-
-fn save_png(dir: &Path, id: &str, w: u32, h: u32, seed: u64) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let p = dir.join(format!("{id}.png"));
-    synthetic_image(w, h, seed).save(&p).unwrap();
-    p
 }
 
 /// The summary line "N images: D done, S skipped ..., F failed ..." as (N, D, F).

@@ -1,29 +1,14 @@
 //! Property tests of the label-file and annotation parsers: garbage never panics (a parser
-//! returns an error or a value), and well-formed inputs round-trip. A small deterministic PRNG
-//! generates the inputs, so a failure is reproducible from the printed case number.
+//! returns an error or a value), and well-formed inputs round-trip. The seeded generator of
+//! `support` makes the inputs, so a failure is reproducible from the printed case number.
+use crate::support::{rng, Rng, StdRng};
 use clipmask::config::DatasetConfig;
 use clipmask::datasets::{parse_labels_text, parse_voc_xml, read_coco_instances, read_labels_json, RawLabels};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
-    }
+/// An element of `xs` (not empty), uniformly.
+fn pick<T: Copy>(rng: &mut StdRng, xs: &[T]) -> T {
+    xs[rng.random_range(0..xs.len())]
 }
 
 /// Characters that matter to the parsers, plus some that should not.
@@ -33,36 +18,36 @@ const ALPHABET: &[char] = &[
     '\u{2028}', '🐕',
 ];
 
-fn random_string(rng: &mut Rng, max_len: usize) -> String {
-    let n = rng.below(max_len + 1);
-    (0..n).map(|_| *rng.pick(ALPHABET)).collect()
+fn random_string(rng: &mut StdRng, max_len: usize) -> String {
+    let n = rng.random_range(0..=max_len);
+    (0..n).map(|_| pick(rng, ALPHABET)).collect()
 }
 
 /// Byte-level mutations of a valid input: flips, deletions, insertions, truncation, duplication.
-fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
+fn mutate(rng: &mut StdRng, base: &[u8]) -> Vec<u8> {
     let mut v = base.to_vec();
-    let rounds = 1 + rng.below(4);
+    let rounds = rng.random_range(1..=4);
     for _ in 0..rounds {
         if v.is_empty() {
-            v.push(rng.next() as u8);
+            v.push(rng.random());
             continue;
         }
-        let i = rng.below(v.len());
-        match rng.below(7) {
-            0 => v[i] ^= 1 << rng.below(8),
+        let i = rng.random_range(0..v.len());
+        match rng.random_range(0..7) {
+            0 => v[i] ^= 1 << rng.random_range(0..8),
             1 => {
                 v.remove(i);
             }
-            2 => v.insert(i, *rng.pick(b"<>/\"{}[],:\t\n#&0-e.")),
+            2 => v.insert(i, pick(rng, b"<>/\"{}[],:\t\n#&0-e.")),
             3 => v.truncate(i),
             4 => {
-                let j = (i + rng.below(40)).min(v.len());
+                let j = (i + rng.random_range(0..40)).min(v.len());
                 let chunk = v[i..j].to_vec();
                 v.splice(i..i, chunk);
             }
-            5 => v[i] = rng.next() as u8,
+            5 => v[i] = rng.random(),
             _ => {
-                let j = (i + rng.below(40)).min(v.len());
+                let j = (i + rng.random_range(0..40)).min(v.len());
                 v.drain(i..j);
             }
         }
@@ -123,7 +108,7 @@ fn check_text_result(input: &str, r: &anyhow::Result<RawLabels>) {
 
 #[test]
 fn labels_text_parser_never_panics_on_garbage() {
-    let mut rng = Rng::new(1);
+    let mut rng = rng(1);
     let mut cases: Vec<String> = (0..3000).map(|_| random_string(&mut rng, 120)).collect();
     cases.extend((0..2000).map(|_| String::from_utf8_lossy(&mutate(&mut rng, VALID_TEXT.as_bytes())).into_owned()));
     cases.extend([
@@ -151,13 +136,13 @@ fn labels_text_parser_never_panics_on_garbage() {
 
 #[test]
 fn labels_text_round_trips() {
-    let mut rng = Rng::new(2);
+    let mut rng = rng(2);
     let id_chars: Vec<char> = "abcXYZ0123456789_-.éü中 ".chars().collect();
     let label_chars: Vec<char> = "abcdefghijklmnopqrstuvwxyz ()'/éñ中".chars().collect();
-    let word = |rng: &mut Rng, chars: &[char], max: usize| -> String {
+    let word = |rng: &mut StdRng, chars: &[char], max: usize| -> String {
         loop {
-            let n = 1 + rng.below(max);
-            let s: String = (0..n).map(|_| *rng.pick(chars)).collect();
+            let n = rng.random_range(1..=max);
+            let s: String = (0..n).map(|_| pick(rng, chars)).collect();
             let s = s.trim().to_string();
             if !s.is_empty() && !s.starts_with('#') {
                 return s;
@@ -166,17 +151,17 @@ fn labels_text_round_trips() {
     };
     for case in 0..500 {
         let mut map = RawLabels::new();
-        for _ in 0..rng.below(30) {
+        for _ in 0..rng.random_range(0..30) {
             let id = word(&mut rng, &id_chars, 16);
-            let labels: Vec<String> = (0..rng.below(5)).map(|_| word(&mut rng, &label_chars, 20)).collect();
+            let labels: Vec<String> = (0..rng.random_range(0..5)).map(|_| word(&mut rng, &label_chars, 20)).collect();
             map.insert(id, labels);
         }
         // Written the documented way, with the variations a person or a script produces.
         let mut text = String::new();
         for (id, labels) in &map {
-            let sep = if rng.below(2) == 0 { "," } else { ", " };
-            text += &format!("{id}\t{}{}", labels.join(sep), if rng.below(4) == 0 { "\r\n" } else { "\n" });
-            if rng.below(5) == 0 {
+            let sep = if rng.random() { "," } else { ", " };
+            text += &format!("{id}\t{}{}", labels.join(sep), if rng.random_ratio(1, 4) { "\r\n" } else { "\n" });
+            if rng.random_ratio(1, 5) {
                 text += "\n# a comment\n";
             }
         }
@@ -223,7 +208,7 @@ fn xml_escape(s: &str) -> String {
 #[test]
 fn voc_xml_parser_never_panics_on_garbage() {
     assert_eq!(parse_voc_xml(VALID_XML).unwrap(), vec!["aeroplane", "person"]);
-    let mut rng = Rng::new(3);
+    let mut rng = rng(3);
     let mut cases: Vec<String> = (0..2000).map(|_| random_string(&mut rng, 200)).collect();
     cases.extend((0..3000).map(|_| String::from_utf8_lossy(&mutate(&mut rng, VALID_XML.as_bytes())).into_owned()));
     // Adversarial shapes: deep nesting, entity expansion, DTDs, huge names, empty names.
@@ -250,12 +235,12 @@ fn voc_xml_parser_never_panics_on_garbage() {
 
 #[test]
 fn voc_xml_round_trips_object_names() {
-    let mut rng = Rng::new(4);
+    let mut rng = rng(4);
     let chars: Vec<char> = "abcdefghijklmnopqrstuvwxyz <>&'\"éñ中-_".chars().collect();
     for case in 0..500 {
-        let names: Vec<String> = (0..rng.below(8))
+        let names: Vec<String> = (0..rng.random_range(0..8))
             .map(|_| loop {
-                let s: String = (0..1 + rng.below(15)).map(|_| *rng.pick(&chars)).collect();
+                let s: String = (0..rng.random_range(1..=15)).map(|_| pick(&mut rng, &chars)).collect();
                 if !s.trim().is_empty() {
                     break s.trim().to_string();
                 }
@@ -263,7 +248,7 @@ fn voc_xml_round_trips_object_names() {
             .collect();
         let mut xml = String::from("<annotation><filename>x.jpg</filename>");
         for n in &names {
-            let pad = if rng.below(2) == 0 { "\n\t\t" } else { "" };
+            let pad = if rng.random() { "\n\t\t" } else { "" };
             xml += &format!("<object><name>{pad}{}{pad}</name><part><name>hand</name></part><bndbox><xmin>1</xmin></bndbox></object>", xml_escape(n));
         }
         xml += "</annotation>";
@@ -280,10 +265,10 @@ fn labels_json_reader_never_panics_on_garbage() {
     let valid = br#"{"2007_000032": ["aeroplane", "person"], "2007_000039": ["tvmonitor"], "x": []}"#;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("labels.json");
-    let mut rng = Rng::new(5);
+    let mut rng = rng(5);
     let mut cases: Vec<Vec<u8>> = (0..1500).map(|_| mutate(&mut rng, valid)).collect();
     cases.extend((0..500).map(|_| random_string(&mut rng, 80).into_bytes()));
-    cases.extend((0..200).map(|_| (0..rng.below(64)).map(|_| rng.next() as u8).collect()));
+    cases.extend((0..200).map(|_| (0..rng.random_range(0..64)).map(|_| rng.random()).collect()));
     cases.push(format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes());
     cases.push(format!("{{\"a\": {}{}}}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes());
     cases.push(b"\xef\xbb\xbf{\"a\": [\"dog\"]}".to_vec());
@@ -325,7 +310,7 @@ fn coco_reader_never_panics_on_garbage() {
     assert_eq!(labels["COCO_val2014_000000000001"], vec![names[0].to_string(), names[73].to_string()]);
     assert_eq!(labels["c.d"], vec![names[79].to_string()]);
 
-    let mut rng = Rng::new(6);
+    let mut rng = rng(6);
     let mut cases: Vec<Vec<u8>> = (0..1500).map(|_| mutate(&mut rng, valid.as_bytes())).collect();
     // Structural oddities in otherwise valid JSON.
     for (from, to) in [

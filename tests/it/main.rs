@@ -1,13 +1,14 @@
 //! The integration tests, one binary (libtorch is linked once): the CLI end to end, parity
 //! against the Python references in tests/python (pytorch-grad-cam, OpenCV, PIL, pydensecrf),
-//! hostile inputs and fuzzing. `common` builds fixtures and runs Python; `support` runs the
-//! binary and checks its errors.
-mod common;
+//! hostile inputs and fuzzing. `support` is the one helper module: fixtures, Python, the seeded
+//! random number generator, running the binary and checking its errors.
 mod support;
 
+mod batching;
 mod crf_cli;
 mod crf_parity;
 mod ecosystem;
+mod eval_compare;
 mod eval_metrics;
 mod fp16_cli;
 mod fuzz_inputs;
@@ -17,5 +18,6 @@ mod label_parsers;
 mod model_loading;
 mod parity;
 mod prompts;
+mod sources;
 mod tag_cli;
 mod tagclip;

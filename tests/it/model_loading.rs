@@ -1,15 +1,8 @@
 //! Issue 2: loading models (bad files, fp16, download by name), `--help`, `classify --json`,
 //! `--device cuda` without a GPU. Everything through the binary except the download function.
-use crate::common::*;
 use crate::support::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-fn png(dir: &Path, name: &str, w: u32, h: u32, seed: u64) -> PathBuf {
-    let p = dir.join(name);
-    synthetic_image(w, h, seed).save(&p).unwrap();
-    p
-}
 
 fn classify_with_model(model: &Path, img: &Path) -> Run {
     let cache = tempfile::tempdir().unwrap();
@@ -32,21 +25,14 @@ fn bad_checkpoints_give_one_line_errors() {
     let fx = fixture("tiny", 0, false);
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let img = png(d, "img.png", 64, 48, 1);
+    let img = save_png(d, "img", 64, 48, 1);
 
     let pt = std::fs::read(fx.join("model.pt")).unwrap();
     let st = std::fs::read(fx.join("model.safetensors")).unwrap();
     std::fs::write(d.join("trunc.pt"), &pt[..pt.len() / 2]).unwrap();
     std::fs::write(d.join("trunc.safetensors"), &st[..st.len() / 2]).unwrap();
-    let mut state = 0x1234_5678_9abc_def0u64;
-    let random: Vec<u8> = (0..100_000)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect();
+    let mut random = vec![0u8; 100_000];
+    rng(0x1234_5678_9abc_def0).fill(&mut random[..]);
     std::fs::write(d.join("random.pt"), &random).unwrap();
     std::fs::write(d.join("random.bin"), &random).unwrap();
     std::fs::write(d.join("notes.txt"), "These are my notes, not a model.\nline two\n").unwrap();
@@ -108,7 +94,7 @@ fn device_cuda_without_gpu_is_a_one_line_error() {
     }
     let fx = fixture("tiny", 0, false);
     let tmp = tempfile::tempdir().unwrap();
-    let img = png(tmp.path(), "img.png", 64, 48, 1);
+    let img = save_png(tmp.path(), "img", 64, 48, 1);
     for dev in ["cuda", "cuda:0", "cuda:3"] {
         let r =
             run(clipmask(tmp.path()).args(["classify", "--device", dev, "--model"]).arg(fx.join("model.pt")).arg(&img));
@@ -156,7 +142,7 @@ fn fp16_checkpoint_loads_and_classifies_like_fp32() {
     let fx16 = fixture("tiny", 0, true);
     let tmp = tempfile::tempdir().unwrap();
     let images: Vec<PathBuf> =
-        (0..3).map(|i| png(tmp.path(), &format!("i{i}.png"), 200 + 20 * i, 150, 10 + i as u64)).collect();
+        (0..3).map(|i| save_png(tmp.path(), &format!("i{i}"), 200 + 20 * i, 150, 10 + i as u64)).collect();
     // The fp16 weights upcast to fp32: on the CPU clipmask computes in fp32, so the fp16 file
     // must give exactly what its upcast copy gives (the only difference is storage).
     let up = tmp.path().join("upcast.safetensors");
@@ -201,8 +187,8 @@ fn fp16_checkpoint_loads_and_classifies_like_fp32() {
 fn classify_json_prints_one_object_per_image_and_goes_on_after_a_missing_one() {
     let fx = fixture("tiny", 0, false);
     let tmp = tempfile::tempdir().unwrap();
-    let a = png(tmp.path(), "a.png", 120, 90, 1);
-    let b = png(tmp.path(), "b.png", 90, 160, 2);
+    let a = save_png(tmp.path(), "a", 120, 90, 1);
+    let b = save_png(tmp.path(), "b", 90, 160, 2);
     let missing = tmp.path().join("missing.jpg");
     let r = run(clipmask(tmp.path())
         .args(["classify", "--json", "--device", "cpu", "--model"])
@@ -373,7 +359,7 @@ fn model_by_name_downloads_from_the_base_url_and_rejects_a_bad_digest() {
     let server = serve(vec![(path.clone(), b"these bytes are not ViT-B/16".to_vec())], 1);
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let img = png(tmp.path(), "img.png", 64, 48, 1);
+    let img = save_png(tmp.path(), "img", 64, 48, 1);
     let r = run(clipmask(&cache)
         .env("CLIPMASK_MODEL_BASE_URL", &server.base)
         .args(["classify", "--device", "cpu", "--model", "ViT-B/16"])

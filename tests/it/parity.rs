@@ -2,7 +2,7 @@
 //! (tests/python/clip_reference.py: pytorch-grad-cam and OpenCV, as the original calls them)
 //! on the same random weights (logit scale 10, the well-conditioned regime) and pixels, with
 //! targets.md's tolerances; fp16 against the same reference in fp16.
-use crate::common::*;
+use crate::support::*;
 use clipmask::clip::Clip;
 use clipmask::config::DatasetConfig;
 use clipmask::pipeline::{compute_maps, prepare, MapOptions};
@@ -135,7 +135,7 @@ fn maps_text_and_zero_shot_match_the_pytorch_grad_cam_reference() {
     eprintln!("text features (background): max |diff| = {d:.2e}");
     assert!(d <= TOL);
 
-    let opts = MapOptions { box_threshold: cfg.box_threshold, max_side: None, round_pos_fp16: true };
+    let opts = MapOptions { box_threshold: cfg.box_threshold, max_side: None, ..Default::default() };
     let (mut worst_raw, mut worst_ref, mut sum_ref, mut n_px) = (0f32, 0f32, 0f64, 0usize);
     let (mut same_labels, mut all_labels) = (0usize, 0usize);
     for c in &cases {
@@ -223,7 +223,7 @@ fn fp16_maps_match_the_fp16_reference() {
     let model = Clip::load_path(&fx.join("model.pt"), Device::Cpu, Kind::Half).unwrap();
     let text = text_features(&model, &cfg).unwrap();
     let d_text = max_abs_diff(&to_vec(&text.classes), &to_vec(&r16["text.classes"]));
-    let opts = MapOptions { box_threshold: cfg.box_threshold, max_side: None, round_pos_fp16: true };
+    let opts = MapOptions { box_threshold: cfg.box_threshold, max_side: None, ..Default::default() };
     let (mut ours_vs_ref, mut ref_vs_32, mut n) = (0usize, 0usize, 0usize);
     let (mut raw_d, mut ref_d, mut raw_self, mut ref_self, mut raw_16_32) = (0f32, 0f32, 0f32, 0f32, 0f32);
     for c in &cases {
@@ -279,7 +279,7 @@ fn logit_scale_100_runs_without_nan() {
     assert!((model.logit_scale - 100.0).abs() < 1e-3);
     let cfg = DatasetConfig::resolve("voc12").unwrap();
     let text = text_features(&model, &cfg).unwrap();
-    let opts = MapOptions { box_threshold: cfg.box_threshold, max_side: None, round_pos_fp16: true };
+    let opts = MapOptions { box_threshold: cfg.box_threshold, max_side: None, ..Default::default() };
     for (seed, labels) in [(1u64, vec![14usize]), (2, vec![0, 6, 18])] {
         let p = prepare(&synthetic_image(200, 150, seed), 16, None);
         let m = compute_maps(&model, &text, &p, &labels, &opts).unwrap();

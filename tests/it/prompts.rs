@@ -1,9 +1,8 @@
 //! Text side (issue 7): sharpness against NumPy, stable ranking, fusion modes, `prompts show`.
-use crate::common::*;
+use crate::support::*;
 use clipmask::clip::Clip;
 use clipmask::config::{DatasetConfig, Fusion, PromptName};
 use clipmask::prompts::{sharpness, text_features};
-use std::process::Command;
 use tch::{Device, Kind};
 
 #[test]
@@ -22,7 +21,7 @@ fn sharpness_matches_numpy_on_hand_made_scores() {
         "import numpy as np, json\nS=np.array({:?},dtype=np.float32)\nG={:?}\nv=[np.var(S[i][g].astype(np.float64))/np.mean(S[i][g].astype(np.float64)) for i,g in enumerate(G) if len(g)>1]\nprint(json.dumps([float(np.mean(v)), len(v)]))",
         scores, gts
     );
-    let out = Command::new(python()).args(["-c", &script]).output().unwrap();
+    let out = python_cmd().args(["-c", &script]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (np_s, np_n): (f64, usize) = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(n, np_n);
@@ -66,7 +65,7 @@ fn feature_fusion_of_one_synonym_equals_sentence_fusion() {
 #[test]
 fn prompts_show_prints_every_sentence_of_the_shipped_configs() {
     for (name, n_classes, n_bg) in [("voc12", 20, 25), ("coco14", 80, 23)] {
-        let out = clipmask_bin().args(["prompts", "show", "--config", name]).output().unwrap();
+        let out = clipmask(&shared_cache()).args(["prompts", "show", "--config", name]).output().unwrap();
         assert!(out.status.success());
         let text = String::from_utf8(out.stdout).unwrap();
         let cfg = DatasetConfig::resolve(name).unwrap();
@@ -82,7 +81,7 @@ fn prompts_show_prints_every_sentence_of_the_shipped_configs() {
         let sentences = text.lines().filter(|l| l.starts_with("      ")).count();
         assert_eq!(sentences, n_classes + n_bg);
     }
-    let out = clipmask_bin().args(["prompts", "show", "--config", "voc12"]).output().unwrap();
+    let out = clipmask(&shared_cache()).args(["prompts", "show", "--config", "voc12"]).output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("a clean origami person with clothes,people,human."));
     assert!(text.contains("a clean origami tvmonitor screen."));
@@ -115,7 +114,7 @@ fn ranking_is_stable_and_writes_a_config() {
         .unwrap();
     let out_cfg = tmp.path().join("best.json");
     let run = |extra: &[&str]| {
-        let mut c = clipmask_bin();
+        let mut c = clipmask(&shared_cache());
         c.args([
             "prompts",
             "rank",

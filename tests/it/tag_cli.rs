@@ -1,15 +1,10 @@
 //! Issue 18 end to end: `clipmask tag`, `generate --labels auto` (equal to `tag` followed by
 //! `generate --labels`), and label quality in `clipmask eval --labels-pred` on hand-made cases
 //! with known precision, recall, F1 and AP.
-use crate::common::*;
 use crate::support::*;
 use clipmask::label_metrics::{average_precision, label_metrics};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-
-fn model() -> PathBuf {
-    fixture("tiny", 0, false).join("model.safetensors")
-}
 
 fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
@@ -35,7 +30,7 @@ fn generate_labels_auto_equals_tag_then_generate_labels() {
     }
     // A bad image is a failure of that image only.
     std::fs::write(images.join("broken.jpg"), b"\xff\xd8 not a jpeg").unwrap();
-    let m = model();
+    let m = tiny_model();
     let common = |c: &mut std::process::Command| {
         c.args(["--device", "cpu", "--config", "voc12", "--model"]).arg(&m).arg("--images").arg(&images);
     };

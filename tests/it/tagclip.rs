@@ -1,7 +1,7 @@
 //! TagCLIP tagging (src/tagclip.rs) against the independent PyTorch reference
 //! (tests/python/tagclip_reference.py, written from the official classify.py with OpenCV boxes)
 //! on the same random weights (logit scale 10) and pixels: scores within 1e-5, identical tags.
-use crate::common::*;
+use crate::support::*;
 use clipmask::affinity::component_boxes;
 use clipmask::clip::Clip;
 use clipmask::config::DatasetConfig;

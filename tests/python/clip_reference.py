@@ -352,13 +352,49 @@ def scoremap2bbox(scoremap, threshold):
     return boxes
 
 
-def clipes_maps(model, path, label_ids, fg_text, bg_text, box_threshold=0.4, round_fp16=True):
-    """CLIP-ES for one image, as generate_cams_voc12.py runs it: one GradCAM call (forward of
-    block L and one backward) per label, CAA with the first call's block-L attention."""
+def caa_attention(attns, last_attn):
+    """CLIP-ES's CAA affinity source: the head-averaged attention of the last 8 blocks (the
+    kept blocks 1..L-1 and block L), class token dropped, averaged, in fp32."""
+    aw = [a[:, 1:, 1:] for a in attns + [last_attn]]
+    return torch.mean(torch.stack(aw, dim=0)[-8:], dim=0)[0].cpu().detach()
+
+
+def caa_refine(attn_weight, grayscale_cam, gh, gw, box_threshold, ori_w, ori_h):
+    """CLIP-ES's CAA for one label (generate_cams_voc12.py): boxes from the raw grid map, the
+    Sinkhorn-normalised symmetric affinity squared and masked by the boxes, applied to the raw
+    grid map, then one min-max pass and cv2.resize to the original size."""
     from pytorch_grad_cam.utils.image import scale_cam_image
 
+    attn_weight = attn_weight.float()
+    mask = torch.zeros(gh, gw)
+    for x0, y0, x1, y1 in scoremap2bbox(grayscale_cam, box_threshold):
+        mask[y0:y1, x0:x1] = 1
+    mask = mask.view(1, gh * gw)
+    t = attn_weight / torch.sum(attn_weight, dim=0, keepdim=True)
+    t = t / torch.sum(t, dim=1, keepdim=True)
+    for _ in range(2):
+        t = t / torch.sum(t, dim=0, keepdim=True)
+        t = t / torch.sum(t, dim=1, keepdim=True)
+    t = (t + t.transpose(1, 0)) / 2
+    t = torch.matmul(t, t)
+    t = t * mask
+    refined = torch.matmul(t, torch.FloatTensor(grayscale_cam).view(-1, 1)).reshape(gh, gw)
+    refined = refined.cpu().numpy().astype(np.float32)
+    return scale_cam_image([refined], (ori_w, ori_h))[0]
+
+
+def clipes_maps(model, path, label_ids, fg_text, bg_text, box_threshold=0.4, round_fp16=True):
+    """CLIP-ES for one image file, as generate_cams_voc12.py runs it (input of clipes_input)."""
+    x, ori_h, ori_w = clipes_input(path, model.visual.patch)
+    return clipes_maps_input(model, x, ori_h, ori_w, label_ids, fg_text, bg_text, box_threshold, round_fp16)
+
+
+def clipes_maps_input(model, x, ori_h, ori_w, label_ids, fg_text, bg_text, box_threshold=0.4,
+                      round_fp16=True):
+    """CLIP-ES on a preprocessed (1, 3, H, W) input whose sides are multiples of the patch:
+    one GradCAM call (forward of block L and one backward) per label, CAA with the first
+    call's block-L attention. Maps at the original size ori_h x ori_w."""
     v = model.visual
-    x, ori_h, ori_w = clipes_input(path, v.patch)
     H, W = x.shape[-2:]
     gh, gw = H // v.patch, W // v.patch
     blocks = list(v.transformer.resblocks)
@@ -384,24 +420,8 @@ def clipes_maps(model, path, label_ids, fg_text, bg_text, box_threshold=0.4, rou
             raw_hi.append(cv2.resize(grayscale_cam, (ori_w, ori_h)))
             if idx == 0:
                 last_attn = layer_model.last_attn.detach()
-                aw = [a[:, 1:, 1:] for a in attns + [last_attn]]
-                attn_weight = torch.mean(torch.stack(aw, dim=0)[-8:], dim=0)[0].cpu().detach()
-            attn_weight = attn_weight.float()
-            mask = torch.zeros(gh, gw)
-            for x0, y0, x1, y1 in scoremap2bbox(grayscale_cam, box_threshold):
-                mask[y0:y1, x0:x1] = 1
-            mask = mask.view(1, gh * gw)
-            t = attn_weight / torch.sum(attn_weight, dim=0, keepdim=True)
-            t = t / torch.sum(t, dim=1, keepdim=True)
-            for _ in range(2):
-                t = t / torch.sum(t, dim=0, keepdim=True)
-                t = t / torch.sum(t, dim=1, keepdim=True)
-            t = (t + t.transpose(1, 0)) / 2
-            t = torch.matmul(t, t)
-            t = t * mask
-            refined = torch.matmul(t, torch.FloatTensor(grayscale_cam).view(-1, 1)).reshape(gh, gw)
-            refined = refined.cpu().numpy().astype(np.float32)
-            ref_hi.append(scale_cam_image([refined], (ori_w, ori_h))[0])
+                attn_weight = caa_attention(attns, last_attn)
+            ref_hi.append(caa_refine(attn_weight, grayscale_cam, gh, gw, box_threshold, ori_w, ori_h))
     finally:
         cam.activations_and_grads.release()
     return {

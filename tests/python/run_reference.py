@@ -2,8 +2,19 @@
 safetensors, for the Rust parity tests.
 
 spec: {"model": path, "config": path, "round_fp16": bool, "fp16": bool, "threads": int,
-       "cases": [{"id": str, "image": path, "labels": [class index, ...]}],
+       "cases": [{"id": str, "image": path, "labels": [class index, ...],
+                  "source": "gradcam"|"maskclip"|"sclip"|"clearclip"|"naclip",  (optional)
+                  "scales": [float, ...], "flip": bool,                          (optional)
+                  "temperature": float, "naclip_std": float}],                   (optional)
        "zero_shot": [path, ...], "sentences": [str, ...]}
+
+A case without "source", "scales" and "flip" (or with their defaults "gradcam", [1.0], false)
+runs clip_reference.clipes_maps exactly as before. Otherwise dense_reference.tta_maps runs it
+(one variant when scales is [1.0] and flip is false); the output keys are the same: raw and
+refined are the averages over the variants, raw_grid, attn, tokens and probs those of the first
+variant (for a dense source, probs is the per-patch probability averaged over the patches).
+"temperature" (default: the source's, docs/sources.md) and "naclip_std" (default 5) only
+matter for dense sources.
 """
 import json
 import sys
@@ -13,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import clip_reference as ref
+import dense_reference as dense
 
 
 def main(spec_path, out_path):
@@ -29,8 +41,16 @@ def main(spec_path, out_path):
     for i, s in enumerate(spec.get("sentences", [])):
         out[f"tokens.{i}"] = ref.tokenize([s])[0]
     for case in spec.get("cases", []):
-        r = ref.clipes_maps(model, case["image"], case["labels"], fg, bg, cfg["box_threshold"],
-                            spec.get("round_fp16", True))
+        source = case.get("source", "gradcam")
+        scales = case.get("scales", [1.0])
+        flip = case.get("flip", False)
+        if dense.is_default(source, scales, flip):
+            r = ref.clipes_maps(model, case["image"], case["labels"], fg, bg, cfg["box_threshold"],
+                                spec.get("round_fp16", True))
+        else:
+            r = dense.tta_maps(model, case["image"], case["labels"], fg, bg, source, scales, flip,
+                               cfg["box_threshold"], spec.get("round_fp16", True), case.get("temperature"),
+                               case.get("naclip_std", dense.NACLIP_STD))
         labels, scores = ref.labels_from_maps(r["refined"], case["labels"], 1.0)
         top2 = np.sort(scores, axis=0)[-2:]
         margin = top2[1] - top2[0] if scores.shape[0] > 1 else np.ones_like(scores[0])

@@ -4,6 +4,8 @@
 //! The numbers follow the reference's pytorch-grad-cam exactly, including two details that
 //! move the maps: the min-max normalisation runs twice (once per target layer, once when the
 //! layers are aggregated), and in fp16 the channel weighting is done in NumPy float16.
+use super::scale_twice;
+use crate::clip::l2_normalize;
 use crate::clip::vision::VisionTransformer;
 use tch::{Kind, Tensor};
 
@@ -14,24 +16,6 @@ pub struct CamResult {
     pub last_attention: Tensor,
     /// Softmax over the candidate set, (K + M), fp32 (the same for every label).
     pub probs: Tensor,
-}
-
-/// One pass of pytorch-grad-cam's `scale_cam_image`: (M - min) / (max(M - min) + 1e-7) over
-/// the last two dims, per leading index. CAA's refined maps get one pass; GradCAM maps get
-/// two (see [`scale_twice`]).
-pub fn min_max(maps: &Tensor) -> Tensor {
-    let k = maps.size()[0];
-    let flat = maps.reshape([k, -1]);
-    let shifted = &flat - flat.amin([1], true);
-    (&shifted / (shifted.amax([1], true) + 1e-7)).reshape(maps.size())
-}
-
-/// The reference's GradCAM scaling (docs/method.md §4): `compute_cam_per_layer` scales each layer's
-/// map, `aggregate_multi_layers` takes ReLU and the mean over the (single) layer, which leave
-/// it unchanged, and scales again. The second pass is not a no-op: when the map's maximum is
-/// small, the 1e-7 is a visible fraction of it.
-pub fn scale_twice(maps: &Tensor) -> Tensor {
-    min_max(&min_max(maps).relu())
 }
 
 /// GradCAM for all K labels with one backward pass: block L runs on K copies of its input,
@@ -66,11 +50,45 @@ pub fn grad_cam_targets(
     gh: i64,
     gw: i64,
 ) -> CamResult {
+    let request = CamRequest { index: 0, text, targets };
+    let mut out = grad_cam_batch(vit, logit_scale, tokens, std::slice::from_ref(&request), gh, gw);
+    out.remove(0)
+}
+
+/// One image of a batch for [`grad_cam_batch`]: its index in the batch, its candidate text
+/// features (labels then background words, (K + M, E)) and the candidate each copy is
+/// differentiated for.
+pub struct CamRequest<'a> {
+    pub index: i64,
+    pub text: &'a Tensor,
+    pub targets: &'a [i64],
+}
+
+/// GradCAM for several images of the same grid size with one forward of block L and one
+/// backward: block L runs on one copy of its input per (image, target), each image's head
+/// (pooling, logits, softmax) on its own copies, and the loss is the sum of every copy's
+/// target probability, so each copy's gradient is its own target's alone.
+///
+/// `tokens`: (B, n+1, D) inputs of block L.
+pub fn grad_cam_batch(
+    vit: &VisionTransformer,
+    logit_scale: f64,
+    tokens: &Tensor,
+    requests: &[CamRequest],
+    gh: i64,
+    gw: i64,
+) -> Vec<CamResult> {
     let block = vit.blocks.last().expect("at least one block");
-    let k = targets.len() as i64;
-    let (_, l, d) = tokens.size3().expect("tokens are (1, n+1, D)");
+    let (_, l, d) = tokens.size3().expect("tokens are (B, n+1, D)");
     let kind = tokens.kind();
-    let x = tokens.detach().expand([k, l, d], false);
+    let device = tokens.device();
+    let total: i64 = requests.iter().map(|r| r.targets.len() as i64).sum();
+    let rows: Vec<i64> = requests.iter().flat_map(|r| std::iter::repeat_n(r.index, r.targets.len())).collect();
+    let x = if requests.len() == 1 {
+        tokens.detach().narrow(0, requests[0].index, 1).expand([total, l, d], false)
+    } else {
+        tokens.detach().index_select(0, &Tensor::from_slice(&rows).to_device(device))
+    };
     // A = ln_1(x) is a leaf: x itself needs no gradient (docs/method.md §2), so dp/dA is the same as
     // in the full graph.
     let a = {
@@ -79,24 +97,39 @@ pub fn grad_cam_targets(
     }
     .set_requires_grad(true);
     let (y, attn) = block.forward_from_ln1(&x, &a, None);
-    let f = vit.patch_pool(&y);
-    let f = &f / f.norm_scalaropt_dim(2, [-1], true);
-    // The reference normalises the (already normalised) text features once more.
-    let t = text.to_kind(kind);
-    let t = &t / t.norm_scalaropt_dim(2, [-1], true);
-    let logits = (f * logit_scale).matmul(&t.transpose(0, 1));
-    let probs = logits.softmax(-1, kind);
-    let rows = Tensor::arange(k, (Kind::Int64, probs.device()));
-    let cols = Tensor::from_slice(targets).to_device(probs.device());
-    let loss = probs.index(&[Some(&rows), Some(&cols)]).sum(kind);
+    let mut losses = Vec::with_capacity(requests.len());
+    let mut probs_out = Vec::with_capacity(requests.len());
+    let mut offset = 0;
+    for r in requests {
+        let k = r.targets.len() as i64;
+        let f = l2_normalize(&vit.patch_pool(&y.narrow(0, offset, k)));
+        // The reference normalises the (already normalised) text features once more.
+        let t = l2_normalize(&r.text.to_kind(kind));
+        let logits = (f * logit_scale).matmul(&t.transpose(0, 1));
+        let probs = logits.softmax(-1, kind);
+        let idx = Tensor::arange(k, (Kind::Int64, device));
+        let cols = Tensor::from_slice(r.targets).to_device(device);
+        losses.push(probs.index(&[Some(&idx), Some(&cols)]).sum(kind));
+        probs_out.push(probs.get(0).detach().to_kind(Kind::Float));
+        offset += k;
+    }
+    let loss = if losses.len() == 1 { losses.remove(0) } else { Tensor::stack(&losses, 0).sum(kind) };
     let grads = Tensor::run_backward(&[&loss], &[&a], false, false);
     let _g = tch::no_grad_guard();
-    let g = grads[0].narrow(1, 1, l - 1); // (K, n, D)
-    let act = a.detach().narrow(1, 1, l - 1); // (K, n, D)
+    let g = grads[0].narrow(1, 1, l - 1); // (ΣK, n, D)
+    let act = a.detach().narrow(1, 1, l - 1); // (ΣK, n, D)
     let cam = if kind == Kind::Half { weighted_sum_fp16(&act, &g) } else { weighted_sum_fp32(&act, &g) };
     // ReLU, then the reference's `.astype(np.float32)` before scaling.
-    let maps = scale_twice(&cam.relu().to_kind(Kind::Float).reshape([k, gh, gw]));
-    CamResult { maps, last_attention: attn.get(0).detach(), probs: probs.get(0).detach().to_kind(Kind::Float) }
+    let cam = cam.relu().to_kind(Kind::Float);
+    let mut out = Vec::with_capacity(requests.len());
+    let mut offset = 0;
+    for (r, probs) in requests.iter().zip(probs_out) {
+        let k = r.targets.len() as i64;
+        let maps = scale_twice(&cam.narrow(0, offset, k).reshape([k, gh, gw]));
+        out.push(CamResult { maps, last_attention: attn.get(offset).detach(), probs });
+        offset += k;
+    }
+    out
 }
 
 /// sum_c mean_positions(g_c) * A_c in fp32 (pytorch-grad-cam's `np.mean(grads, axis=(2, 3))`

@@ -1,41 +1,18 @@
-//! Shared test helpers: the Python interpreter of the project's venv, random-weight CLIP
-//! fixtures generated at test time, synthetic and real images.
-#![allow(dead_code)]
+//! Random-weight CLIP fixtures generated at test time, synthetic and real images, tensor helpers.
+use super::{rng, root, run_python, Rng};
+use clipmask::config::DatasetConfig;
 use image::RgbImage;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-pub fn python() -> PathBuf {
-    std::env::var_os("CLIPMASK_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
-}
-
-/// The clipmask binary with a cache of its own (no test touches the user's cache).
-pub fn clipmask_bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_clipmask"));
-    c.env("CLIPMASK_CACHE", root().join("target/test-cache"));
-    c
-}
-
-pub fn run_python(args: &[&str]) {
-    let out =
-        Command::new(python()).args(args).env("PYTHONPATH", root().join("tests/python")).output().expect("run python");
-    assert!(
-        out.status.success(),
-        "python {:?} failed:\n{}\n{}",
-        args,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A random-weight CLIP fixture (model.pt + model.safetensors) with logit scale 10, the
 /// well-conditioned regime where present labels get p ~ 0.005-0.1 as with real CLIP.
 pub fn fixture(size: &str, seed: u64, fp16: bool) -> PathBuf {
     fixture_scaled(size, seed, fp16, 10.0)
+}
+
+/// The default fixture's safetensors: the tiny model, seed 0, fp32.
+pub fn tiny_model() -> PathBuf {
+    fixture("tiny", 0, false).join("model.safetensors")
 }
 
 /// A random-weight CLIP fixture with exp(logit_scale) = `logit_scale`, generated once per name.
@@ -77,14 +54,12 @@ pub fn fixture_scaled(size: &str, seed: u64, fp16: bool, logit_scale: f64) -> Pa
 
 /// A smooth, structured RGB image (blobs + gradients + a little noise), deterministic.
 pub fn synthetic_image(w: u32, h: u32, seed: u64) -> RgbImage {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let mut rnd = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((state >> 33) as f64) / (1u64 << 31) as f64
-    };
+    let mut rng = rng(seed);
     let blobs: Vec<(f64, f64, f64, [f64; 3])> = (0..5)
         .map(|_| {
-            (rnd() * w as f64, rnd() * h as f64, 10.0 + rnd() * 40.0, [rnd() * 255.0, rnd() * 255.0, rnd() * 255.0])
+            let (x, y, r) =
+                (rng.random::<f64>() * w as f64, rng.random::<f64>() * h as f64, rng.random_range(10.0..50.0));
+            (x, y, r, [rng.random_range(0.0..255.0), rng.random_range(0.0..255.0), rng.random_range(0.0..255.0)])
         })
         .collect();
     let mut img = RgbImage::new(w, h);
@@ -97,7 +72,7 @@ pub fn synthetic_image(w: u32, h: u32, seed: u64) -> RgbImage {
                 c[i] = c[i] * (1.0 - a) + col[i] * a;
             }
         }
-        let n = (rnd() - 0.5) * 20.0;
+        let n = rng.random_range(-10.0..10.0);
         p.0 = [
             (c[0] + n).clamp(0.0, 255.0) as u8,
             (c[1] - n).clamp(0.0, 255.0) as u8,
@@ -105,6 +80,19 @@ pub fn synthetic_image(w: u32, h: u32, seed: u64) -> RgbImage {
         ];
     }
     img
+}
+
+/// `synthetic_image` saved as `dir/<id>.png` (`dir` is created).
+pub fn save_png(dir: &Path, id: &str, w: u32, h: u32, seed: u64) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join(format!("{id}.png"));
+    synthetic_image(w, h, seed).save(&p).unwrap();
+    p
+}
+
+/// The shipped voc12 dataset config.
+pub fn voc() -> DatasetConfig {
+    DatasetConfig::resolve("voc12").expect("shipped voc12 config")
 }
 
 /// ../shared/data/voc-sample when present.

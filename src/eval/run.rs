@@ -1,0 +1,386 @@
+//! Reading predictions and ground truth, and accumulating confusion matrices over images.
+use super::{CamKey, ConfusionMatrix, EvalOptions, EvalReport, ImageScore, LabelError, VariantResult};
+use crate::config::DatasetConfig;
+use crate::labels::labels_from_cams;
+use crate::outputs::{read_label_png, read_label_png_colours, CamArchive};
+use anyhow::{bail, Result};
+use ndarray::Array3;
+use rayon::prelude::*;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// Where one run's predictions come from.
+#[derive(Debug, Clone)]
+pub(super) enum Source {
+    Labels(PathBuf),
+    Cams { dir: PathBuf, key: CamKey, alphas: Vec<f32> },
+}
+
+impl Source {
+    fn dir(&self) -> &Path {
+        match self {
+            Source::Labels(d) | Source::Cams { dir: d, .. } => d,
+        }
+    }
+
+    fn ext(&self) -> &'static str {
+        match self {
+            Source::Labels(_) => "png",
+            Source::Cams { .. } => "npz",
+        }
+    }
+
+    fn what(&self) -> &'static str {
+        match self {
+            Source::Labels(_) => "prediction",
+            Source::Cams { .. } => "CAM archive",
+        }
+    }
+
+    /// The same source labelled at one alpha only (the report shows the best one).
+    pub(super) fn at_variant(&self, variant: usize) -> Source {
+        match self {
+            Source::Cams { dir, key, alphas } => {
+                Source::Cams { dir: dir.clone(), key: *key, alphas: vec![alphas[variant]] }
+            }
+            s => s.clone(),
+        }
+    }
+}
+
+/// The runs `opts` names: label directories first, then CAM directories, in flag order.
+pub(super) fn sources(opts: &EvalOptions) -> Result<Vec<Source>> {
+    if !opts.cams.is_empty() {
+        if opts.alpha.is_empty() {
+            bail!("--alpha needs at least one value");
+        }
+        if let Some(a) = opts.alpha.iter().find(|a| !a.is_finite() || **a < 0.0) {
+            bail!("--alpha {a}: exponents must be finite and >= 0");
+        }
+    }
+    let mut out: Vec<Source> = opts.pred.iter().map(|d| Source::Labels(d.clone())).collect();
+    out.extend(opts.cams.iter().map(|d| Source::Cams {
+        dir: d.clone(),
+        key: opts.cam_key,
+        alphas: opts.alpha.clone(),
+    }));
+    if out.is_empty() {
+        bail!("give --pred DIR (label PNGs) or --cams DIR (saved maps)");
+    }
+    Ok(out)
+}
+
+/// "a, b, c, d, e and 12 more"
+pub(crate) fn list_some(ids: &[&str]) -> String {
+    let shown = ids.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+    if ids.len() > 5 {
+        format!("{shown} and {} more", ids.len() - 5)
+    } else {
+        shown
+    }
+}
+
+fn stems(dir: &Path, ext: &str, what: &str) -> Result<HashSet<String>> {
+    Ok(crate::files::files_by_stem(dir, &[ext], what, true)?.into_keys().collect())
+}
+
+/// Ids to evaluate and ids skipped, after checking the split, ground truth and every run's
+/// predictions agree. Runs are compared on the same images: an id missing from any run is
+/// missing.
+fn resolve_ids(opts: &EvalOptions, sources: &[Source]) -> Result<(Vec<String>, Vec<String>)> {
+    let gt_dir = opts.gt_dir();
+    let gt = stems(gt_dir, "png", "ground-truth directory (--gt)")?;
+    let ids = match &opts.split {
+        Some(split) => crate::datasets::read_split(split)?,
+        None => {
+            let mut v: Vec<String> = gt.iter().cloned().collect();
+            v.sort();
+            v
+        }
+    };
+    if ids.is_empty() {
+        bail!("no ground-truth PNGs in {}", gt_dir.display());
+    }
+    let mut problems = Vec::new();
+    let no_gt: Vec<&str> = ids.iter().filter(|id| !gt.contains(*id)).map(String::as_str).collect();
+    if !no_gt.is_empty() {
+        problems.push(format!(
+            "{} of {} ids in {} have no ground truth {}/<id>.png: {}",
+            no_gt.len(),
+            ids.len(),
+            opts.split.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            gt_dir.display(),
+            list_some(&no_gt)
+        ));
+    }
+    let mut skip: HashSet<String> = no_gt.iter().map(|s| s.to_string()).collect();
+    for source in sources {
+        let (dir, ext, what) = (source.dir(), source.ext(), source.what());
+        let flag = if ext == "npz" { "CAM directory (--cams)" } else { "prediction directory (--pred)" };
+        let pred = stems(dir, ext, flag)?;
+        let no_pred: Vec<&str> = ids.iter().filter(|id| !pred.contains(*id)).map(String::as_str).collect();
+        // With a split, predictions beyond it are normal (masks for train_aug scored on train);
+        // without one, a prediction with no ground truth means the directories do not match.
+        let mut extra: Vec<&str> = if opts.split.is_none() {
+            pred.iter().filter(|id| !gt.contains(*id)).map(String::as_str).collect()
+        } else {
+            Vec::new()
+        };
+        extra.sort();
+        if !no_pred.is_empty() {
+            problems.push(format!(
+                "{} of {} ids have no {what} {}/<id>.{ext}: {}",
+                no_pred.len(),
+                ids.len(),
+                dir.display(),
+                list_some(&no_pred)
+            ));
+        }
+        if !extra.is_empty() {
+            problems.push(format!(
+                "{} {what}s in {} have no ground truth in {}: {}",
+                extra.len(),
+                dir.display(),
+                gt_dir.display(),
+                list_some(&extra)
+            ));
+        }
+        skip.extend(no_pred.iter().map(|s| s.to_string()));
+    }
+    if !problems.is_empty() && !opts.allow_missing {
+        // One line: the CLI prints the first line of each error.
+        bail!(
+            "ids do not match: {} (pass --allow-missing to evaluate the ids that have both{})",
+            problems.join("; "),
+            if opts.split.is_none() { ", or --split to choose the ids" } else { "" }
+        );
+    }
+    let skipped: Vec<String> = ids.iter().filter(|id| skip.contains(*id)).cloned().collect();
+    let keep: Vec<String> = ids.iter().filter(|id| !skip.contains(*id)).cloned().collect();
+    if keep.is_empty() {
+        let dirs: Vec<String> = sources.iter().map(|s| s.dir().display().to_string()).collect();
+        bail!(
+            "no image has both a {} in {} and ground truth in {}",
+            sources[0].what(),
+            dirs.join(" and "),
+            gt_dir.display()
+        );
+    }
+    Ok((keep, skipped))
+}
+
+/// An archive's maps for `key`, validated against the config and the ground-truth size.
+fn load_cams(
+    path: &Path,
+    key: CamKey,
+    n_classes: usize,
+    gt_w: u32,
+    gt_h: u32,
+    gt_path: &Path,
+) -> Result<(Array3<f32>, Vec<i64>)> {
+    let archive = CamArchive::read(path)?;
+    let maps = match key {
+        CamKey::Cams => archive.cams,
+        CamKey::RawCams => archive.raw_cams,
+    };
+    let (k, h, w) = maps.dim();
+    if archive.keys.len() != k {
+        bail!("{}: {} keys but {} maps in `{}`", path.display(), archive.keys.len(), k, key.name());
+    }
+    if let Some(&bad) = archive.keys.iter().find(|&&c| c < 0 || c as usize + 1 >= n_classes) {
+        bail!("{}: key {bad} is not a class index (0..={})", path.display(), n_classes - 2);
+    }
+    if (w, h) != (gt_w as usize, gt_h as usize) {
+        bail!(
+            "size mismatch: maps in {} are {}x{} but ground truth {} is {}x{}",
+            path.display(),
+            w,
+            h,
+            gt_path.display(),
+            gt_w,
+            gt_h
+        );
+    }
+    Ok((maps, archive.keys))
+}
+
+/// Ground truth, its width and height, and one predicted label map per variant.
+pub(super) type Pair = (Vec<u8>, u32, u32, Vec<Vec<u8>>);
+
+/// Ground truth and one predicted label map per variant for `id`.
+/// Ground truth may be ids (gray or palette PNG) or colours of the config's palette (RGB).
+pub(super) fn load_pair(source: &Source, gt_dir: &Path, id: &str, n_classes: usize, palette: &[u8]) -> Result<Pair> {
+    let gt_path = gt_dir.join(format!("{id}.png"));
+    let (gt, gw, gh) = read_label_png_colours(&gt_path, palette)?;
+    let preds = match source {
+        Source::Labels(dir) => {
+            let pred_path = dir.join(format!("{id}.png"));
+            let (pred, pw, ph) = read_label_png(&pred_path)?;
+            if (pw, ph) != (gw, gh) {
+                bail!(
+                    "size mismatch: prediction {} is {}x{} but ground truth {} is {}x{}",
+                    pred_path.display(),
+                    pw,
+                    ph,
+                    gt_path.display(),
+                    gw,
+                    gh
+                );
+            }
+            vec![pred]
+        }
+        Source::Cams { dir, key, alphas } => {
+            let path = dir.join(format!("{id}.npz"));
+            let (maps, keys) = load_cams(&path, *key, n_classes, gw, gh, &gt_path)?;
+            alphas.iter().map(|&a| labels_from_cams(&maps, &keys, a)).collect()
+        }
+    };
+    Ok((gt, gw, gh, preds))
+}
+
+/// Error for a bad label, naming the file it came from.
+fn label_error(e: LabelError, source: &Source, gt_dir: &Path, id: &str) -> anyhow::Error {
+    let file = match (&e, source) {
+        (LabelError::OutOfRange { in_ground_truth: true, .. }, _) => gt_dir.join(format!("{id}.png")),
+        (_, Source::Labels(dir)) => dir.join(format!("{id}.png")),
+        (_, Source::Cams { dir, .. }) => dir.join(format!("{id}.npz")),
+    };
+    anyhow::Error::new(e).context(format!("{}", file.display()))
+}
+
+struct Acc {
+    totals: Vec<ConfusionMatrix>,
+    scores: Vec<(usize, ImageScore)>,
+}
+
+/// Scores one run on `ids`.
+fn evaluate_source(
+    source: &Source,
+    ids: &[String],
+    gt_dir: &Path,
+    config: &DatasetConfig,
+) -> Result<(Vec<VariantResult>, usize, Vec<ImageScore>)> {
+    let n = config.classes.len() + 1;
+    let palette = config.png_palette();
+    let n_variants = match source {
+        Source::Labels(_) => 1,
+        Source::Cams { alphas, .. } => alphas.len(),
+    };
+    let new_acc = || Acc { totals: vec![ConfusionMatrix::new(n); n_variants], scores: Vec::new() };
+    let acc = ids
+        .par_iter()
+        .enumerate()
+        .try_fold(new_acc, |mut acc, (i, id)| -> Result<Acc> {
+            let (gt, _, _, preds) = load_pair(source, gt_dir, id, n, &palette)?;
+            let mut score = ImageScore {
+                id: id.clone(),
+                miou: Vec::with_capacity(n_variants),
+                pixel_accuracy: Vec::with_capacity(n_variants),
+            };
+            for (total, pred) in acc.totals.iter_mut().zip(&preds) {
+                let mut cm = ConfusionMatrix::new(n);
+                cm.accumulate(&gt, pred).map_err(|e| label_error(e, source, gt_dir, id))?;
+                let m = cm.metrics();
+                score.miou.push(m.miou);
+                score.pixel_accuracy.push(m.pixel_accuracy);
+                total.merge(&cm);
+            }
+            acc.scores.push((i, score));
+            Ok(acc)
+        })
+        .try_reduce(new_acc, |mut a, b| {
+            for (x, y) in a.totals.iter_mut().zip(&b.totals) {
+                x.merge(y);
+            }
+            a.scores.extend(b.scores);
+            Ok(a)
+        })?;
+    let mut scores = acc.scores;
+    scores.sort_by_key(|(i, _)| *i);
+    let alphas: Vec<Option<f32>> = match source {
+        Source::Labels(_) => vec![None],
+        Source::Cams { alphas, .. } => alphas.iter().map(|&a| Some(a)).collect(),
+    };
+    let variants: Vec<VariantResult> = acc
+        .totals
+        .into_iter()
+        .zip(alphas)
+        .map(|(confusion, alpha)| VariantResult { alpha, metrics: confusion.metrics(), confusion })
+        .collect();
+    // Highest mIoU, first on ties; NaN never wins.
+    let mut best = 0;
+    for (i, v) in variants.iter().enumerate() {
+        let b = variants[best].metrics.miou;
+        if v.metrics.miou > b || (b.is_nan() && !v.metrics.miou.is_nan()) {
+            best = i;
+        }
+    }
+    Ok((variants, best, scores.into_iter().map(|(_, s)| s).collect()))
+}
+
+/// Runs the evaluation `opts` describes, one report per run (label directories first, then
+/// CAM directories), all on the same images; prints nothing (notes about skipped ids go to
+/// stderr). Writes the HTML report if asked.
+pub fn evaluate_runs(opts: &EvalOptions) -> Result<Vec<EvalReport>> {
+    let config = DatasetConfig::resolve(&opts.config)?;
+    let sources = sources(opts)?;
+    let (ids, skipped) = resolve_ids(opts, &sources)?;
+    if !skipped.is_empty() {
+        eprintln!(
+            "eval: skipping {} ids without prediction or ground truth: {}",
+            skipped.len(),
+            list_some(&skipped.iter().map(String::as_str).collect::<Vec<_>>())
+        );
+    }
+    let mut class_names = vec!["background".to_string()];
+    class_names.extend(config.classes.iter().map(|c| c.name.clone()));
+    let mut reports = Vec::with_capacity(sources.len());
+    for source in &sources {
+        let (variants, best, per_image) = evaluate_source(source, &ids, opts.gt_dir(), &config)?;
+        reports.push(EvalReport {
+            source: source.dir().to_path_buf(),
+            config_name: config.name.clone(),
+            class_names: class_names.clone(),
+            cam_key: matches!(source, Source::Cams { .. }).then_some(opts.cam_key),
+            variants,
+            best,
+            images: ids.len(),
+            skipped: skipped.clone(),
+            per_image,
+        });
+    }
+    if let Some(dir) = &opts.report {
+        let runs: Vec<(Source, &EvalReport)> =
+            sources.iter().zip(&reports).map(|(s, r)| (s.at_variant(r.best), r)).collect();
+        super::report::write_report(dir, opts, &runs, &config)?;
+    }
+    Ok(reports)
+}
+
+/// [`evaluate_runs`] for exactly one run.
+pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
+    let mut runs = evaluate_runs(opts)?;
+    if runs.len() != 1 {
+        bail!("{} runs given where one was expected", runs.len());
+    }
+    Ok(runs.remove(0))
+}
+
+/// Per image, the spread (max - min) of the runs' mIoU at their best variants; images where
+/// every run is NaN have spread NaN.
+pub(super) fn spreads(runs: &[&EvalReport]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    if let Some(first) = runs.first() {
+        for (i, s) in first.per_image.iter().enumerate() {
+            let vals: Vec<f64> = runs.iter().map(|r| r.per_image[i].miou[r.best]).filter(|v| !v.is_nan()).collect();
+            let spread = if vals.is_empty() {
+                f64::NAN
+            } else {
+                vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+                    - vals.iter().cloned().fold(f64::INFINITY, f64::min)
+            };
+            out.insert(s.id.clone(), spread);
+        }
+    }
+    out
+}

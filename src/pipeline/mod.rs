@@ -1,0 +1,463 @@
+//! The main job, top to bottom: image -> model inputs -> vision trunk -> map source
+//! (softmax-GradCAM or a dense source) -> CAA -> maps at original size -> labels -> files.
+//!
+//! [`generate`] runs a dataset as three stages joined by bounded queues, so that the model
+//! device and the CPUs work at the same time:
+//! 1. decode + resize on rayon threads, ahead of the model (`Run::spawn_decoder`);
+//! 2. the model on the calling thread, images of one grid size batched (`maps.rs`, [`compute_batch`]);
+//! 3. labels (CRF) and files on a pool of writer threads (`Run::spawn_writers`).
+//!
+//! A failure (bad file, model error, full disk) fails its image, never the batch or the run.
+mod maps;
+mod write;
+
+pub use maps::{
+    compute_batch, compute_maps, finish_image, image_maps, prepare, prepare_variants, HostCopies, HostMaps, ImageMaps,
+    MapOptions, Prepared, StageTimes, Unit, UnitMaps,
+};
+pub use write::{peak_rss_mib, progress_bar, write_confidence, write_failures};
+
+use crate::clip::Clip;
+use crate::config::DatasetConfig;
+use crate::datasets::Item;
+use crate::errors::{panic_message, ImageError};
+use crate::image_input::load_rgb_limited;
+use crate::outputs::output_path;
+use crate::prompts::TextFeatures;
+use anyhow::{Context, Result};
+use image::RgbImage;
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Options of a `generate` run.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub out: PathBuf,
+    pub maps: MapOptions,
+    /// Background exponent for labels without CRF (docs/method.md §6).
+    pub alpha: f32,
+    /// Dense CRF + confidence instead of the plain argmax.
+    pub crf: Option<crate::labels::CrfOptions>,
+    pub save_cams: bool,
+    pub overlays: bool,
+    pub overwrite: bool,
+    /// Pixel budget: images whose header claims more are failures (`--max-pixels`).
+    pub max_pixels: u64,
+    /// Grayscale (default) or palette label PNGs.
+    pub mask_format: crate::outputs::MaskFormat,
+    /// Model inputs per batch (images of one grid size; each scale and flip is an input).
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Summary {
+    pub total: usize,
+    pub done: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    pub interrupted: bool,
+    pub seconds: f64,
+    /// Images per second over the run (done / seconds).
+    pub images_per_s: f64,
+    /// Stage times summed over images (stages overlap, so they can exceed `seconds`).
+    pub stages: StageTimes,
+    /// Per stage, images per second of that stage alone (images / stage seconds).
+    pub stage_images_per_s: BTreeMap<String, f64>,
+    /// Model inputs per batch.
+    pub batch_size: usize,
+    /// Peak resident memory of the process, MiB (Linux).
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// One line of `OUT/failures.jsonl`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub id: String,
+    pub path: String,
+    /// Where it failed: labels, decode, model or write.
+    pub stage: String,
+    pub reason: String,
+}
+
+/// What the decode stage hands to the model stage.
+struct Decoded {
+    item: Item,
+    image: Result<(RgbImage, Vec<Prepared>), ImageError>,
+    seconds: f64,
+}
+
+/// An image with its maps.
+type Computed = (RgbImage, ImageMaps);
+
+/// An image ready for the writers.
+type ToWrite = (Item, RgbImage, ImageMaps);
+
+/// What a writer reports: the write seconds, or why the image failed.
+type Outcome = (Item, Result<f64, ImageError>);
+
+fn is_complete(item: &Item, opts: &GenerateOptions) -> bool {
+    // An invalid id has no output path: never complete (it fails with its reason).
+    let exists = |kind: &str, ext: &str| output_path(&opts.out, kind, &item.id, ext).is_ok_and(|p| p.exists());
+    exists("masks", "png")
+        && (!opts.save_cams || exists("cams", "npz"))
+        && (!opts.crf.as_ref().is_some_and(|c| c.save_confidence) || exists("confidence", "npy"))
+        && (!opts.overlays || exists("overlays", "jpg"))
+}
+
+/// The directories a run writes temporary files into.
+pub fn temp_dirs(out: &std::path::Path) -> Vec<PathBuf> {
+    std::iter::once(out.to_path_buf())
+        .chain(["masks", "cams", "overlays", "confidence"].iter().map(|k| out.join(k)))
+        .collect()
+}
+
+/// Runs the whole dataset (see the module docs). A bad image is recorded in
+/// `OUT/failures.jsonl` and skipped; `stop` (set by the first signal, [`crate::signals`]) ends
+/// the run after the batch in flight.
+pub fn generate(
+    model: &Clip,
+    text: &TextFeatures,
+    cfg: &DatasetConfig,
+    items: Vec<Item>,
+    opts: &GenerateOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<Summary> {
+    let (mut run, todo) = Run::start(opts, items, stop)?;
+    let decoded = run.spawn_decoder(todo, model.visual.patch);
+    let (to_write, outcomes, writers) = run.spawn_writers(cfg.png_palette());
+    run.model_stage(model, text, decoded.0, &to_write, &outcomes);
+    drop(to_write);
+    let _ = decoded.1.join();
+    for w in writers {
+        let _ = w.join();
+    }
+    for (item, r) in outcomes.try_iter() {
+        run.record(item, r);
+    }
+    run.finish()
+}
+
+/// State of one `generate` run.
+struct Run<'a> {
+    opts: &'a GenerateOptions,
+    stop: Arc<AtomicBool>,
+    start: Instant,
+    summary: Summary,
+    failures: Vec<(Item, ImageError)>,
+    attempted: HashSet<String>,
+    bar: indicatif::ProgressBar,
+    last_line: Instant,
+}
+
+impl<'a> Run<'a> {
+    /// Creates OUT, sweeps stale temporaries, and splits the items into work and images already
+    /// complete.
+    fn start(opts: &'a GenerateOptions, items: Vec<Item>, stop: Arc<AtomicBool>) -> Result<(Self, Vec<Item>)> {
+        let masks_dir = opts.out.join("masks");
+        std::fs::create_dir_all(&masks_dir)
+            .with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
+        // Temporary files of runs that were killed (SIGKILL, power loss) are removed.
+        crate::files::sweep_temp_files(&temp_dirs(&opts.out), false);
+        let total = items.len();
+        let (todo, done_before): (Vec<Item>, Vec<Item>) =
+            items.into_iter().partition(|it| opts.overwrite || !is_complete(it, opts));
+        let summary =
+            Summary { total, skipped: done_before.len(), batch_size: opts.batch_size.max(1), ..Default::default() };
+        let bar = progress_bar(todo.len() as u64);
+        let run = Run {
+            opts,
+            stop,
+            start: Instant::now(),
+            summary,
+            failures: Vec::new(),
+            attempted: HashSet::new(),
+            bar,
+            last_line: Instant::now(),
+        };
+        Ok((run, todo))
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Stage 1: decode + resize (every scale and flip) ahead of the model, on rayon, into a
+    /// queue of a few batches.
+    fn spawn_decoder(&self, todo: Vec<Item>, patch: i64) -> (mpsc::Receiver<Decoded>, JoinHandle<()>) {
+        let batch = self.opts.batch_size.max(1);
+        let (tx, rx) = mpsc::sync_channel::<Decoded>(2 * batch + 4);
+        let (stop, max_pixels, map_opts) = (self.stop.clone(), self.opts.max_pixels, self.opts.maps.clone());
+        let handle = std::thread::spawn(move || {
+            use rayon::prelude::*;
+            for chunk in todo.chunks(batch.max(4)) {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let decoded: Vec<Decoded> = chunk
+                    .par_iter()
+                    .map(|item| {
+                        let t = Instant::now();
+                        let image = match &item.labels {
+                            Err(e) => Err(ImageError::Labels(e.clone())),
+                            Ok(_) => load_rgb_limited(&item.path, max_pixels)
+                                .map(|img| {
+                                    let p = prepare_variants(&img, patch, &map_opts);
+                                    (img, p)
+                                })
+                                .map_err(|e| ImageError::Decode(format!("{e:#}"))),
+                        };
+                        Decoded { item: item.clone(), image, seconds: t.elapsed().as_secs_f64() }
+                    })
+                    .collect();
+                for d in decoded {
+                    if tx.send(d).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        (rx, handle)
+    }
+
+    /// Stage 3: labels and files off the model thread. With the CRF (about as costly as the
+    /// model on CPU) one writer per core, behind a bounded queue.
+    fn spawn_writers(
+        &self,
+        palette: Vec<u8>,
+    ) -> (mpsc::SyncSender<ToWrite>, mpsc::Receiver<Outcome>, Vec<JoinHandle<()>>) {
+        let n = if self.opts.crf.is_some() { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { 1 };
+        let (tx, rx) = mpsc::sync_channel::<ToWrite>(2 * n);
+        let (res_tx, res_rx) = mpsc::channel::<Outcome>();
+        let rx = Arc::new(Mutex::new(rx));
+        let handles = (0..n)
+            .map(|_| {
+                let (opts, palette, rx, res_tx, stop) =
+                    (self.opts.clone(), palette.clone(), rx.clone(), res_tx.clone(), self.stop.clone());
+                std::thread::spawn(move || loop {
+                    let next = rx.lock().map(|rx| rx.recv());
+                    let Ok(Ok((item, img, maps))) = next else { return };
+                    // Stopping: images still queued are left for the next run.
+                    if stop.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let t = Instant::now();
+                    let r = write::write_outputs(&item, &img, &maps, &opts, &palette)
+                        .map(|_| t.elapsed().as_secs_f64())
+                        .map_err(|e| ImageError::Write(format!("{e:#}")));
+                    if res_tx.send((item, r)).is_err() {
+                        return;
+                    }
+                })
+            })
+            .collect();
+        (tx, res_rx, handles)
+    }
+
+    /// Stage 2: the model, on this thread, a batch of decoded images at a time.
+    fn model_stage(
+        &mut self,
+        model: &Clip,
+        text: &TextFeatures,
+        decoded: mpsc::Receiver<Decoded>,
+        to_write: &mpsc::SyncSender<ToWrite>,
+        outcomes: &mpsc::Receiver<Outcome>,
+    ) {
+        let batch = self.opts.batch_size.max(1);
+        loop {
+            let Ok(first) = decoded.recv() else { break };
+            let mut chunk = vec![first];
+            while chunk.len() < batch {
+                match decoded.recv() {
+                    Ok(d) => chunk.push(d),
+                    Err(_) => break,
+                }
+            }
+            if self.stopping() {
+                self.summary.interrupted = true;
+                break;
+            }
+            for (item, r) in self.model_chunk(model, text, chunk) {
+                match r {
+                    Ok((img, maps)) => {
+                        self.summary.stages.add(&maps.times);
+                        if to_write.send((item, img, maps)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => self.record(item, Err(e)),
+                }
+            }
+            while let Ok((item, r)) = outcomes.try_recv() {
+                self.record(item, r);
+            }
+            self.report_progress();
+        }
+        if self.stopping() {
+            self.summary.interrupted = true;
+        }
+    }
+
+    /// Maps of a chunk of decoded images: their inputs grouped by grid size into batches of
+    /// at most `batch_size`; a batch that fails is retried one input at a time, so that only
+    /// the input at fault fails (with its image).
+    fn model_chunk(
+        &mut self,
+        model: &Clip,
+        text: &TextFeatures,
+        chunk: Vec<Decoded>,
+    ) -> Vec<(Item, Result<Computed, ImageError>)> {
+        let opts = self.opts;
+        let host = HostCopies {
+            maps: opts.save_cams || opts.crf.is_some(),
+            labels_alpha: opts.crf.is_none().then_some(opts.alpha),
+        };
+        // Images that reach the model, with their labels.
+        let mut ready: Vec<(Item, RgbImage, Vec<Prepared>, Vec<usize>)> = Vec::new();
+        let mut out = Vec::new();
+        for Decoded { item, image, seconds } in chunk {
+            self.summary.stages.decode += seconds;
+            let checked = image.and_then(|(img, variants)| {
+                let labels = item.labels.clone().map_err(ImageError::Labels)?;
+                // The maps at full size (raw and refined, each on the device and on the host, per
+                // input) must fit: probed first, as a failed allocation in Rust aborts.
+                let map_bytes =
+                    (labels.len() as u64) * (img.width() as u64 * img.height() as u64) * 4 * 4 * variants.len() as u64;
+                crate::files::probe_alloc(map_bytes, &format!("maps of {}", item.path.display()))
+                    .map_err(|e| ImageError::Model(format!("{e:#}")))?;
+                Ok((img, variants, labels))
+            });
+            match checked {
+                Ok((img, variants, labels)) => ready.push((item, img, variants, labels)),
+                Err(e) => out.push((item, Err(e))),
+            }
+        }
+        // Inputs (image, variant) grouped by grid size, in order.
+        let mut groups: BTreeMap<(i64, i64), Vec<(usize, usize)>> = BTreeMap::new();
+        for (i, (_, _, variants, _)) in ready.iter().enumerate() {
+            for (v, p) in variants.iter().enumerate() {
+                groups.entry((p.gh, p.gw)).or_default().push((i, v));
+            }
+        }
+        let mut unit_maps: Vec<Vec<Option<Result<UnitMaps, ImageError>>>> =
+            ready.iter().map(|r| (0..r.2.len()).map(|_| None).collect()).collect();
+        let batch = opts.batch_size.max(1);
+        for members in groups.values() {
+            for part in members.chunks(batch) {
+                let units: Vec<Unit> =
+                    part.iter().map(|&(i, v)| Unit { prepared: &ready[i].2[v], labels: &ready[i].3 }).collect();
+                let results = match guarded(|| compute_batch(model, text, &units, &opts.maps)) {
+                    Ok(maps) => maps.into_iter().map(Ok).collect(),
+                    // Alone, each input fails (or not) for its own reasons.
+                    Err(_) if units.len() > 1 => units
+                        .iter()
+                        .map(|u| {
+                            guarded(|| compute_batch(model, text, std::slice::from_ref(u), &opts.maps))
+                                .map(|mut m| m.remove(0))
+                        })
+                        .collect(),
+                    Err(e) => vec![Err(e)],
+                };
+                for (&(i, v), r) in part.iter().zip(results) {
+                    unit_maps[i][v] = Some(r);
+                }
+            }
+        }
+        for ((item, img, _, labels), units) in ready.into_iter().zip(unit_maps) {
+            let units: Result<Vec<UnitMaps>, ImageError> =
+                units.into_iter().map(|u| u.unwrap_or_else(|| Err(ImageError::Model("not computed".into())))).collect();
+            let r = units.and_then(|units| guarded(|| finish_image(&labels, units, host))).map(|maps| (img, maps));
+            out.push((item, r));
+        }
+        out
+    }
+
+    /// Counts one image's outcome.
+    fn record(&mut self, item: Item, r: Result<f64, ImageError>) {
+        self.bar.inc(1);
+        self.attempted.insert(item.id.clone());
+        match r {
+            Ok(write_s) => {
+                self.summary.done += 1;
+                self.summary.stages.write += write_s;
+            }
+            Err(e) => {
+                self.summary.failed += 1;
+                self.failures.push((item, e));
+            }
+        }
+    }
+
+    /// Stage speeds on the bar, or a line every 10 s when stderr is not a terminal.
+    fn report_progress(&mut self) {
+        let s = &self.summary.stages;
+        let n = self.bar.position().max(1) as f64;
+        let rate = |t: f64| if t > 0.0 { n / t } else { f64::INFINITY };
+        let msg = format!(
+            "img/s: decode {:.1} model {:.1} write {:.1}",
+            rate(s.decode),
+            rate(s.forward + s.backward + s.caa),
+            rate(s.write)
+        );
+        self.bar.set_message(msg.clone());
+        if self.bar.is_hidden() && self.last_line.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "{} / {} images, {:.2} images/s ({msg})",
+                self.bar.position(),
+                self.bar.length().unwrap_or(0),
+                self.bar.position() as f64 / self.start.elapsed().as_secs_f64()
+            );
+            self.last_line = Instant::now();
+        }
+    }
+
+    /// failures.jsonl and the summary.
+    fn finish(mut self) -> Result<Summary> {
+        if self.stopping() {
+            self.summary.interrupted = true;
+        }
+        self.bar.finish_and_clear();
+        let failures: Vec<Failure> = std::mem::take(&mut self.failures)
+            .into_iter()
+            .map(|(item, e)| Failure {
+                id: item.id,
+                path: item.path.display().to_string(),
+                stage: e.stage().to_string(),
+                reason: e.to_string(),
+            })
+            .collect();
+        write_failures(&self.opts.out, &failures, &self.attempted)?;
+        let mut s = self.summary;
+        s.seconds = self.start.elapsed().as_secs_f64();
+        s.images_per_s = s.done as f64 / s.seconds.max(1e-9);
+        let processed = (s.done + s.failed) as f64;
+        let st = s.stages;
+        for (name, secs) in [
+            ("decode", st.decode),
+            ("model", st.forward + st.backward + st.caa),
+            ("forward", st.forward),
+            ("backward", st.backward),
+            ("caa", st.caa),
+            ("write", st.write),
+        ] {
+            if secs > 0.0 {
+                s.stage_images_per_s.insert(name.to_string(), processed / secs);
+            }
+        }
+        s.peak_rss_mib = peak_rss_mib();
+        Ok(s)
+    }
+}
+
+/// Runs `f`, turning an error or a panic (tch reports libtorch errors, such as running out of
+/// memory on a huge input, as panics) into an image's model failure.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T, ImageError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(ImageError::Model(format!("{e:#}"))),
+        Err(p) => Err(ImageError::Model(panic_message(p.as_ref()))),
+    }
+}

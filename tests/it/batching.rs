@@ -1,0 +1,171 @@
+//! `generate --batch-size`: batching changes speed, not results. The same images (mixed sizes,
+//! so batches hold several grid sizes) give the same maps (<= 1e-6) and identical masks with
+//! batches of 1, 3 and 8, in fp32 and fp16; and a corrupt file in a batch of 8 fails alone.
+use crate::support::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The maps' bound between batch sizes.
+const MAP_TOL: f32 = 1e-6;
+/// fp16: share of identical label pixels between batch sizes (see the test).
+const FP16_LABELS_MIN: f64 = 0.99;
+
+fn dataset(dir: &Path) -> std::path::PathBuf {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let sizes = [(160u32, 120u32), (120, 160), (160, 120), (200, 150), (160, 120), (120, 160), (150, 200), (160, 120)];
+    let classes = [["dog", "person"], ["cat", "cat"], ["car", "bus"], ["horse", "person"]];
+    let mut labels = serde_json::Map::new();
+    for (i, (w, h)) in sizes.into_iter().enumerate() {
+        let id = format!("im{i:02}");
+        synthetic_image(w, h, 100 + i as u64).save(images.join(format!("{id}.png"))).unwrap();
+        let c = classes[i % classes.len()];
+        labels.insert(id, serde_json::json!(if c[0] == c[1] { vec![c[0]] } else { c.to_vec() }));
+    }
+    let path = dir.join("labels.json");
+    std::fs::write(&path, serde_json::Value::Object(labels).to_string()).unwrap();
+    path
+}
+
+fn generate(dir: &Path, labels: &Path, out: &Path, batch: usize, precision: &str) -> Run {
+    let mut c = clipmask(&dir.join("cache"));
+    c.args(["generate", "--device", "cpu", "--save-cams", "--precision", precision, "--model"])
+        .arg(tiny_model())
+        .arg("--images")
+        .arg(dir.join("images"))
+        .arg("--labels")
+        .arg(labels)
+        .arg("--out")
+        .arg(out)
+        .args(["--batch-size", &batch.to_string(), "--allow-failures"]);
+    run(&mut c)
+}
+
+/// Mask bytes, refined maps, raw maps.
+type Outputs = (Vec<u8>, Vec<f32>, Vec<f32>);
+
+/// id -> outputs.
+fn outputs(out: &Path) -> BTreeMap<String, Outputs> {
+    let mut m = BTreeMap::new();
+    for p in files_under(&out.join("masks")) {
+        let id = p.file_stem().unwrap().to_string_lossy().into_owned();
+        let (labels, _, _) = clipmask::outputs::read_label_png(&out.join("masks").join(&p)).unwrap();
+        let a = clipmask::outputs::CamArchive::read(&out.join("cams").join(format!("{id}.npz"))).unwrap();
+        m.insert(id, (labels, a.cams.iter().copied().collect(), a.raw_cams.iter().copied().collect()));
+    }
+    m
+}
+
+#[test]
+fn batch_sizes_1_3_and_8_give_the_same_maps_and_masks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let labels = dataset(tmp.path());
+    for precision in ["fp32", "fp16"] {
+        let base_dir = tmp.path().join(format!("{precision}-b1"));
+        let r = generate(tmp.path(), &labels, &base_dir, 1, precision);
+        assert_eq!(r.code, Some(0), "{}", r.show());
+        let base = outputs(&base_dir);
+        assert_eq!(base.len(), 8);
+        for batch in [3, 8] {
+            let dir = tmp.path().join(format!("{precision}-b{batch}"));
+            let r = generate(tmp.path(), &labels, &dir, batch, precision);
+            assert_eq!(r.code, Some(0), "{}", r.show());
+            let got = outputs(&dir);
+            assert_eq!(got.keys().collect::<Vec<_>>(), base.keys().collect::<Vec<_>>());
+            let (mut d_ref, mut d_raw, mut same, mut total) = (0f32, 0f32, 0usize, 0usize);
+            for (id, (mask, refined, raw)) in &got {
+                let (bm, br, bw) = &base[id];
+                same += mask.iter().zip(bm).filter(|(a, b)| a == b).count();
+                total += mask.len();
+                d_ref = d_ref.max(max_abs_diff(refined, br));
+                d_raw = d_raw.max(max_abs_diff(raw, bw));
+            }
+            let agree = same as f64 / total as f64;
+            eprintln!(
+                "{precision}, batch {batch} vs 1: raw max {d_raw:.1e}, refined max {d_ref:.1e}, labels {:.4} % identical",
+                agree * 100.0
+            );
+            if precision == "fp16" {
+                // fp16 on the CPU: libtorch's half matrix products round differently with the
+                // number of rows, and GradCAM amplifies one fp16 ulp of the probabilities.
+                assert!(agree >= FP16_LABELS_MIN, "fp16 batch {batch}: labels {:.4} % identical", agree * 100.0);
+                continue;
+            }
+            assert_eq!(same, total, "{precision} batch {batch}: masks differ from batch 1");
+            assert!(
+                d_raw <= MAP_TOL && d_ref <= MAP_TOL,
+                "{precision} batch {batch}: maps differ by {d_raw:.1e}/{d_ref:.1e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_corrupt_image_in_a_batch_of_8_fails_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let labels = dataset(tmp.path());
+    // A PNG signature followed by garbage: the header decodes, the pixels do not.
+    let mut bad = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    bad.extend((0..200u32).map(|i| (i * 37 % 251) as u8));
+    std::fs::write(tmp.path().join("images/im03.png"), bad).unwrap();
+    let out = tmp.path().join("out");
+    let r = generate(tmp.path(), &labels, &out, 8, "fp32");
+    assert_eq!(r.code, Some(0), "{}", r.show());
+    let masks: Vec<String> =
+        files_under(&out.join("masks")).iter().map(|p| p.file_stem().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(masks.len(), 7, "{masks:?}");
+    assert!(!masks.contains(&"im03".to_string()));
+    let failures = std::fs::read_to_string(out.join("failures.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = failures.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "{failures}");
+    assert_eq!(lines[0]["id"], "im03");
+    assert_eq!(lines[0]["stage"], "decode");
+}
+
+/// The device labelling (used when no CRF follows) is the host rule, ties included: maps drawn
+/// from a few levels so that equal maxima are common, alpha 1, 2 and 0.5.
+#[test]
+fn labels_on_the_device_equal_labels_from_cams() {
+    let mut rng = rng(5);
+    for trial in 0..30 {
+        let (k, h, w) = (rng.random_range(1..5usize), rng.random_range(1..20usize), rng.random_range(1..20usize));
+        let levels = [0.0f32, 0.25, 0.5, 0.5, 0.75, 1.0];
+        let v: Vec<f32> = (0..k * h * w).map(|_| levels[rng.random_range(0..levels.len())]).collect();
+        let arr = ndarray::Array3::from_shape_vec((k, h, w), v.clone()).unwrap();
+        let keys: Vec<i64> = (0..k as i64).map(|i| i * 3 + 1).collect();
+        let t = tch::Tensor::from_slice(&v).reshape([k as i64, h as i64, w as i64]);
+        for alpha in [1.0f32, 2.0, 0.5] {
+            let host = clipmask::labels::labels_from_cams(&arr, &keys, alpha);
+            let device = clipmask::labels::labels_on_device(&t, &keys, alpha).unwrap();
+            assert_eq!(host, device, "trial {trial}, alpha {alpha}");
+        }
+    }
+}
+
+/// `scripts/gpu-check.sh --dry-run`: the device check's every step on the CPU with a tiny model,
+/// so that the script a device session runs once is known to work.
+#[test]
+fn gpu_check_dry_run_writes_its_json_and_markdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("bash")
+        .arg(root().join("scripts/gpu-check.sh"))
+        .args(["--dry-run", "--images", "8"])
+        .env("OUT", tmp.path())
+        .env("CLIPMASK_PYTHON", python())
+        .env("CLIPMASK_CACHE", tmp.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("gpu-check.json")).unwrap()).unwrap();
+    // On the CPU both sides of "device vs cpu" are the CPU: identical.
+    assert_eq!(v["cuda_vs_cpu_fp32"]["labels_identical"].as_f64(), Some(1.0), "{v}");
+    assert_eq!(v["checks"]["cuda_vs_cpu_maps_le_1e-4"], true);
+    for run in ["fp16", "fp32", "fp16-crf", "fp32-crf"] {
+        assert_eq!(v["clipmask"][run]["done"], 8, "{run}: {v}");
+        assert!(v["clipmask"][run]["images_per_s"].as_f64().unwrap() > 0.0);
+    }
+    assert!(v["pytorch_baseline_images_per_s"]["fp32"].as_f64().unwrap() > 0.0);
+    let md = std::fs::read_to_string(tmp.path().join("gpu-check.md")).unwrap();
+    assert!(md.contains("| generate fp16-crf |"), "{md}");
+}
