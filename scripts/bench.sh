@@ -4,3 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python bench/bench.py "$@"
+.venv/bin/python bench/sources.py

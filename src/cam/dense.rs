@@ -14,6 +14,7 @@
 //! label's map, min-max normalised like GradCAM's.
 use super::{scale_twice, CamSource};
 use crate::clip::l2_normalize;
+use crate::clip::layers::scores;
 use crate::clip::vision::VisionTransformer;
 use tch::{Kind, Tensor};
 
@@ -62,7 +63,7 @@ pub fn dense_features(vit: &VisionTransformer, tokens: &Tensor, source: CamSourc
     let s = attn.scale();
     let kind = v.kind();
     let self_attention = |a: &Tensor, b: &Tensor, bias: Option<&Tensor>| {
-        let mut scores = a.matmul(&b.transpose(-2, -1)) * s;
+        let mut scores = scores(a, b) * s;
         if let Some(bias) = bias {
             scores += bias;
         }

@@ -67,7 +67,7 @@ impl Attention {
         let (q, k, v) = self.qkv(x);
         // Scale q before the product, as nn.MultiheadAttention does.
         let q = q * self.scale();
-        let mut scores = q.matmul(&k.transpose(-2, -1));
+        let mut scores = scores(&q, &k);
         if let Some(m) = mask {
             scores += m;
         }
@@ -93,6 +93,19 @@ impl Attention {
         let (b, h, l, dh) = heads.size4().expect("heads are (B, heads, L, D / heads)");
         self.out_proj.forward(&heads.permute([0, 2, 1, 3]).reshape([b, l, h * dh]))
     }
+}
+
+/// `a bᵀ` over (B, heads, L, d) tensors. In fp16, libtorch's CPU product on the transposed view
+/// rounds differently with the batch size (one fp16 ulp, which GradCAM amplifies), so a batch is
+/// computed one image at a time, exactly as a single image (which is also what PyTorch's
+/// nn.MultiheadAttention computes). fp32 is batch-invariant and runs as one product.
+pub fn scores(a: &Tensor, b: &Tensor) -> Tensor {
+    let n = a.size()[0];
+    if a.kind() != tch::Kind::Half || n == 1 {
+        return a.matmul(&b.transpose(-2, -1));
+    }
+    let per: Vec<Tensor> = (0..n).map(|i| a.narrow(0, i, 1).matmul(&b.narrow(0, i, 1).transpose(-2, -1))).collect();
+    Tensor::cat(&per, 0)
 }
 
 pub struct ResidualBlock {

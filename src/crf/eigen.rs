@@ -151,7 +151,7 @@ fn eigen_sum<const P: usize>(l: usize, v: impl Fn(usize) -> [f32; P]) -> [f32; P
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crf::tests::Lcg;
+    use crate::crf::tests::TestRng;
     use crate::crf::{dense_crf, CrfParams};
 
     #[test]
@@ -159,7 +159,7 @@ mod tests {
         // With 0 iterations the result is Q0 = softmax(log clip(P)).
         let (w, h, l) = (5usize, 3usize, 6usize);
         let n = w * h;
-        let mut rng = Lcg(3);
+        let mut rng = TestRng::new(3);
         let probs: Vec<f32> = (0..n * l).map(|_| rng.next()).collect();
         let img = vec![0u8; n * 3];
         let p = CrfParams { iterations: 0, ..CrfParams::default() };

@@ -343,7 +343,7 @@ fn blur_neighbours(table: &KeyTable, d: usize, offset: &[u32], dirs: &[u8]) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crf::tests::Lcg;
+    use crate::crf::tests::TestRng;
     use crate::crf::{bilateral_features, gaussian_features};
 
     fn filter1(lat: &Lattice, input: &[f32], reverse: bool) -> Vec<f32> {
@@ -372,7 +372,7 @@ mod tests {
             let dense = Lattice::new_dense2(detect_isa(), &f, n).expect("small box");
             let hashed = Lattice::new_hashed(detect_isa(), &f, 2, n);
             assert_eq!(dense.m, hashed.m);
-            let mut rng = Lcg(5);
+            let mut rng = TestRng::new(5);
             let x: Vec<f32> = (0..n).map(|_| rng.next()).collect();
             for reverse in [false, true] {
                 assert_eq!(dense.filter_scalar(&x, reverse), hashed.filter_scalar(&x, reverse));
@@ -384,7 +384,7 @@ mod tests {
     fn constant_signal_and_symmetry() {
         let (w, h) = (23usize, 17usize);
         let n = w * h;
-        let mut rng = Lcg(7);
+        let mut rng = TestRng::new(7);
         let img: Vec<u8> = (0..n * 3).map(|_| (rng.next() * 255.0) as u8).collect();
         for (d, f) in [(2, gaussian_features(w, h, 3.0)), (5, bilateral_features(&img, w, h, 5.0, 20.0))] {
             let lat = Lattice::new(&f, d, n);

@@ -106,14 +106,14 @@ pub(super) fn mean_field(probs: &[f32], n: usize, l: usize, kernels: &[Kernel], 
 
 #[cfg(test)]
 mod tests {
-    use crate::crf::tests::Lcg;
+    use crate::crf::tests::TestRng;
     use crate::crf::{dense_crf, CrfParams};
 
     #[test]
     fn mean_field_properties() {
         let (w, h, l) = (16usize, 12usize, 3usize);
         let n = w * h;
-        let mut rng = Lcg(11);
+        let mut rng = TestRng::new(11);
         let img: Vec<u8> = (0..n * 3).map(|_| (rng.next() * 255.0) as u8).collect();
         let probs: Vec<f32> = (0..n * l).map(|_| rng.next()).collect();
         let q = dense_crf(&img, w, h, &probs, l, &CrfParams::default()).unwrap();

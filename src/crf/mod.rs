@@ -244,12 +244,16 @@ fn bilateral_features(image: &[u8], width: usize, height: usize, sxy: f32, srgb:
 mod tests {
     use super::*;
 
-    /// Small deterministic generator for test data (shared by the tests of the submodules).
-    pub(super) struct Lcg(pub(super) u64);
-    impl Lcg {
+    /// The seeded generator of the unit tests (rand's `StdRng`, as the integration tests use).
+    pub(super) struct TestRng(rand::rngs::StdRng);
+    impl TestRng {
+        pub(super) fn new(seed: u64) -> Self {
+            TestRng(rand::SeedableRng::seed_from_u64(seed))
+        }
+
+        /// Uniform in [0, 1).
         pub(super) fn next(&mut self) -> f32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((self.0 >> 40) as f32) / (1u64 << 24) as f32
+            rand::Rng::random(&mut self.0)
         }
     }
 

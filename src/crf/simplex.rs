@@ -281,14 +281,14 @@ impl Elevator {
 mod tests {
     use super::*;
     use crate::crf::kernels::detect_isa;
-    use crate::crf::tests::Lcg;
+    use crate::crf::tests::TestRng;
 
     #[test]
     fn vectorised_simplex_matches_scalar() {
         // Random features, plus grid-like ones (integers over a scale) that produce ties and
         // exact remainder-0 points; every instruction-set variant must match `simplex` bit
         // for bit.
-        let mut rng = Lcg(7);
+        let mut rng = TestRng::new(7);
         for d in [2usize, 5] {
             let el = Elevator::new(d);
             let dp1 = d + 1;
