@@ -14,6 +14,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import b16_model, write_section  # noqa: E402
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 PY = sys.executable
 N_IMAGES = int(os.environ.get("BENCH_IMAGES", "8"))
@@ -36,11 +39,7 @@ def measured(cmd, env=None):
 
 
 def main():
-    fx = os.path.join(ROOT, "target/test-fixtures/b16-seed0")
-    if not os.path.exists(os.path.join(fx, ".complete")):
-        subprocess.run([PY, os.path.join(ROOT, "tests/python/make_fixture.py"), fx, "--size", "b16"], check=True)
-        open(os.path.join(fx, ".complete"), "w").close()
-    model = os.path.join(fx, "model.safetensors")
+    model = b16_model()
     voc = os.path.join(ROOT, "..", "shared", "data", "voc-sample")
     if os.path.isdir(voc):
         images, labels_path = os.path.join(voc, "JPEGImages"), os.path.join(voc, "labels.json")
@@ -133,15 +132,7 @@ def main():
         extra += ["", "### Evaluation", "", "```", (r.stdout.strip() or r.stderr.strip()[-2000:]), "```"]
     section = "\n".join(lines + extra)
     print(section)
-    path = os.path.join(ROOT, "BENCHMARKS.md")
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nProduced by `make bench`.\n"
-    start, end = "<!-- bench:cpu:start -->", "<!-- bench:cpu:end -->"
-    block = f"{start}\n## CPU, generate (maps)\n\n{section}\n{end}"
-    if start in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    open(path, "w").write(text)
+    write_section("cpu", "CPU, generate (maps)", section)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,15 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import b16_model, write_section  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = sys.executable
 N_IMAGES = int(os.environ.get("BENCH_IMAGES", "8"))
 
 
 def main():
-    fx = os.path.join(ROOT, "target/test-fixtures/b16-seed0")
-    if not os.path.exists(os.path.join(fx, ".complete")):
-        subprocess.run([PY, os.path.join(ROOT, "tests/python/make_fixture.py"), fx, "--size", "b16"], check=True)
-        open(os.path.join(fx, ".complete"), "w").close()
-    model = os.path.join(fx, "model.safetensors")
+    model = b16_model()
     voc = os.path.join(ROOT, "..", "shared", "data", "voc-sample")
     images, labels_path = os.path.join(voc, "JPEGImages"), os.path.join(voc, "labels.json")
     labels = json.load(open(labels_path))
@@ -74,15 +72,7 @@ def main():
               f"{min(dense):.2f}-{max(dense):.2f} s (one forward, no copies per label)."]
     section = "\n".join(lines)
     print(section)
-    path = os.path.join(ROOT, "BENCHMARKS.md")
-    text = open(path).read()
-    start, end = "<!-- bench:sources:start -->", "<!-- bench:sources:end -->"
-    block = f"{start}\n## CPU, map sources, test-time augmentation, batch size\n\n{section}\n{end}"
-    if start in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    open(path, "w").write(text)
+    write_section("sources", "CPU, map sources, test-time augmentation, batch size", section)
 
 
 if __name__ == "__main__":

@@ -246,6 +246,12 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     // then ends before its first image with the summary and the signal's exit status; a second
     // signal quits at once.
     let interrupt = crate::signals::Interrupt::install(crate::pipeline::temp_dirs(&args.out))?;
+    if let Some(s) = args.scales.iter().find(|s| !s.is_finite() || **s <= 0.0 || **s > 4.0) {
+        bail!("--scales {s}: each scale must be in (0, 4]");
+    }
+    if args.scales.is_empty() {
+        bail!("--scales needs at least one value");
+    }
     let model = args.model.load_model()?;
     let patch = model.visual.patch as u32;
     if args.max_side < 2 * patch {
