@@ -100,3 +100,40 @@ fn the_comparison_report_shows_the_images_where_runs_differ_most_first() {
     let img = image::open(report.join("images/y_diff.png")).unwrap();
     assert_eq!(img.width(), 4 * 4 + 3 * 4);
 }
+
+fn write_cams(dir: &Path, id: &str, key: i64, map: &[f32]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cams = ndarray::Array3::from_shape_vec((1, 4, 4), map.to_vec()).unwrap();
+    let archive = clipmask::outputs::CamArchive { keys: vec![key], raw_cams: cams.clone(), cams };
+    archive.write(&dir.join(format!("{id}.npz"))).unwrap();
+}
+
+/// Label PNGs and saved maps compared in one call: maps that label exactly (1 where the class
+/// is, 0 elsewhere: the background score 1 - max wins only where the map is 0) and maps that
+/// claim the whole image; each CAM run at its best alpha.
+#[test]
+fn label_and_cam_runs_are_compared_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    fixture(tmp.path());
+    let d = tmp.path();
+    let left: Vec<f32> = (0..16).map(|i| if i % 4 < 2 { 1.0 } else { 0.0 }).collect();
+    for (run, y_map) in [("camsA", left.clone()), ("camsB", vec![1.0; 16])] {
+        write_cams(&d.join(run), "y_diff", 0, &y_map);
+        write_cams(&d.join(run), "x_same", 1, &[1.0; 16]);
+    }
+    let mut c = clipmask(&d.join("cache"));
+    c.arg("eval").arg("--pred").arg(d.join("A")).arg("--cams").arg(d.join("camsA")).arg("--cams").arg(d.join("camsB"));
+    c.arg("--gt").arg(d.join("gt")).args(["--alpha", "1,2", "--json"]);
+    let r = run(&mut c);
+    assert_eq!(r.code, Some(0), "{}", r.show());
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    assert!(runs[0]["best_alpha"].is_null() && runs[0]["cam_key"].is_null());
+    assert!(close(runs[1]["miou"].as_f64().unwrap(), 1.0), "{v}");
+    assert_eq!(runs[1]["best_alpha"].as_f64(), Some(1.0), "the first of equal alphas");
+    assert_eq!(runs[1]["cam_key"], "cams");
+    // camsB: background IoU 0, class 1 0.5, class 2 1.
+    assert!(close(runs[2]["miou"].as_f64().unwrap(), 0.5), "{v}");
+    assert!(close(runs[2]["delta_miou"].as_f64().unwrap(), -0.5), "{v}");
+}
