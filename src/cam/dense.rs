@@ -38,19 +38,17 @@ pub fn temperature(source: CamSource, clip_scale: f64) -> f64 {
 
 /// NACLIP's attention addition over the n + 1 tokens of a gh x gw grid: for patches i, j at
 /// (yi, xi), (yj, xj), `exp(-((yi - yj)² + (xi - xj)²) / (2 std²))`; zero in the class token's
-/// row and column. (n + 1, n + 1), fp32.
-pub fn gaussian_addition(gh: i64, gw: i64, std: f64) -> Tensor {
-    let n = (gh * gw) as usize;
-    let mut out = vec![0f32; (n + 1) * (n + 1)];
-    for i in 0..n {
-        let (yi, xi) = ((i as i64 / gw) as f64, (i as i64 % gw) as f64);
-        for j in 0..n {
-            let (yj, xj) = ((j as i64 / gw) as f64, (j as i64 % gw) as f64);
-            let d2 = (yi - yj).powi(2) + (xi - xj).powi(2);
-            out[(i + 1) * (n + 1) + j + 1] = (-d2 / (2.0 * std * std)).exp() as f32;
-        }
-    }
-    Tensor::from_slice(&out).reshape([(n + 1) as i64, (n + 1) as i64])
+/// row and column. (n + 1, n + 1), computed in f64 on `device` (one tensor op per step, not a
+/// host loop: n² is 9 M entries at 1024 px) and returned in fp32.
+pub fn gaussian_addition(gh: i64, gw: i64, std: f64, device: tch::Device) -> Tensor {
+    let idx = Tensor::arange(gh * gw, (Kind::Int64, device));
+    let y = idx.divide_scalar_mode(gw, "floor").to_kind(Kind::Double);
+    let x = idx.remainder(gw).to_kind(Kind::Double);
+    let dy = y.unsqueeze(1) - y.unsqueeze(0);
+    let dx = x.unsqueeze(1) - x.unsqueeze(0);
+    let g = ((&dy * &dy + &dx * &dx) / (-2.0 * std * std)).exp().to_kind(Kind::Float);
+    // The class token's row and column are zero.
+    g.constant_pad_nd([1, 0, 1, 0])
 }
 
 /// Patch features (B, n, E), L2-normalised, from the tokens entering the last block (B, n+1, D)
@@ -74,7 +72,7 @@ pub fn dense_features(vit: &VisionTransformer, tokens: &Tensor, source: CamSourc
         CamSource::Sclip => (self_attention(&q, &q, None) + self_attention(&k, &k, None)).matmul(&v),
         CamSource::ClearClip => self_attention(&q, &q, None).matmul(&v),
         CamSource::Naclip => {
-            let bias = gaussian_addition(gh, gw, NACLIP_STD).to_device(v.device()).to_kind(kind);
+            let bias = gaussian_addition(gh, gw, NACLIP_STD, v.device()).to_kind(kind);
             self_attention(&k, &k, Some(&bias)).matmul(&v)
         }
         CamSource::GradCam => unreachable!("GradCAM is not a dense source"),

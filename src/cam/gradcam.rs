@@ -83,10 +83,10 @@ pub fn grad_cam_batch(
     let kind = tokens.kind();
     let device = tokens.device();
     let total: i64 = requests.iter().map(|r| r.targets.len() as i64).sum();
-    let rows: Vec<i64> = requests.iter().flat_map(|r| std::iter::repeat_n(r.index, r.targets.len())).collect();
     let x = if requests.len() == 1 {
         tokens.detach().narrow(0, requests[0].index, 1).expand([total, l, d], false)
     } else {
+        let rows: Vec<i64> = requests.iter().flat_map(|r| std::iter::repeat_n(r.index, r.targets.len())).collect();
         tokens.detach().index_select(0, &Tensor::from_slice(&rows).to_device(device))
     };
     // A = ln_1(x) is a leaf: x itself needs no gradient (docs/method.md §2), so dp/dA is the same as

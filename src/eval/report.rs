@@ -1,10 +1,10 @@
 //! The HTML report of `clipmask eval --report`: per image the photo, each run's prediction and
 //! the ground truth side by side; worst images first for one run, and for several runs the
 //! images where they differ most first.
-use super::run::{load_pair, spreads, Source};
+use super::run::{load_preds, spreads, Source};
 use super::{EvalOptions, EvalReport, ImageScore};
 use crate::config::DatasetConfig;
-use crate::outputs::write_atomic;
+use crate::outputs::{read_label_png_colours, write_atomic};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
@@ -81,14 +81,13 @@ pub(super) fn write_report(
     let ext = if jpeg { "jpg" } else { "png" };
     first.per_image.par_iter().try_for_each(|score| -> Result<()> {
         let id = &score.id;
-        let mut gt_map = None;
+        // The ground truth once, each run's prediction (at its best variant) against it.
+        let gt_path = opts.gt_dir().join(format!("{id}.png"));
+        let (gt, w, h) = read_label_png_colours(&gt_path, &palette)?;
         let mut preds = Vec::with_capacity(runs.len());
         for (source, _) in runs {
-            let (gt, w, h, p) = load_pair(source, opts.gt_dir(), id, n, &palette)?;
-            gt_map = Some((gt, w, h));
-            preds.extend(p.into_iter().take(1));
+            preds.extend(load_preds(source, id, n, (w, h), &gt_path)?.into_iter().take(1));
         }
-        let Some((gt, w, h)) = gt_map else { return Ok(()) };
         let photo = match photos.and_then(|d| find_photo(d, id)) {
             Some(p) => {
                 let img = image::open(&p).with_context(|| format!("cannot read image {}", p.display()))?.to_rgb8();

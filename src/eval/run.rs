@@ -212,7 +212,20 @@ pub(super) type Pair = (Vec<u8>, u32, u32, Vec<Vec<u8>>);
 pub(super) fn load_pair(source: &Source, gt_dir: &Path, id: &str, n_classes: usize, palette: &[u8]) -> Result<Pair> {
     let gt_path = gt_dir.join(format!("{id}.png"));
     let (gt, gw, gh) = read_label_png_colours(&gt_path, palette)?;
-    let preds = match source {
+    let preds = load_preds(source, id, n_classes, (gw, gh), &gt_path)?;
+    Ok((gt, gw, gh, preds))
+}
+
+/// One predicted label map per variant of `source` for `id`, checked against the ground truth's
+/// size (`gt_path` names it in errors).
+pub(super) fn load_preds(
+    source: &Source,
+    id: &str,
+    n_classes: usize,
+    (gw, gh): (u32, u32),
+    gt_path: &Path,
+) -> Result<Vec<Vec<u8>>> {
+    Ok(match source {
         Source::Labels(dir) => {
             let pred_path = dir.join(format!("{id}.png"));
             let (pred, pw, ph) = read_label_png(&pred_path)?;
@@ -231,11 +244,10 @@ pub(super) fn load_pair(source: &Source, gt_dir: &Path, id: &str, n_classes: usi
         }
         Source::Cams { dir, key, alphas } => {
             let path = dir.join(format!("{id}.npz"));
-            let (maps, keys) = load_cams(&path, *key, n_classes, gw, gh, &gt_path)?;
+            let (maps, keys) = load_cams(&path, *key, n_classes, gw, gh, gt_path)?;
             alphas.iter().map(|&a| labels_from_cams(&maps, &keys, a)).collect()
         }
-    };
-    Ok((gt, gw, gh, preds))
+    })
 }
 
 /// Error for a bad label, naming the file it came from.

@@ -340,12 +340,7 @@ pub fn compute_maps(
     labels: &[usize],
     opts: &MapOptions,
 ) -> Result<HostMaps> {
-    let units = compute_batch(model, text, &[Unit { prepared: p, labels }], opts)?;
-    let m = finish_image(labels, units, HostCopies { maps: true, labels_alpha: None })?;
-    match (m.raw, m.refined) {
-        (Some(raw), Some(refined)) => Ok(HostMaps { keys: m.keys, raw, refined, probs: m.probs }),
-        _ => bail!("internal: maps were not copied to the host"),
-    }
+    host_maps(labels, compute_batch(model, text, &[Unit { prepared: p, labels }], opts)?)
 }
 
 /// Maps of one image with every input `opts` asks for (scales, flip; docs/method.md §11),
@@ -362,6 +357,11 @@ pub fn image_maps(
     for p in &variants {
         units.extend(compute_batch(model, text, &[Unit { prepared: p, labels }], opts)?);
     }
+    host_maps(labels, units)
+}
+
+/// An image's inputs' maps, averaged, on the host.
+fn host_maps(labels: &[usize], units: Vec<UnitMaps>) -> Result<HostMaps> {
     let m = finish_image(labels, units, HostCopies { maps: true, labels_alpha: None })?;
     match (m.raw, m.refined) {
         (Some(raw), Some(refined)) => Ok(HostMaps { keys: m.keys, raw, refined, probs: m.probs }),
