@@ -124,6 +124,8 @@ fn check(cases: Vec<Case>) {
     for k in keys {
         let (a, b, lo, hi) = worst[&k];
         eprintln!("{k}: raw max {a:.2e}, refined max {b:.2e}, label probabilities {lo:.4}..{hi:.4}");
+        // The fixture must be in the well-conditioned regime, or parity proves nothing.
+        assert!(lo > 1e-4, "{k}: label probabilities as low as {lo:.1e}: the fixture is not well-conditioned");
     }
 }
 
