@@ -17,13 +17,7 @@ use ndarray::Array3;
 pub fn labels_from_cams(cams: &Array3<f32>, keys: &[i64], alpha: f32) -> Vec<u8> {
     let (k, h, w) = cams.dim();
     assert_eq!(keys.len(), k, "labels_from_cams: {} keys for {} maps", keys.len(), k);
-    let lut: Vec<u8> = keys
-        .iter()
-        .map(|&key| match u8::try_from(key + 1) {
-            Ok(v) if v != 255 && key >= 0 => v,
-            _ => panic!("labels_from_cams: class key {key} outside 0..=253"),
-        })
-        .collect();
+    let lut = label_ids(keys).unwrap_or_else(|e| panic!("labels_from_cams: {e}"));
     let npix = h * w;
     if k == 0 || npix == 0 {
         return vec![0; npix];
@@ -95,8 +89,18 @@ pub fn crf_labels(
     let image = crate::crf::crf_image(img.as_raw(), crf.image);
     let q = crate::crf::dense_crf(&image, w, h, &probs, k + 1, &crf.params)?;
     let mut ids = vec![0u8];
-    ids.extend(keys.iter().map(|&c| (c + 1) as u8));
+    ids.extend(label_ids(keys)?);
     Ok(crate::crf::labels_from_marginals(&q, k + 1, &ids, crf.confidence))
+}
+
+/// Label PNG values of 0-based class keys: key + 1 (0 is background, 255 ignore).
+fn label_ids(keys: &[i64]) -> Result<Vec<u8>> {
+    keys.iter()
+        .map(|&key| match u8::try_from(key + 1) {
+            Ok(v) if v != 255 && key >= 0 => Ok(v),
+            _ => anyhow::bail!("class key {key} outside 0..=253"),
+        })
+        .collect()
 }
 
 /// [`labels_from_cams`] on the maps' device, for a run that needs only the label map: the same
@@ -122,12 +126,7 @@ pub fn labels_on_device(refined: &tch::Tensor, keys: &[i64], alpha: f32) -> Resu
     // argmax returns the first maximum, as np.argmax and labels_from_cams.
     let idx = scores.argmax(0, false);
     let mut lut = vec![0u8];
-    for &key in keys {
-        match u8::try_from(key + 1) {
-            Ok(v) if v != 255 && key >= 0 => lut.push(v),
-            _ => anyhow::bail!("class key {key} outside 0..=253"),
-        }
-    }
+    lut.extend(label_ids(keys)?);
     let lut = Tensor::from_slice(&lut).to_device(refined.device());
     let labels = lut.index_select(0, &idx.reshape([-1])).to_kind(Kind::Uint8);
     Ok(Vec::<u8>::try_from(labels.to_device(tch::Device::Cpu))?)
