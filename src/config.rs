@@ -80,7 +80,8 @@ fn is_default_crf(p: &crate::crf::CrfParams) -> bool {
 
 impl DatasetConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = crate::files::read_text(path, 64 << 20)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -159,6 +160,7 @@ impl DatasetConfig {
         if !(0.0..1.0).contains(&self.box_threshold) {
             bail!("`box_threshold` must be in [0, 1), got {}", self.box_threshold);
         }
+        self.crf.validate()?;
         Ok(())
     }
 

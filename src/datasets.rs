@@ -10,10 +10,58 @@ pub type RawLabels = BTreeMap<String, Vec<String>>;
 
 /// `{"<id>": ["<class>", ...]}`
 pub fn read_labels_json(path: &Path) -> Result<RawLabels> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read labels {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| {
+    read_labels_json_for(path, None)
+}
+
+/// [`read_labels_json`] keeping only the ids in `wanted` (all when None). The file is streamed:
+/// memory follows the entries kept, not the file (a 100 MB file for a 1-id split stays small).
+/// A key given twice is an error naming it (JSON parsers disagree on which one wins). A leading
+/// byte-order mark is skipped.
+pub fn read_labels_json_for(path: &Path, wanted: Option<&HashSet<String>>) -> Result<RawLabels> {
+    use serde::de::{DeserializeSeed, MapAccess, Visitor};
+    struct Filtered<'a>(Option<&'a HashSet<String>>);
+    impl<'de> DeserializeSeed<'de> for Filtered<'_> {
+        type Value = RawLabels;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<RawLabels, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Filtered<'_> {
+        type Value = RawLabels;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawLabels, A::Error> {
+            let mut out = RawLabels::new();
+            while let Some(id) = map.next_key::<String>()? {
+                if self.0.is_some_and(|w| !w.contains(&id)) {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    continue;
+                }
+                let names: Vec<String> = map.next_value()?;
+                if out.contains_key(&id) {
+                    return Err(serde::de::Error::custom(format!("id {id:?} is given twice")));
+                }
+                out.insert(id, names);
+            }
+            Ok(out)
+        }
+    }
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, crate::files::open_regular(path)?);
+    skip_bom(&mut reader).with_context(|| format!("cannot read labels {}", path.display()))?;
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    let labels = Filtered(wanted).deserialize(&mut de).and_then(|l| de.end().map(|_| l)).with_context(|| {
         format!("{}: expected a JSON object {{\"<image id>\": [\"<class name>\", ...]}}", path.display())
-    })
+    })?;
+    Ok(labels)
+}
+
+/// Consumes a UTF-8 byte-order mark at the start of `r`, if there is one.
+fn skip_bom(r: &mut impl std::io::BufRead) -> std::io::Result<()> {
+    if r.fill_buf()?.starts_with(b"\xef\xbb\xbf") {
+        r.consume(3);
+    }
+    Ok(())
 }
 
 /// One line per image: `<id><TAB><class>,<class>,...` (blank lines and `#` comments skipped).
@@ -30,7 +78,9 @@ pub fn parse_labels_text(text: &str, origin: &str) -> Result<RawLabels> {
             bail!("{origin}:{}: expected `<id><TAB><class>,<class>,...`", i + 1);
         };
         let labels = classes.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-        out.insert(id.trim().to_string(), labels);
+        if out.insert(id.trim().to_string(), labels).is_some() {
+            bail!("{origin}:{}: id {:?} is given twice", i + 1, id.trim());
+        }
     }
     Ok(out)
 }
@@ -65,17 +115,28 @@ pub fn read_voc_annotations(dir: &Path) -> Result<BTreeMap<String, Result<Vec<St
 
 /// Labels from a file: `.json`, or the tab-separated text form otherwise.
 pub fn read_labels_file(path: &Path) -> Result<RawLabels> {
+    read_labels_file_for(path, None)
+}
+
+/// [`read_labels_file`] keeping only the ids in `wanted` (all when None).
+pub fn read_labels_file_for(path: &Path, wanted: Option<&HashSet<String>>) -> Result<RawLabels> {
     if path.extension().is_some_and(|e| e == "json") {
-        read_labels_json(path)
+        read_labels_json_for(path, wanted)
     } else {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read labels {}", path.display()))?;
-        parse_labels_text(&text, &path.display().to_string())
+        let text = crate::files::read_text(path, crate::files::MAX_TEXT_BYTES)
+            .with_context(|| format!("cannot read labels {}", path.display()))?;
+        let mut labels = parse_labels_text(&text, &path.display().to_string())?;
+        if let Some(w) = wanted {
+            labels.retain(|id, _| w.contains(id));
+        }
+        Ok(labels)
     }
 }
 
 /// Ids of a split file, one per line, in order, duplicates dropped.
 pub fn read_split(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read split file {}", path.display()))?;
+    let text = crate::files::read_text(path, crate::files::MAX_TEXT_BYTES)
+        .with_context(|| format!("cannot read split file {}", path.display()))?;
     let mut seen = HashSet::new();
     let ids: Vec<String> = text
         .lines()
@@ -113,7 +174,7 @@ pub fn resolve_labels(cfg: &DatasetConfig, names: &[String]) -> Result<Vec<usize
 }
 
 /// Longest id accepted, in bytes: `<id>.npz` plus the temporary suffix of
-/// [`crate::outputs::write_atomic`] (`.` + `.tmp-<pid>`) stays under the 255-byte file-name
+/// [`crate::files::write_atomic`] (`.` + `.tmp-<pid>`) stays under the 255-byte file-name
 /// limit of common file systems.
 pub const MAX_ID_BYTES: usize = 200;
 
@@ -148,10 +209,33 @@ pub const IMAGE_EXTENSIONS: &[&str] = &[
 /// `<dir>/<id>.<ext>` for the first extension of [`IMAGE_EXTENSIONS`] that exists. The id must
 /// be valid ([`validate_id`]); an invalid one finds nothing.
 pub fn find_image(dir: &Path, id: &str) -> Option<PathBuf> {
+    find_image_checked(dir, id).ok().flatten()
+}
+
+/// [`find_image`], failing when two files share the id (`x.jpg` and `x.JPG`, `x.jpg` and
+/// `x.png`): which one is meant cannot be guessed, and both would write the same outputs.
+pub fn find_image_checked(dir: &Path, id: &str) -> Result<Option<PathBuf>, String> {
     if validate_id(id).is_err() {
-        return None;
+        return Ok(None);
     }
-    IMAGE_EXTENSIONS.iter().map(|ext| dir.join(format!("{id}.{ext}"))).find(|p| p.symlink_metadata().is_ok())
+    let mut found =
+        IMAGE_EXTENSIONS.iter().map(|ext| dir.join(format!("{id}.{ext}"))).filter(|p| p.symlink_metadata().is_ok());
+    match (found.next(), found.next()) {
+        (Some(a), Some(b)) if !same_file(&a, &b) => {
+            Err(format!("two images have id {id:?}: {} and {} (rename one)", a.display(), b.display()))
+        }
+        (a, _) => Ok(a),
+    }
+}
+
+/// Whether two existing paths are one file (a case-insensitive file system lists `x.jpg` for
+/// `x.JPG` too).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.symlink_metadata(), b.symlink_metadata()) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// Why no image was found for `id` in `dir`, naming the directory and the extensions tried.
@@ -193,9 +277,10 @@ pub fn work_list(
                 Some(Err(e)) => Err(e.clone()),
                 Some(Ok(names)) => resolve_labels(cfg, names),
             };
-            match find_image(images, &id) {
-                Some(path) => Item { path, id, labels },
-                None => {
+            match find_image_checked(images, &id) {
+                Err(e) => Item { path: images.to_path_buf(), id, labels: Err(e) },
+                Ok(Some(path)) => Item { path, id, labels },
+                Ok(None) => {
                     let labels = labels.and_then(|_| Err(missing_image_reason(images, &id)));
                     Item { path: images.to_path_buf(), id, labels }
                 }
@@ -262,8 +347,17 @@ pub fn read_coco_instances(path: &Path, cfg: &DatasetConfig) -> Result<(RawLabel
     }
     let mut out = RawLabels::new();
     let mut skipped = 0;
+    let mut file_names: std::collections::HashMap<String, &String> = std::collections::HashMap::new();
     for img in &inst.images {
         let id = Path::new(&img.file_name).file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        if let Some(other) = file_names.insert(id.clone(), &img.file_name) {
+            bail!(
+                "{}: images {:?} and {:?} both have id {id:?} (outputs are named by id; rename one)",
+                path.display(),
+                other,
+                img.file_name
+            );
+        }
         match per_image.get(&img.id) {
             Some(present) => {
                 let names =

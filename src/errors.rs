@@ -32,12 +32,37 @@ impl ImageError {
     }
 }
 
-/// The first line of a panic payload.
+/// A one-line reason from a panic payload. tch reports a libtorch error as a panic whose text
+/// is `called `Result::unwrap()` on an `Err` value: Torch("<message>\n<C++ backtrace>")`, all on
+/// one line with escaped newlines: only the message's first line is kept, and a CUDA
+/// out-of-memory error says what to do about it.
 pub fn panic_message(payload: &(dyn Any + Send)) -> String {
     let msg = payload
         .downcast_ref::<String>()
         .map(String::as_str)
         .or_else(|| payload.downcast_ref::<&str>().copied())
         .unwrap_or("internal error");
-    msg.lines().next().unwrap_or("").to_string()
+    one_line_reason(msg)
+}
+
+/// See [`panic_message`]; also used for libtorch errors that arrive as values.
+pub fn one_line_reason(msg: &str) -> String {
+    let mut text = msg;
+    if let Some(i) = text.find("Torch(\"") {
+        text = &text[i + 7..];
+    }
+    // Escaped newlines (from Debug formatting) end the line like real ones.
+    let end = [text.find("\\n"), text.find('\n')].into_iter().flatten().min().unwrap_or(text.len());
+    let line = text[..end].trim().trim_end_matches("\")").trim_end_matches('"');
+    let line = if line.is_empty() { "internal error" } else { line };
+    if line.contains("CUDA out of memory") || line.contains("CUDA error: out of memory") {
+        return format!(
+            "out of GPU memory ({}): use a smaller --batch-size or --max-side, or run on the CPU",
+            crate::pipeline::cap_reason(line)
+        );
+    }
+    if line.contains("attempt to divide by zero") || line.contains("index out of bounds") {
+        return format!("internal error ({line}): please report it with the input that caused it");
+    }
+    crate::pipeline::cap_reason(line)
 }

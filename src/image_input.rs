@@ -16,6 +16,10 @@ pub const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// before decoding.
 pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
 
+/// Largest `--max-pixels` accepted (2^40, a million megapixels): byte budgets derived from it
+/// stay far from u64 overflow.
+pub const MAX_PIXELS_LIMIT: u64 = 1 << 40;
+
 /// Bytes per pixel the budget allows a decoder (the widest decoded layout, 32-bit float RGBA).
 const MAX_DECODED_BYTES_PER_PIXEL: u64 = 16;
 

@@ -27,7 +27,8 @@ pub struct ScoresFile {
 
 impl ScoresFile {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read scores {}", path.display()))?;
+        let text = crate::files::read_text(path, crate::files::MAX_TEXT_BYTES)
+            .with_context(|| format!("cannot read scores {}", path.display()))?;
         serde_json::from_str(&text)
             .with_context(|| format!("{}: not a scores file written by clipmask tag", path.display()))
     }

@@ -64,6 +64,8 @@ pub struct CrfOptions {
     pub confidence: f32,
     /// Also write OUT/confidence/<id>.npy (largest marginal per pixel, float32 H x W).
     pub save_confidence: bool,
+    /// Raised by a signal: the CRF stops between iterations ([`crate::crf::Cancelled`]).
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Pseudo-labels from the CRF: P = [(1 - max_c M_c)^alpha; M_1..M_K] (alpha = 1 in CLIP-ES),
@@ -87,7 +89,7 @@ pub fn crf_labels(
     }
     probs[n..].copy_from_slice(flat);
     let image = crate::crf::crf_image(img.as_raw(), crf.image);
-    let q = crate::crf::dense_crf(&image, w, h, &probs, k + 1, &crf.params)?;
+    let q = crate::crf::dense_crf_cancellable(&image, w, h, &probs, k + 1, &crf.params, crf.stop.as_deref())?;
     let mut ids = vec![0u8];
     ids.extend(label_ids(keys)?);
     Ok(crate::crf::labels_from_marginals(&q, k + 1, &ids, crf.confidence))

@@ -1,37 +1,10 @@
 //! Output files: palette label PNGs, `.npz` map archives, colour overlays; all written
 //! atomically (temporary name in the same directory, then rename), so an interrupted run never
 //! leaves a partial file under a final name.
+use crate::files::write_atomic;
 use anyhow::{bail, Context, Result};
 use ndarray::{Array1, Array3};
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-
-/// Writes a file through `write` to a temporary sibling, then renames it into place.
-pub fn write_atomic<F>(path: &Path, write: F) -> Result<()>
-where
-    F: FnOnce(&mut BufWriter<std::fs::File>) -> Result<()>,
-{
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> Result<()> {
-        let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        // Held until the file is closed: tells `files::sweep_temp_files` in another process
-        // (maybe on another machine sharing OUT) that this temporary file is being written.
-        let _ = file.try_lock();
-        let mut w = BufWriter::new(file);
-        write(&mut w)?;
-        w.flush()?;
-        w.get_ref().sync_data().ok();
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("cannot write {}", path.display())));
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
-}
 
 /// How label PNGs are written (`--mask-format`).
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -146,9 +119,19 @@ impl CamArchive {
     pub fn write(&self, path: &Path) -> Result<()> {
         write_atomic(path, |w| {
             let mut npz = ndarray_npy::NpzWriter::new_compressed(w);
-            npz.add_array("keys", &Array1::from(self.keys.clone()))?;
-            npz.add_array("cams", &self.cams)?;
-            npz.add_array("raw_cams", &self.raw_cams)?;
+            let added = (|| -> Result<()> {
+                npz.add_array("keys", &Array1::from(self.keys.clone()))?;
+                npz.add_array("cams", &self.cams)?;
+                npz.add_array("raw_cams", &self.raw_cams)?;
+                Ok(())
+            })();
+            if let Err(e) = added {
+                // Dropping a failed zip writer retries the write and prints "ZipWriter drop
+                // failed" to stderr (a full disk would print it for every image): the error is
+                // reported once, as this image's failure, and the writer is not dropped.
+                std::mem::forget(npz);
+                return Err(e);
+            }
             npz.finish()?;
             Ok(())
         })
@@ -310,5 +293,8 @@ pub const MAP_TOLERANCE: f32 = 1e-3;
 /// is always a file directly inside `OUT/<kind>`.
 pub fn output_path(out: &Path, kind: &str, id: &str, ext: &str) -> Result<PathBuf> {
     crate::datasets::validate_id(id).map_err(anyhow::Error::msg)?;
-    Ok(out.join(kind).join(format!("{id}.{ext}")))
+    // OUT/<kind> must be a real directory: a link planted there would send every file elsewhere.
+    let dir = out.join(kind);
+    crate::files::check_output_dir(&dir)?;
+    Ok(dir.join(format!("{id}.{ext}")))
 }

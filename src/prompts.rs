@@ -6,7 +6,6 @@ use crate::config::{DatasetConfig, Fusion};
 use anyhow::{bail, Context, Result};
 use instant_clip_tokenizer::{Token, Tokenizer};
 use sha2::{Digest, Sha256};
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use tch::{Kind, Tensor};
 
@@ -126,10 +125,11 @@ pub fn text_features(model: &Clip, cfg: &DatasetConfig) -> Result<TextFeatures> 
 fn write_cache(path: &std::path::Path, c: &Tensor, b: &Tensor) -> Result<()> {
     let dir = path.parent().context("cache path has no parent")?;
     std::fs::create_dir_all(dir)?;
-    let tmp: PathBuf =
-        dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    crate::files::check_final_name(path)?;
+    // libtorch writes to a path: an exclusive temporary file of ours, then the rename.
+    let (_, tmp) = crate::files::create_temp(path)?;
     Tensor::write_safetensors(&[("classes", c), ("background", b)], &tmp)?;
-    std::fs::rename(&tmp, path)?;
+    tmp.persist(path)?;
     Ok(())
 }
 
@@ -175,4 +175,17 @@ pub fn zero_shot_scores(model: &Clip, image_features: &Tensor, classes: &Tensor)
     let probs = logits.softmax(-1, Kind::Float).to_device(tch::Device::Cpu);
     let n = probs.size()[0];
     (0..n).map(|i| Ok(Vec::<f32>::try_from(probs.get(i))?)).collect()
+}
+
+/// Templates from a file, one per line with one `{}` (blank lines and `#` comments skipped, a
+/// byte-order mark ignored). A file with no template is an error, not a silent fallback.
+pub fn read_templates(path: &std::path::Path) -> Result<Vec<String>> {
+    let text =
+        crate::files::read_text(path, 64 << 20).with_context(|| format!("cannot read templates {}", path.display()))?;
+    let t: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+    if t.is_empty() {
+        bail!("templates {}: no template", path.display());
+    }
+    Ok(t)
 }

@@ -35,13 +35,24 @@ fn name(sig: i32) -> &'static str {
     }
 }
 
+/// Whether `sig` is ignored (SIG_IGN) in this process, as inherited from the parent.
+fn is_ignored(sig: i32) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current disposition into `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 impl Interrupt {
     /// Handles SIGINT, SIGTERM and SIGHUP from now on. `temp_dirs`: where this process writes
     /// temporary files, swept when a second signal quits at once.
     pub fn install(temp_dirs: Vec<PathBuf>) -> Result<Interrupt> {
         let me = Interrupt { stop: Arc::new(AtomicBool::new(false)), signal: Arc::new(AtomicI32::new(0)) };
-        let mut signals =
-            signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
+        // A signal the parent set to ignored stays ignored, as POSIX tools leave it:
+        // `nohup clipmask ... &` must survive the hangup.
+        let wanted: Vec<i32> = [SIGINT, SIGTERM, SIGHUP].into_iter().filter(|&s| !is_ignored(s)).collect();
+        let mut signals = signal_hook::iterator::Signals::new(wanted).context("cannot install signal handlers")?;
         let (stop, first) = (me.stop.clone(), me.signal.clone());
         std::thread::Builder::new()
             .name("signals".into())

@@ -37,6 +37,8 @@ pub fn templates() -> Vec<String> {
 /// Settings of the tagger.
 #[derive(Debug, Clone)]
 pub struct TagOptions {
+    /// Labels are the classes above this relative threshold ([`select`], [`DEFAULT_THRESHOLD`]).
+    pub threshold: f64,
     /// See [`DEFAULT_CANDIDATE_THRESHOLD`].
     pub candidate_threshold: f64,
     /// Round the interpolated positional table to fp16 as the official `upsample_pos_emb` does.
@@ -47,7 +49,12 @@ pub struct TagOptions {
 
 impl Default for TagOptions {
     fn default() -> Self {
-        Self { candidate_threshold: DEFAULT_CANDIDATE_THRESHOLD, round_pos_fp16: true, max_side: None }
+        Self {
+            threshold: DEFAULT_THRESHOLD,
+            candidate_threshold: DEFAULT_CANDIDATE_THRESHOLD,
+            round_pos_fp16: true,
+            max_side: None,
+        }
     }
 }
 

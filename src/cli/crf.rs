@@ -40,7 +40,7 @@ pub struct CrfCmdArgs {
     pub alpha: f32,
     /// Pixel budget for the images, as `generate --max-pixels`.
     #[arg(long, default_value_t = crate::image_input::DEFAULT_MAX_PIXELS, value_name = "N",
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=crate::image_input::MAX_PIXELS_LIMIT))]
     pub max_pixels: u64,
     #[command(flatten)]
     pub crf: CrfArgs,
@@ -54,17 +54,29 @@ pub struct CrfCmdArgs {
 
 pub fn run(args: &CrfCmdArgs) -> Result<i32> {
     let cfg = DatasetConfig::resolve(&args.config)?;
-    let opts = args.crf.options(&cfg)?;
+    let mut opts = args.crf.options(&cfg)?;
+    if !(args.alpha.is_finite() && args.alpha > 0.0) {
+        bail!("--alpha must be a finite number > 0, got {}", args.alpha);
+    }
     let ids: Vec<String> = crate::files::files_by_stem(&args.cams, &["npz"], "--cams", false)?.into_keys().collect();
     if ids.is_empty() {
         bail!("no .npz maps in {}", args.cams.display());
     }
     let masks_dir = args.out.join("masks");
+    let written = [("--out", masks_dir.clone()), ("--out", args.out.join("confidence"))];
+    let written: Vec<(&str, &std::path::Path)> = written.iter().map(|(w, p)| (*w, p.as_path())).collect();
+    crate::files::check_apart(&written, &[("--cams", &args.cams), ("--images", &args.images)])?;
+    for (_, d) in &written {
+        crate::files::check_output_dir(d)?;
+    }
+    crate::files::check_final_name(&args.out.join("failures.jsonl"))?;
     std::fs::create_dir_all(&masks_dir)
         .with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
+    crate::files::check_writable(&masks_dir)?;
     crate::files::sweep_temp_files(&crate::pipeline::temp_dirs(&args.out), false);
     let interrupt = crate::signals::Interrupt::install(crate::pipeline::temp_dirs(&args.out))?;
     let stop = interrupt.stop_flag();
+    opts.stop = Some(stop.clone());
     let palette = cfg.png_palette();
     let bar = progress_bar(ids.len() as u64);
     let start = std::time::Instant::now();
@@ -105,6 +117,9 @@ pub fn run(args: &CrfCmdArgs) -> Result<i32> {
                 write_label_png(&output_path(&args.out, "masks", id, "png")?, &labels, w as u32, h as u32, png_palette)
             })();
             bar.inc(1);
+            if r.as_ref().is_err_and(|e| e.downcast_ref::<crate::crf::Cancelled>().is_some()) {
+                return (id, None); // stopped by a signal mid-CRF: not attempted
+            }
             let r = r.map_err(|e| Failure {
                 id: id.clone(),
                 path: path.display().to_string(),

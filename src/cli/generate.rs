@@ -1,6 +1,6 @@
 //! `clipmask generate`: the main job. Image-level labels in, pixel pseudo-masks out.
 use super::ModelArgs;
-use crate::datasets::{read_labels_file, read_split, read_voc_annotations, shard, work_list};
+use crate::datasets::{read_labels_file_for, read_split, read_voc_annotations, shard, work_list};
 use crate::pipeline::{generate, GenerateOptions, MapOptions};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -86,7 +86,7 @@ pub struct GenerateArgs {
     /// fails with a reason before it is decoded, and decoders may not allocate more than 16
     /// bytes per budget pixel, so a crafted header cannot exhaust memory.
     #[arg(long, default_value_t = crate::image_input::DEFAULT_MAX_PIXELS, value_name = "N",
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=crate::image_input::MAX_PIXELS_LIMIT))]
     pub max_pixels: u64,
     /// Keep the interpolated positional table in full precision instead of rounding it to fp16
     /// as the reference does (moves maps by ~1e-3).
@@ -173,24 +173,9 @@ impl CrfArgs {
             },
             confidence: self.confidence,
             save_confidence: self.save_confidence,
+            stop: None,
         })
     }
-}
-
-/// Refuses an images directory that is one of OUT's output folders (the outputs would
-/// overwrite the inputs).
-fn check_images_not_in_outputs(images: &std::path::Path, out: &std::path::Path) -> Result<()> {
-    let Ok(images) = images.canonicalize() else { return Ok(()) };
-    for dir in crate::pipeline::temp_dirs(out).into_iter().skip(1) {
-        if dir.canonicalize().is_ok_and(|d| d == images) {
-            bail!(
-                "--images {} is an output folder of --out {}: outputs would overwrite inputs",
-                images.display(),
-                out.display()
-            );
-        }
-    }
-    Ok(())
 }
 
 pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
@@ -212,13 +197,16 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     }
     let cfg = crate::config::DatasetConfig::resolve(&args.model.config)?;
     let auto = super::tag::is_auto(args.labels.as_deref());
+    // The split is read first: a labels file is then parsed for its ids only.
+    let split = args.split.as_deref().map(read_split).transpose()?;
+    let wanted: Option<std::collections::HashSet<String>> = split.as_ref().map(|s| s.iter().cloned().collect());
     let labels: BTreeMap<String, Result<Vec<String>, String>> = match (&args.labels, &args.annotations, &args.coco) {
         // --labels auto (issue 18): filled once the model is loaded.
         (Some(_), _, _) if auto && args.shard.is_some() => {
             bail!("--labels auto cannot be sharded: run `clipmask tag` once, then shard `generate --labels FILE`")
         }
         (Some(_), _, _) if auto => BTreeMap::new(),
-        (Some(f), _, _) => read_labels_file(f)?.into_iter().map(|(k, v)| (k, Ok(v))).collect(),
+        (Some(f), _, _) => read_labels_file_for(f, wanted.as_ref())?.into_iter().map(|(k, v)| (k, Ok(v))).collect(),
         (None, Some(d), _) => read_voc_annotations(d)?,
         (None, None, Some(f)) => {
             let (labels, unannotated) = crate::datasets::read_coco_instances(f, &cfg)?;
@@ -231,26 +219,43 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
             bail!("give image-level labels with --labels FILE, --annotations DIR or --coco INSTANCES.json")
         }
     };
-    let split = args.split.as_deref().map(read_split).transpose()?;
     let shard_spec = args.shard.as_deref().map(parse_shard).transpose()?;
-    let crf = if args.crf { Some(args.crf_settings.options(&cfg)?) } else { None };
+    let mut crf = if args.crf { Some(args.crf_settings.options(&cfg)?) } else { None };
     let masks_dir = args.out.join("masks");
     std::fs::create_dir_all(&masks_dir)
         .with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
-    check_images_not_in_outputs(&args.images, &args.out)?;
-    let probe = args.out.join(format!(".clipmask-write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| format!("output directory {} is not writable", args.out.display()))?;
-    let _ = std::fs::remove_file(&probe);
+    // No output folder may be, or lie inside, an input directory (nor the reverse).
+    let written: Vec<PathBuf> = crate::pipeline::temp_dirs(&args.out).into_iter().skip(1).collect();
+    let written: Vec<(&str, &std::path::Path)> = written.iter().map(|p| ("--out", p.as_path())).collect();
+    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--images", &args.images)];
+    if let Some(d) = &args.annotations {
+        inputs.push(("--annotations", d));
+    }
+    crate::files::check_apart(&written, &inputs)?;
+    for (_, d) in &written {
+        crate::files::check_output_dir(d)?;
+    }
+    crate::files::check_final_name(&args.out.join("failures.jsonl"))?;
+    crate::files::check_writable(&args.out)?;
 
     // From here a signal stops the run cleanly: during the model load (or download) the run
     // then ends before its first image with the summary and the signal's exit status; a second
     // signal quits at once.
     let interrupt = crate::signals::Interrupt::install(crate::pipeline::temp_dirs(&args.out))?;
+    if let Some(c) = crf.as_mut() {
+        c.stop = Some(interrupt.stop_flag());
+    }
     if let Some(s) = args.scales.iter().find(|s| !s.is_finite() || **s <= 0.0 || **s > 4.0) {
         bail!("--scales {s}: each scale must be in (0, 4]");
     }
     if args.scales.is_empty() {
         bail!("--scales needs at least one value");
+    }
+    if !(args.alpha.is_finite() && args.alpha > 0.0) {
+        bail!("--alpha must be a finite number > 0, got {}", args.alpha);
+    }
+    if let Some(t) = args.box_threshold.filter(|t| !(0.0..1.0).contains(t)) {
+        bail!("--box-threshold must be in [0, 1), got {t}");
     }
     let model = args.model.load_model()?;
     let patch = model.visual.patch as u32;
@@ -259,18 +264,31 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     }
     let labels = if auto {
         let opts = crate::tagclip::TagOptions {
+            threshold: args.tag_threshold,
             max_side: Some(args.max_side),
             round_pos_fp16: !args.exact_positions,
             ..Default::default()
         };
-        super::tag::auto_labels(&model, &cfg, &args.images, split.as_deref(), &args.out, &opts, args.tag_threshold)?
+        let stop = interrupt.stop_flag();
+        let labels = super::tag::auto_labels(&model, &cfg, &args.images, split.as_deref(), &args.out, &opts, &stop)?;
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            // Tagged ids are saved in OUT/labels.json; no mask was started.
+            eprintln!("stopped while tagging: the labels so far are in {}", args.out.join("labels.json").display());
+            return Ok(interrupt.exit_code());
+        }
+        labels
     } else {
         labels
     };
-    let mut items = work_list(&cfg, &args.images, &labels, split.as_deref());
+    // Sharded before any image is looked up: each shard stats only its own files.
+    let mut ids: Vec<String> = match &split {
+        Some(s) => s.clone(),
+        None => labels.keys().cloned().collect(),
+    };
     if let Some((i, n)) = shard_spec {
-        items = shard(items, i, n);
+        ids = shard(ids, i, n);
     }
+    let items = work_list(&cfg, &args.images, &labels, Some(&ids));
     let mut text = crate::prompts::text_features(&model, &cfg)?;
     let mut model = model;
     model.text = None; // the text tower is not needed any more
@@ -312,7 +330,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     );
     if let Some(p) = &args.summary_json {
         let json = serde_json::to_string_pretty(&s)?;
-        crate::outputs::write_atomic(p, |w| Ok(std::io::Write::write_all(w, json.as_bytes())?))?;
+        crate::files::write_atomic(p, |w| Ok(std::io::Write::write_all(w, json.as_bytes())?))?;
     }
     if s.failed > 0 {
         eprintln!("failures are listed in {}", args.out.join("failures.jsonl").display());

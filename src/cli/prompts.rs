@@ -104,22 +104,28 @@ pub struct Ranked {
 }
 
 fn rank(args: &RankArgs) -> Result<i32> {
+    // The output is checked before the model loads and the templates are scored.
+    if let Some(out) = &args.write_config {
+        crate::files::check_final_name(out)?;
+    }
     let (model, cfg) = args.model.load()?;
     let labels = read_labels_file(&args.labels)?;
     let ids: Vec<String> = match &args.split {
         Some(s) => read_split(s)?,
         None => labels.keys().cloned().collect(),
     };
-    let (template_file, text) = match &args.templates {
-        Some(f) => {
-            (f.clone(), std::fs::read_to_string(f).with_context(|| format!("cannot read templates {}", f.display()))?)
-        }
-        None => {
-            (PathBuf::from("prompts/imagenet-templates.txt (built in)"), crate::config::IMAGENET_TEMPLATES.to_string())
-        }
+    let (template_file, mut templates) = match &args.templates {
+        Some(f) => (f.clone(), crate::prompts::read_templates(f)?),
+        None => (
+            PathBuf::from("prompts/imagenet-templates.txt (built in)"),
+            crate::config::IMAGENET_TEMPLATES
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect(),
+        ),
     };
-    let mut templates: Vec<String> =
-        text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
     for t in &cfg.templates {
         if !templates.contains(t) {
             templates.push(t.clone());
@@ -190,7 +196,7 @@ fn rank(args: &RankArgs) -> Result<i32> {
         let mut new = cfg.clone();
         new.templates = vec![ranked[0].template.clone()];
         let json = serde_json::to_string_pretty(&new)?;
-        crate::outputs::write_atomic(out, |w| Ok(std::io::Write::write_all(w, json.as_bytes())?))?;
+        crate::files::write_atomic(out, |w| Ok(std::io::Write::write_all(w, json.as_bytes())?))?;
         eprintln!("wrote {} with template {:?}", out.display(), ranked[0].template);
     }
     Ok(0)

@@ -5,8 +5,8 @@ use super::ModelArgs;
 use crate::clip::Clip;
 use crate::config::DatasetConfig;
 use crate::datasets::{find_image, read_split};
+use crate::files::write_atomic;
 use crate::label_metrics::{scores_path_for, ScoresFile};
-use crate::outputs::write_atomic;
 use crate::tagclip::{
     list_images, select, tag_image, text_features, TagOptions, TagText, DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_THRESHOLD,
 };
@@ -87,16 +87,6 @@ fn check_threshold(name: &str, t: f64) -> Result<()> {
     Ok(())
 }
 
-fn read_templates(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read templates {}", path.display()))?;
-    let t: Vec<String> =
-        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
-    if t.is_empty() {
-        bail!("templates {}: no template", path.display());
-    }
-    Ok(t)
-}
-
 /// What a tagging run produced.
 #[derive(Debug, Default)]
 pub struct TagRun {
@@ -114,7 +104,6 @@ pub fn tag_images(
     cfg: &DatasetConfig,
     items: &[(String, PathBuf)],
     opts: &TagOptions,
-    threshold: f64,
     stop: Option<&AtomicBool>,
 ) -> TagRun {
     let mut run = TagRun::default();
@@ -125,6 +114,12 @@ pub fn tag_images(
             run.interrupted = true;
             break;
         }
+        // One id rule for every command: an id `generate` would refuse is not tagged either.
+        if let Err(reason) = crate::datasets::validate_id(id) {
+            run.failures.push((id.clone(), path.clone(), reason));
+            bar.inc(1);
+            continue;
+        }
         let r = crate::image_input::load_rgb(path).and_then(|img| {
             let p = crate::pipeline::prepare(&img, model.visual.patch, opts.max_side);
             // libtorch errors surface as panics in tch: they fail this image, not the run.
@@ -133,7 +128,8 @@ pub fn tag_images(
         });
         match r {
             Ok(t) => {
-                let names = select(&t.scores, threshold).into_iter().map(|c| cfg.classes[c].name.clone()).collect();
+                let names =
+                    select(&t.scores, opts.threshold).into_iter().map(|c| cfg.classes[c].name.clone()).collect();
                 run.labels.insert(id.clone(), names);
                 run.scores.insert(id.clone(), t.scores);
             }
@@ -145,18 +141,46 @@ pub fn tag_images(
     run
 }
 
-/// Writes the labels and the scores (atomically).
+/// Writes the labels and the scores (atomically). Entries of an earlier run at the same paths
+/// that this run did not attempt are kept (an interrupted rerun must not lose them); this run's
+/// outcome replaces the entries of the ids it attempted.
 pub fn write_outputs(run: &TagRun, cfg: &DatasetConfig, threshold: f64, labels: &Path, scores: &Path) -> Result<()> {
-    let file = ScoresFile {
-        method: "tagclip".into(),
-        classes: cfg.class_names().iter().map(|s| s.to_string()).collect(),
-        threshold,
-        scores: run.scores.clone(),
-    };
+    let classes: Vec<String> = cfg.class_names().iter().map(|s| s.to_string()).collect();
+    let mut all_labels = run.labels.clone();
+    let mut all_scores = run.scores.clone();
+    if let Some((old_labels, old_scores)) = previous_outputs(labels, scores, &classes, threshold) {
+        let attempted: std::collections::HashSet<&String> =
+            run.labels.keys().chain(run.failures.iter().map(|(id, _, _)| id)).collect();
+        for (id, names) in old_labels {
+            if !attempted.contains(&id) {
+                if let Some(sc) = old_scores.get(&id) {
+                    all_scores.insert(id.clone(), sc.clone());
+                }
+                all_labels.insert(id, names);
+            }
+        }
+    }
+    let file = ScoresFile { method: "tagclip".into(), classes, threshold, scores: all_scores };
     let json = serde_json::to_string(&file)?;
     write_atomic(scores, |w| Ok(w.write_all(json.as_bytes())?))?;
-    let json = serde_json::to_string_pretty(&run.labels)?;
+    let json = serde_json::to_string_pretty(&all_labels)?;
     write_atomic(labels, |w| Ok(writeln!(w, "{json}")?))
+}
+
+/// The labels and scores an earlier run left at these paths, when they were made with the same
+/// classes and threshold (else they are replaced, as they could not be mixed with this run's).
+#[allow(clippy::type_complexity)]
+fn previous_outputs(
+    labels: &Path,
+    scores: &Path,
+    classes: &[String],
+    threshold: f64,
+) -> Option<(BTreeMap<String, Vec<String>>, BTreeMap<String, Vec<f32>>)> {
+    const MAX: u64 = 1 << 30;
+    let old_labels: BTreeMap<String, Vec<String>> =
+        serde_json::from_slice(&crate::files::read_regular(labels, MAX).ok()?).ok()?;
+    let old_scores: ScoresFile = serde_json::from_slice(&crate::files::read_regular(scores, MAX).ok()?).ok()?;
+    (old_scores.classes == classes && old_scores.threshold == threshold).then_some((old_labels, old_scores.scores))
 }
 
 /// Ids and image paths: the split's ids, or every image of the directory.
@@ -188,15 +212,18 @@ pub fn auto_labels(
     split: Option<&[String]>,
     out: &Path,
     opts: &TagOptions,
-    threshold: f64,
+    stop: &AtomicBool,
 ) -> Result<BTreeMap<String, Result<Vec<String>, String>>> {
-    check_threshold("--tag-threshold", threshold)?;
+    check_threshold("--tag-threshold", opts.threshold)?;
     let items = items_for(images, split)?;
+    if items.is_empty() {
+        bail!("--labels auto: no images in {}", images.display());
+    }
     let text = text_features(model, cfg, false, None)?;
     eprintln!("--labels auto: tagging {} images (TagCLIP)", items.len());
-    let run = tag_images(model, &text, cfg, &items, opts, threshold, None);
+    let run = tag_images(model, &text, cfg, &items, opts, Some(stop));
     let labels_path = out.join("labels.json");
-    write_outputs(&run, cfg, threshold, &labels_path, &scores_path_for(&labels_path))?;
+    write_outputs(&run, cfg, opts.threshold, &labels_path, &scores_path_for(&labels_path))?;
     let mut labels: BTreeMap<String, Result<Vec<String>, String>> =
         run.labels.into_iter().map(|(id, names)| (id, Ok(names))).collect();
     for (id, _, reason) in run.failures {
@@ -213,7 +240,7 @@ pub fn run(args: &TagArgs) -> Result<i32> {
     check_threshold("--threshold", args.threshold)?;
     check_threshold("--candidate-threshold", args.candidate_threshold)?;
     let cfg = DatasetConfig::resolve(&args.model.config)?;
-    let templates = args.templates.as_deref().map(read_templates).transpose()?;
+    let templates = args.templates.as_deref().map(crate::prompts::read_templates).transpose()?;
     let split = args.split.as_deref().map(read_split).transpose()?;
     let items = items_for(&args.images, split.as_deref())?;
     if items.is_empty() {
@@ -222,8 +249,14 @@ pub fn run(args: &TagArgs) -> Result<i32> {
     let scores_path = args.scores.clone().unwrap_or_else(|| scores_path_for(&args.out));
     let stem = args.out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "labels".into());
     let failures_path = args.out.with_file_name(format!("{stem}.failures.jsonl"));
-    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+    // Every output is checked before the model loads, not after the tagging.
+    for p in [&args.out, &scores_path, &failures_path] {
+        crate::files::check_final_name(p)?;
+    }
+    for p in [&args.out, &scores_path] {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create output directory {}", dir.display()))?;
+        crate::files::check_writable(dir)?;
     }
 
     // SIGINT, SIGTERM, SIGHUP: the first finishes the image in flight, a second quits at once.
@@ -233,28 +266,28 @@ pub fn run(args: &TagArgs) -> Result<i32> {
     let model = args.model.load_model()?;
     let text = text_features(&model, &cfg, args.class_prompts, templates)?;
     let opts = TagOptions {
+        threshold: args.threshold,
         candidate_threshold: args.candidate_threshold,
         round_pos_fp16: !args.exact_positions,
         max_side: Some(args.max_side),
     };
     let start = std::time::Instant::now();
-    let run = tag_images(&model, &text, &cfg, &items, &opts, args.threshold, Some(&stop));
+    let run = tag_images(&model, &text, &cfg, &items, &opts, Some(&stop));
     write_outputs(&run, &cfg, args.threshold, &args.out, &scores_path)?;
-    if run.failures.is_empty() {
-        match std::fs::remove_file(&failures_path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("cannot remove stale {}", failures_path.display()))
-            }
-            _ => {}
-        }
-    } else {
-        let mut lines = String::new();
-        for (id, path, reason) in &run.failures {
-            let v = serde_json::json!({"id": id, "path": path.display().to_string(), "reason": reason});
-            lines += &format!("{v}\n");
-        }
-        write_atomic(&failures_path, |w| Ok(w.write_all(lines.as_bytes())?))?;
-    }
+    // Ids of this run replace their entries; an interrupted run keeps those it did not reach.
+    let attempted: std::collections::HashSet<String> =
+        run.labels.keys().cloned().chain(run.failures.iter().map(|(id, _, _)| id.clone())).collect();
+    let failures: Vec<crate::pipeline::Failure> = run
+        .failures
+        .iter()
+        .map(|(id, path, reason)| crate::pipeline::Failure {
+            id: id.clone(),
+            path: path.display().to_string(),
+            stage: "tag".into(),
+            reason: reason.clone(),
+        })
+        .collect();
+    crate::pipeline::write_failures_file(&failures_path, &failures, &attempted)?;
     let n_labels: usize = run.labels.values().map(Vec::len).sum();
     eprintln!(
         "{} images: {} tagged ({:.2} labels per image), {} failed{} in {:.1} s; labels in {}, scores in {}",

@@ -53,6 +53,27 @@ impl ClipConfig {
             bail!("{src}: no transformer blocks found (visual.transformer.resblocks.N / transformer.resblocks.N)");
         }
         let text_width = tok[1];
+        // Every size must be positive (a zero-size weight would divide by zero later), and
+        // each tensor must have the rank its use assumes: checked here, not per image.
+        for (name, shape, rank) in [
+            ("visual.positional_embedding", &pos, 2),
+            ("visual.proj", &proj, 2),
+            ("token_embedding.weight", &tok, 2),
+            ("positional_embedding", &tpos, 2),
+        ] {
+            if shape.len() != rank || shape.iter().any(|&d| d <= 0) {
+                bail!("{src}: {name} has shape {shape:?}: expected {rank} positive sizes");
+            }
+        }
+        if conv.iter().any(|&d| d <= 0) {
+            bail!("{src}: visual.conv1.weight has shape {conv:?}: expected positive sizes");
+        }
+        if pos[1] != vision_width || proj[0] != vision_width {
+            bail!(
+                "{src}: visual.positional_embedding {pos:?} and visual.proj {proj:?} do not match the vision width \
+                 {vision_width} of visual.conv1.weight"
+            );
+        }
         Ok(Self {
             vision_width,
             vision_layers,

@@ -56,7 +56,9 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
 /// SHA-256 of a checkpoint, remembered in the cache by (path, size, modification time) so a
 /// 600 MB file is hashed once, not at every start.
 pub fn model_digest(path: &Path) -> Result<String> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Regular files only: /dev/zero or a FIFO would hang the hashing.
+    let meta =
+        crate::files::open_regular(path)?.metadata().with_context(|| format!("cannot read {}", path.display()))?;
     let mtime =
         meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
@@ -71,14 +73,14 @@ pub fn model_digest(path: &Path) -> Result<String> {
     map.insert(key, digest.clone());
     // Best effort: a read-only cache only costs the hashing next time.
     if let Ok(json) = serde_json::to_string_pretty(&map) {
-        let _ = crate::outputs::write_atomic(&index, |w| Ok(w.write_all(json.as_bytes())?));
+        let _ = crate::files::write_atomic(&index, |w| Ok(w.write_all(json.as_bytes())?));
     }
     Ok(digest)
 }
 
 /// SHA-256 of a file as lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f = crate::files::open_regular(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -98,11 +100,9 @@ fn hex(bytes: &[u8]) -> String {
 /// Streams `url` to `dest` through a temporary file, checking the SHA-256 before the rename,
 /// so a failed or corrupt download never sits under the final name.
 pub fn download(url: &str, dest: &Path, expected_sha: &str) -> Result<()> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp =
-        dir.join(format!(".{}.part-{}", dest.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
-    let result = (|| -> Result<String> {
+    // write_atomic: an exclusive temporary file, removed when the closure fails (a broken
+    // connection or a checksum mismatch), renamed into place otherwise.
+    crate::files::write_atomic(dest, |out| {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_connect(Some(std::time::Duration::from_secs(20)))
             .timeout_recv_body(Some(std::time::Duration::from_secs(3600)))
@@ -120,7 +120,6 @@ pub fn download(url: &str, dest: &Path, expected_sha: &str) -> Result<()> {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_message(format!("downloading {}", dest.file_name().unwrap_or_default().to_string_lossy()));
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -132,21 +131,11 @@ pub fn download(url: &str, dest: &Path, expected_sha: &str) -> Result<()> {
             out.write_all(&buf[..n])?;
             bar.inc(n as u64);
         }
-        out.flush()?;
         bar.finish_and_clear();
-        Ok(hex(&h.finalize()))
-    })();
-    match result {
-        Ok(sha) if sha == expected_sha => {
-            std::fs::rename(&tmp, dest).with_context(|| format!("cannot move download to {}", dest.display()))
+        let sha = hex(&h.finalize());
+        if sha != expected_sha {
+            bail!("checksum mismatch for {url}: expected SHA-256 {expected_sha}, got {sha}; nothing was saved");
         }
-        Ok(sha) => {
-            let _ = std::fs::remove_file(&tmp);
-            bail!("checksum mismatch for {url}: expected SHA-256 {expected_sha}, got {sha}; nothing was saved")
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+        Ok(())
+    })
 }

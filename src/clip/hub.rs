@@ -109,11 +109,13 @@ pub fn activation_beside(weights: &Path) -> Result<Activation> {
     let dir = weights.parent().unwrap_or_else(|| Path::new("."));
     let name = weights.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let oc = dir.join("open_clip_config.json");
-    if name.starts_with("open_clip") && oc.is_file() {
+    // `exists`, not `is_file`: a config that is there but unreadable (a FIFO, a directory) is an
+    // error, not a silent fallback to QuickGELU.
+    if name.starts_with("open_clip") && oc.exists() {
         return Activation::from_open_clip_config(&oc);
     }
     let hf = dir.join("config.json");
-    if hf.is_file() && !name.starts_with("open_clip") {
+    if hf.exists() && !name.starts_with("open_clip") {
         return Activation::from_hf_config(&hf);
     }
     Ok(Activation::default())

@@ -62,7 +62,8 @@ impl Activation {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Regular files only (a FIFO config.json in a cache must not hang the load), at most 16 MiB.
+    let text = crate::files::read_text(path, 16 << 20)?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 

@@ -17,7 +17,9 @@ pub struct Weights {
 impl Weights {
     /// Reads every tensor of a checkpoint onto the CPU, keeping its stored precision.
     pub fn read(path: &Path) -> Result<HashMap<String, Tensor>> {
-        let meta = std::fs::metadata(path).with_context(|| format!("cannot read model {}", path.display()))?;
+        let meta = crate::files::open_regular(path)
+            .and_then(|f| Ok(f.metadata()?))
+            .with_context(|| format!("cannot read model {}", path.display()))?;
         if meta.len() == 0 {
             bail!("model {} is empty (0 bytes): expected a CLIP ViT checkpoint", path.display());
         }
@@ -97,7 +99,7 @@ impl Weights {
 /// keeps peak memory near the model's own size).
 fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
+    let mut f = crate::files::open_regular(path)?;
     let file_len = f.metadata()?.len();
     let mut len = [0u8; 8];
     f.read_exact(&mut len).context("file shorter than the 8-byte header length")?;

@@ -38,7 +38,15 @@ impl Kernel {
 /// blurs every kernel's splatted input, then one pass over the pixels slices the messages,
 /// updates Q and splats it for the next iteration, so each pixel's vertex rows are visited
 /// once per iteration.
-pub(super) fn mean_field(probs: &[f32], n: usize, l: usize, kernels: &[Kernel], iterations: usize) -> Vec<f32> {
+/// None when `stop` was raised between iterations.
+pub(super) fn mean_field(
+    probs: &[f32],
+    n: usize,
+    l: usize,
+    kernels: &[Kernel],
+    iterations: usize,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Option<Vec<f32>> {
     let isa = detect_isa();
     let w = if l <= 2 { l } else { l.div_ceil(4) * 4 };
     // -unary = log(clip(P, 1e-5, 1)) (pydensecrf.utils.unary_from_softmax; np.clip = min(max)).
@@ -72,6 +80,9 @@ pub(super) fn mean_field(probs: &[f32], n: usize, l: usize, kernels: &[Kernel], 
         splat(isa, w, &q, &mut pass);
     }
     for it in 0..iterations {
+        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+            return None;
+        }
         // Blur each kernel's input (always in buffer a at this point) in place of its pair.
         let mut pass = Vec::with_capacity(kernels.len());
         for (k, b) in kernels.iter().zip(bufs.iter_mut()) {
@@ -101,7 +112,7 @@ pub(super) fn mean_field(probs: &[f32], n: usize, l: usize, kernels: &[Kernel], 
             out[lab * n + i] = x;
         }
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]

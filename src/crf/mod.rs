@@ -97,6 +97,40 @@ impl Default for CrfParams {
     }
 }
 
+/// Most mean-field iterations accepted (CLIP-ES uses 10; pydensecrf converges within ~20).
+pub const MAX_ITERATIONS: usize = 1000;
+
+impl CrfParams {
+    /// Checks every parameter is usable, so that a bad config fails before any work instead
+    /// of per image after the model has run: finite, standard deviations > 0, weights >= 0,
+    /// at most [`MAX_ITERATIONS`] iterations.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.iterations > MAX_ITERATIONS {
+            anyhow::bail!("crf.iterations must be at most {MAX_ITERATIONS}, got {}", self.iterations);
+        }
+        for (name, v) in [
+            ("gaussian_sxy", self.gaussian_sxy),
+            ("bilateral_sxy", self.bilateral_sxy),
+            ("bilateral_srgb", self.bilateral_srgb),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                anyhow::bail!("crf.{name} must be a finite number > 0, got {v}");
+            }
+        }
+        for (name, v) in [("gaussian_weight", self.gaussian_weight), ("bilateral_weight", self.bilateral_weight)] {
+            if !(v.is_finite() && v >= 0.0) {
+                anyhow::bail!("crf.{name} must be a finite number >= 0, got {v}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Returned by [`dense_crf_cancellable`] when its stop flag was raised mid-inference.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Cancelled;
+
 /// Which image the bilateral kernel sees (docs/method.md §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrfImage {
@@ -150,6 +184,21 @@ pub fn dense_crf(
     n_labels: usize,
     params: &CrfParams,
 ) -> anyhow::Result<Vec<f32>> {
+    dense_crf_cancellable(image, width, height, probs, n_labels, params, None)
+}
+
+/// [`dense_crf`] that checks `stop` between mean-field iterations and fails with
+/// [`Cancelled`] once it is set (a signal must not wait for a long inference).
+pub fn dense_crf_cancellable(
+    image: &[u8],
+    width: usize,
+    height: usize,
+    probs: &[f32],
+    n_labels: usize,
+    params: &CrfParams,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<Vec<f32>> {
+    params.validate()?;
     let n = width * height;
     anyhow::ensure!(n > 0, "dense_crf: empty image ({width}x{height})");
     anyhow::ensure!(n_labels > 0, "dense_crf: no labels");
@@ -184,7 +233,7 @@ pub fn dense_crf(
         let f = bilateral_features(image, width, height, params.bilateral_sxy, params.bilateral_srgb);
         kernels.push(Kernel::new(&f, 5, n, params.bilateral_weight));
     }
-    Ok(mean_field(probs, n, n_labels, &kernels, params.iterations))
+    mean_field(probs, n, n_labels, &kernels, params.iterations, stop).ok_or_else(|| Cancelled.into())
 }
 
 /// Argmax of the marginals per pixel (first maximum on ties, like numpy and Eigen), mapped

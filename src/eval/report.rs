@@ -4,7 +4,8 @@
 use super::run::{load_preds, spreads, Source};
 use super::{EvalOptions, EvalReport, ImageScore};
 use crate::config::DatasetConfig;
-use crate::outputs::{read_label_png_colours, write_atomic};
+use crate::files::write_atomic;
+use crate::outputs::read_label_png_colours;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@ use super::{CamKey, ConfusionMatrix, EvalOptions, EvalReport, ImageScore, LabelE
 use crate::config::DatasetConfig;
 use crate::labels::labels_from_cams;
 use crate::outputs::{read_label_png, read_label_png_colours, CamArchive};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use ndarray::Array3;
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashSet};
@@ -178,18 +178,15 @@ fn load_cams(
     gt_h: u32,
     gt_path: &Path,
 ) -> Result<(Array3<f32>, Vec<i64>)> {
-    let archive = CamArchive::read(path)?;
+    // The checks `crf` makes: keys unique class indices, values finite and in [0, 1] (NaN or
+    // out-of-range maps would otherwise be scored).
+    let mut archive = CamArchive::read(path)?;
+    archive.validate(key.name(), n_classes - 1).with_context(|| format!("{}", path.display()))?;
     let maps = match key {
         CamKey::Cams => archive.cams,
         CamKey::RawCams => archive.raw_cams,
     };
-    let (k, h, w) = maps.dim();
-    if archive.keys.len() != k {
-        bail!("{}: {} keys but {} maps in `{}`", path.display(), archive.keys.len(), k, key.name());
-    }
-    if let Some(&bad) = archive.keys.iter().find(|&&c| c < 0 || c as usize + 1 >= n_classes) {
-        bail!("{}: key {bad} is not a class index (0..={})", path.display(), n_classes - 2);
-    }
+    let (_, h, w) = maps.dim();
     if (w, h) != (gt_w as usize, gt_h as usize) {
         bail!(
             "size mismatch: maps in {} are {}x{} but ground truth {} is {}x{}",
@@ -336,6 +333,9 @@ fn evaluate_source(
 pub fn evaluate_runs(opts: &EvalOptions) -> Result<Vec<EvalReport>> {
     let config = DatasetConfig::resolve(&opts.config)?;
     let sources = sources(opts)?;
+    if let Some(dir) = &opts.report {
+        check_report_apart(dir, opts, &sources)?;
+    }
     let (ids, skipped) = resolve_ids(opts, &sources)?;
     if !skipped.is_empty() {
         eprintln!(
@@ -367,6 +367,27 @@ pub fn evaluate_runs(opts: &EvalOptions) -> Result<Vec<EvalReport>> {
         super::report::write_report(dir, opts, &runs, &config)?;
     }
     Ok(reports)
+}
+
+/// The report's folders must not be, or lie inside, any input folder (the report would
+/// overwrite photos or ground truth with its panels), and index.html must be writable: both
+/// checked before anything is scored.
+fn check_report_apart(dir: &Path, opts: &EvalOptions, sources: &[Source]) -> Result<()> {
+    let written = [dir.join("images"), dir.join("thumbs")];
+    let written: Vec<(&str, &Path)> = written.iter().map(|p| ("report folder", p.as_path())).collect();
+    let mut inputs: Vec<(&str, &Path)> = sources.iter().map(|s| ("predictions", s.dir())).collect();
+    if let Some(gt) = &opts.gt {
+        inputs.push(("ground truth", gt));
+    }
+    if let Some(images) = &opts.images {
+        inputs.push(("images", images));
+    }
+    crate::files::check_apart(&written, &inputs)?;
+    crate::files::check_output_dir(dir)?;
+    for (_, d) in &written {
+        crate::files::check_output_dir(d)?;
+    }
+    crate::files::check_final_name(&dir.join("index.html"))
 }
 
 /// [`evaluate_runs`] for exactly one run.

@@ -15,7 +15,7 @@ pub use maps::{
     compute_batch, compute_maps, finish_image, image_maps, prepare, prepare_variants, HostCopies, HostMaps, ImageMaps,
     MapOptions, Prepared, StageTimes, Unit, UnitMaps,
 };
-pub use write::{peak_rss_mib, progress_bar, write_confidence, write_failures};
+pub use write::{cap_reason, peak_rss_mib, progress_bar, write_confidence, write_failures, write_failures_file};
 
 use crate::clip::Clip;
 use crate::config::DatasetConfig;
@@ -78,7 +78,7 @@ pub struct Summary {
 pub struct Failure {
     pub id: String,
     pub path: String,
-    /// Where it failed: labels, decode, model or write.
+    /// Where it failed: labels, decode, model or write (crf and tag for those commands).
     pub stage: String,
     pub reason: String,
 }
@@ -101,7 +101,10 @@ type Outcome = (Item, Result<f64, ImageError>);
 
 fn is_complete(item: &Item, opts: &GenerateOptions) -> bool {
     // An invalid id has no output path: never complete (it fails with its reason).
-    let exists = |kind: &str, ext: &str| output_path(&opts.out, kind, &item.id, ext).is_ok_and(|p| p.exists());
+    // Regular files only: a link planted at an output name is not a finished output.
+    let exists = |kind: &str, ext: &str| {
+        output_path(&opts.out, kind, &item.id, ext).is_ok_and(|p| p.symlink_metadata().is_ok_and(|m| m.is_file()))
+    };
     exists("masks", "png")
         && (!opts.save_cams || exists("cams", "npz"))
         && (!opts.crf.as_ref().is_some_and(|c| c.save_confidence) || exists("confidence", "npy"))

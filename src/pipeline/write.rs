@@ -47,18 +47,42 @@ pub(super) fn write_outputs(
 pub fn write_confidence(path: &std::path::Path, conf: Vec<f32>, h: u32, w: u32) -> Result<()> {
     use ndarray_npy::WriteNpyExt;
     let arr = ndarray::Array2::from_shape_vec((h as usize, w as usize), conf)?;
-    crate::outputs::write_atomic(path, |f| Ok(arr.write_npy(f)?))
+    crate::files::write_atomic(path, |f| Ok(arr.write_npy(f)?))
 }
 
 /// Updates OUT/failures.jsonl: entries of images this run attempted are replaced by this run's
 /// outcome, others (other shards, images not reached) are kept. A lock on the output directory
 /// serialises shards that finish at the same time.
+/// Longest reason kept in a failures file, in bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// `reason` cut to at most [`MAX_REASON_BYTES`] at a character boundary, saying how much was cut.
+pub fn cap_reason(reason: &str) -> String {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason.to_string();
+    }
+    let mut end = MAX_REASON_BYTES - 40;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} ... ({} bytes cut)", &reason[..end], reason.len() - end)
+}
+
+/// Largest failures.jsonl read back (about 1 KB per failed image: a million failures).
+const MAX_FAILURES_BYTES: u64 = 1 << 30;
+
 pub fn write_failures(out: &std::path::Path, failures: &[Failure], attempted: &HashSet<String>) -> Result<()> {
-    let path = out.join("failures.jsonl");
+    write_failures_file(&out.join("failures.jsonl"), failures, attempted)
+}
+
+/// [`write_failures`] for any failures file (`tag` writes `<stem>.failures.jsonl` beside its
+/// labels); the lock is taken on the file's directory. Reasons are capped at
+/// [`MAX_REASON_BYTES`] (a 50 MB class name must not go whole into the file).
+pub fn write_failures_file(path: &std::path::Path, failures: &[Failure], attempted: &HashSet<String>) -> Result<()> {
+    let out = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     let lock = std::fs::File::open(out).with_context(|| format!("cannot open {}", out.display()))?;
     lock.lock().with_context(|| format!("cannot lock {}", path.display()))?;
-    let mut lines: Vec<String> = std::fs::read_to_string(&path)
-        .unwrap_or_default()
+    let mut lines: Vec<String> = crate::files::read_own_text(path, MAX_FAILURES_BYTES)?
         .lines()
         .filter(|l| {
             let id = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["id"].as_str().map(String::from));
@@ -67,15 +91,16 @@ pub fn write_failures(out: &std::path::Path, failures: &[Failure], attempted: &H
         .map(String::from)
         .collect();
     for f in failures {
-        lines.push(serde_json::to_string(f)?);
+        let capped = Failure { reason: cap_reason(&f.reason), ..f.clone() };
+        lines.push(serde_json::to_string(&capped)?);
     }
     let r = if lines.is_empty() {
-        match std::fs::remove_file(&path) {
+        match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
     } else {
-        crate::outputs::write_atomic(&path, |w| {
+        crate::files::write_atomic(path, |w| {
             use std::io::Write;
             for l in &lines {
                 writeln!(w, "{l}")?;

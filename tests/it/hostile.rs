@@ -21,7 +21,7 @@ fn generate(tmp: &Path, imgs: &Path, out: &Path) -> Command {
 }
 
 /// The summary line "N images: D done, S skipped ..., F failed ..." as (N, D, F).
-fn summary(stderr: &str) -> (usize, usize, usize) {
+pub(crate) fn summary(stderr: &str) -> (usize, usize, usize) {
     let line = stderr
         .lines()
         .find(|l| l.contains(" images: ") && l.contains(" done, "))
@@ -37,7 +37,7 @@ fn summary(stderr: &str) -> (usize, usize, usize) {
     (count("images"), count("done"), count("failed"))
 }
 
-fn failures(out: &Path) -> BTreeMap<String, (String, String)> {
+pub(crate) fn failures(out: &Path) -> BTreeMap<String, (String, String)> {
     let Ok(text) = std::fs::read_to_string(out.join("failures.jsonl")) else { return BTreeMap::new() };
     text.lines()
         .map(|l| {
@@ -52,7 +52,7 @@ fn failures(out: &Path) -> BTreeMap<String, (String, String)> {
 }
 
 /// Ids with a mask (temporary names excluded).
-fn mask_ids(out: &Path) -> BTreeSet<String> {
+pub(crate) fn mask_ids(out: &Path) -> BTreeSet<String> {
     let Ok(rd) = std::fs::read_dir(out.join("masks")) else { return BTreeSet::new() };
     rd.flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -102,7 +102,7 @@ fn assert_tree_unchanged(
     );
 }
 
-fn no_temp_files(out: &Path) {
+pub(crate) fn no_temp_files(out: &Path) {
     let temps: Vec<PathBuf> = files_under(out).into_iter().filter(|p| is_temp_name(p)).collect();
     assert!(temps.is_empty(), "temporary files left in {}: {temps:?}", out.display());
 }
@@ -409,12 +409,12 @@ fn images_over_the_pixel_budget_fail_alone_under_a_memory_limit() {
 // 3. Signals
 // ---------------------------------------------------------------------------------------------
 
-fn kill(child: &Child, sig: &str) {
+pub(crate) fn kill(child: &Child, sig: &str) {
     let st = Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
     assert!(st.success(), "kill -{sig}");
 }
 
-fn wait_for(mut cond: impl FnMut() -> bool, limit: Duration) -> bool {
+pub(crate) fn wait_for(mut cond: impl FnMut() -> bool, limit: Duration) -> bool {
     let t = Instant::now();
     while !cond() {
         if t.elapsed() > limit {
@@ -426,7 +426,7 @@ fn wait_for(mut cond: impl FnMut() -> bool, limit: Duration) -> bool {
 }
 
 /// Whether the process catches SIGHUP, SIGINT and SIGTERM yet (SigCgt in /proc/<pid>/status).
-fn handlers_installed(child: &Child) -> bool {
+pub(crate) fn handlers_installed(child: &Child) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) else { return false };
     let Some(mask) = status.lines().find_map(|l| l.strip_prefix("SigCgt:")) else { return false };
     let mask = u64::from_str_radix(mask.trim(), 16).unwrap_or(0);
@@ -434,7 +434,7 @@ fn handlers_installed(child: &Child) -> bool {
 }
 
 /// Waits for the child, killing it after `limit` (then panics).
-fn wait_output(child: Child, limit: Duration) -> (Option<i32>, String) {
+pub(crate) fn wait_output(child: Child, limit: Duration) -> (Option<i32>, String) {
     let pid = child.id();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let d = done.clone();
@@ -617,7 +617,7 @@ fn a_second_signal_quits_at_once_without_crashing_many_times_over() {
 // 4. Only regular files are read
 // ---------------------------------------------------------------------------------------------
 
-fn mkfifo(p: &Path) {
+pub(crate) fn mkfifo(p: &Path) {
     let st = Command::new("mkfifo").arg(p).status().unwrap();
     assert!(st.success(), "mkfifo {}", p.display());
 }
@@ -663,7 +663,7 @@ fn fifos_devices_and_sockets_among_the_images_fail_without_blocking() {
 // 5. `clipmask crf` validates its archives
 // ---------------------------------------------------------------------------------------------
 
-fn write_npz(p: &Path, keys: &[i64], cams: &ndarray::Array3<f32>) {
+pub(crate) fn write_npz(p: &Path, keys: &[i64], cams: &ndarray::Array3<f32>) {
     let f = std::fs::File::create(p).unwrap();
     let mut npz = ndarray_npy::NpzWriter::new(f);
     npz.add_array("keys", &ndarray::Array1::from(keys.to_vec())).unwrap();

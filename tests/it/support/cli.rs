@@ -10,10 +10,16 @@ use std::sync::{Arc, Mutex};
 /// The clipmask binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_clipmask");
 
+/// The binary the CLI tests run: `CLIPMASK_TEST_BIN` when set (to check that a test fails on
+/// an earlier build, as a regression test must), else the one built with the tests.
+pub fn bin() -> PathBuf {
+    std::env::var_os("CLIPMASK_TEST_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(BIN))
+}
+
 /// The clipmask binary with `CLIPMASK_CACHE` pointed at `cache` (never the user's cache) and
 /// the model-URL override and `RUST_BACKTRACE` removed.
 pub fn clipmask(cache: &Path) -> Command {
-    let mut c = Command::new(BIN);
+    let mut c = Command::new(bin());
     c.env("CLIPMASK_CACHE", cache).env_remove("CLIPMASK_MODEL_BASE_URL").env_remove("RUST_BACKTRACE");
     c
 }
