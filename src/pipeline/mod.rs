@@ -460,7 +460,7 @@ impl<'a> Run<'a> {
 fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T, ImageError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(ImageError::Model(format!("{e:#}"))),
+        Ok(Err(e)) => Err(ImageError::Model(crate::errors::one_line_reason(&format!("{e:#}")))),
         Err(p) => Err(ImageError::Model(panic_message(p.as_ref()))),
     }
 }
