@@ -126,7 +126,7 @@ impl DatasetConfig {
             bail!("`templates` is empty");
         }
         for t in &self.templates {
-            crate::prompts::check_template(t)?;
+            check_template(t)?;
         }
         let mut seen = HashSet::new();
         for c in &self.classes {
@@ -231,3 +231,11 @@ pub const SHIPPED: &[(&str, &str)] =
 /// CLIP's 80 ImageNet templates (`prompts/imagenet-templates.txt`), compiled in: the default
 /// candidates of `prompts rank`.
 pub const IMAGENET_TEMPLATES: &str = include_str!("../prompts/imagenet-templates.txt");
+
+/// A prompt template must hold exactly one `{}` (where the class name goes).
+pub fn check_template(t: &str) -> Result<()> {
+    if t.matches("{}").count() != 1 {
+        bail!("template {t:?} must contain exactly one `{{}}`");
+    }
+    Ok(())
+}

@@ -2,8 +2,37 @@
 //! a tab-separated text file, or VOC XML annotations; split files; image file lookup.
 use crate::config::DatasetConfig;
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+
+/// Per-class scores as `clipmask tag` writes them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScoresFile {
+    /// What produced them ("tagclip").
+    pub method: String,
+    /// Class names, in score order (the config's).
+    pub classes: Vec<String>,
+    /// Relative threshold the labels were chosen with.
+    pub threshold: f64,
+    /// Per image, one score per class.
+    pub scores: BTreeMap<String, Vec<f32>>,
+}
+
+impl ScoresFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = crate::files::read_text(path, crate::files::MAX_TEXT_BYTES)
+            .with_context(|| format!("cannot read scores {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a scores file written by clipmask tag", path.display()))
+    }
+}
+
+/// The scores file that goes with a labels file: `labels.json` -> `labels.scores.json`.
+pub fn scores_path_for(labels: &Path) -> PathBuf {
+    let stem = labels.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "labels".into());
+    labels.with_file_name(format!("{stem}.scores.json"))
+}
 
 /// Labels of one image as read: class names, possibly unknown or empty (checked per image).
 pub type RawLabels = BTreeMap<String, Vec<String>>;

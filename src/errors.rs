@@ -58,11 +58,32 @@ pub fn one_line_reason(msg: &str) -> String {
     if line.contains("CUDA out of memory") || line.contains("CUDA error: out of memory") {
         return format!(
             "out of GPU memory ({}): use a smaller --batch-size or --max-side, or run on the CPU",
-            crate::pipeline::cap_reason(line)
+            cap_reason(line)
         );
     }
     if line.contains("attempt to divide by zero") || line.contains("index out of bounds") {
         return format!("internal error ({line}): please report it with the input that caused it");
     }
-    crate::pipeline::cap_reason(line)
+    cap_reason(line)
+}
+
+/// Longest reason kept in a failures file, in bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// `reason` cut to at most [`MAX_REASON_BYTES`] at a character boundary, saying how much was cut.
+pub fn cap_reason(reason: &str) -> String {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason.to_string();
+    }
+    let mut end = MAX_REASON_BYTES - 40;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} ... ({} bytes cut)", &reason[..end], reason.len() - end)
+}
+
+/// One error per line: the context chain, without libtorch's C++ backtrace lines.
+pub fn format_error(e: &anyhow::Error) -> String {
+    let line = e.chain().map(|c| one_line_reason(&c.to_string())).collect::<Vec<_>>().join(": ");
+    cap_reason(&line)
 }

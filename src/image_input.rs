@@ -353,3 +353,30 @@ pub fn zero_shot_crop(img: &RgbImage, res: u32) -> RgbImage {
     let left = ((nw - res) as f64 / 2.0).round_ties_even() as u32;
     image::imageops::crop_imm(&resized, left, top, res, res).to_image()
 }
+
+/// The model-side input of an image: the resized, normalised tensor and its grid.
+pub struct Prepared {
+    pub input: Tensor,
+    pub gh: i64,
+    pub gw: i64,
+    /// Size of the original image (maps are returned at this size).
+    pub width: i64,
+    pub height: i64,
+    /// The input is the mirror image: its maps are flipped back.
+    pub flipped: bool,
+}
+
+/// docs/method.md §1: resize to patch multiples (Pillow bicubic), normalise.
+pub fn prepare(img: &RgbImage, patch: i64, max_side: Option<u32>) -> Prepared {
+    let (w, h) = (img.width(), img.height());
+    let (iw, ih) = clipes_size(w, h, patch as u32, max_side);
+    prepare_at(img, patch, iw, ih, false)
+}
+
+/// [`prepare`] at a given input size, optionally mirrored (test-time augmentation).
+pub fn prepare_at(img: &RgbImage, patch: i64, iw: u32, ih: u32, flipped: bool) -> Prepared {
+    let (w, h) = (img.width(), img.height());
+    let input = if (iw, ih) == (w, h) { to_tensor(img) } else { to_tensor(&resize_bicubic(img, iw, ih)) };
+    let input = if flipped { input.flip([3]) } else { input };
+    Prepared { input, gh: ih as i64 / patch, gw: iw as i64 / patch, width: w as i64, height: h as i64, flipped }
+}

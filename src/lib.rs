@@ -3,7 +3,9 @@
 //! Data flow (see [`pipeline::generate`]): [`clip`] loads CLIP, [`prompts`] turns the
 //! [`config`] into text features, [`image_input`] prepares each image, [`clip::vision`] runs the
 //! vision tower, [`cam`] computes softmax-GradCAM, [`affinity`] refines with attention, [`crf`]
-//! optionally sharpens, [`labels`] turns maps into labels, [`outputs`] writes masks and maps. [`eval`] scores label maps.
+//! optionally sharpens, [`label_maps`] turns maps into label maps, [`outputs`] writes masks and
+//! maps, [`failures`] records what failed. [`tagclip`] predicts image-level labels when there
+//! are none; [`eval`] scores label maps (and image-level labels). [`cli`] parses and prints.
 // Doc comments of clap arguments are the --help text, where `<id>` and `<class>` are
 // placeholders, not HTML.
 #![allow(rustdoc::invalid_html_tags)]
@@ -17,12 +19,13 @@ pub mod datasets;
 pub mod device;
 pub mod errors;
 pub mod eval;
+pub mod failures;
 pub mod files;
 pub mod image_input;
-pub mod label_metrics;
-pub mod labels;
+pub mod label_maps;
 pub mod outputs;
 pub mod pipeline;
+pub mod progress;
 pub mod prompts;
 pub mod signals;
 pub mod tagclip;

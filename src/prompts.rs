@@ -71,14 +71,6 @@ pub struct TextFeatures {
 
 use crate::clip::l2_normalize as l2norm;
 
-/// A prompt template must hold exactly one `{}` (where the class name goes).
-pub fn check_template(t: &str) -> Result<()> {
-    if t.matches("{}").count() != 1 {
-        bail!("template {t:?} must contain exactly one `{{}}`");
-    }
-    Ok(())
-}
-
 /// Encodes groups of sentences: each group's embeddings are normalised, averaged, normalised
 /// again (docs/method.md §3), in the model's precision as the reference does (in fp16 every
 /// normalisation and the mean are fp16). Returns (groups, E) in fp32 on the CPU.
@@ -182,10 +174,94 @@ pub fn zero_shot_scores(model: &Clip, image_features: &Tensor, classes: &Tensor)
 pub fn read_templates(path: &std::path::Path) -> Result<Vec<String>> {
     let text =
         crate::files::read_text(path, 64 << 20).with_context(|| format!("cannot read templates {}", path.display()))?;
-    let t: Vec<String> =
-        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+    let t = parse_templates(&text);
     if t.is_empty() {
         bail!("templates {}: no template", path.display());
     }
     Ok(t)
+}
+
+/// The templates of a text: one per line, blank lines and `#` comments skipped.
+pub fn parse_templates(text: &str) -> Vec<String> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect()
+}
+
+/// One template's sharpness (`prompts rank`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Ranked {
+    pub template: String,
+    /// Mean over images of var(s\[labels\]) / mean(s\[labels\]) (CLIP-ES §3.3): lower is better.
+    pub sharpness: f64,
+    /// Images it was measured on.
+    pub images: usize,
+}
+
+/// Ranks `templates` by sharpness on the multi-label images among `ids` (image features once,
+/// CLIP's zero-shot protocol; the text features once per template), best first. Images that
+/// cannot be read or whose labels are not the config's are skipped with a warning.
+pub fn rank_templates(
+    model: &Clip,
+    cfg: &DatasetConfig,
+    images: &std::path::Path,
+    labels: &crate::datasets::RawLabels,
+    ids: &[String],
+    templates: &[String],
+) -> Result<Vec<Ranked>> {
+    let mut feats = Vec::new();
+    let mut gts = Vec::new();
+    let mut skipped = 0;
+    for id in ids {
+        let Some(names) = labels.get(id) else { continue };
+        let Ok(gt) = crate::datasets::resolve_labels(cfg, names) else {
+            skipped += 1;
+            continue;
+        };
+        if gt.len() < 2 {
+            continue;
+        }
+        let loaded = crate::datasets::find_image(images, id)
+            .ok_or_else(|| anyhow::anyhow!(crate::datasets::missing_image_reason(images, id)))
+            .and_then(|path| crate::image_input::load_rgb(&path));
+        match loaded {
+            Ok(img) => {
+                feats.push(model.image_feature(&img));
+                gts.push(gt);
+            }
+            Err(e) => {
+                eprintln!("warning: {}", crate::errors::format_error(&e));
+                skipped += 1;
+            }
+        }
+    }
+    if feats.is_empty() {
+        bail!("no usable image with at least two labels: sharpness needs multi-label images");
+    }
+    if skipped > 0 {
+        eprintln!("warning: {skipped} image(s) skipped (unreadable or labels not in the config)");
+    }
+    let feats = Tensor::cat(&feats, 0);
+    let bar = crate::progress::progress_bar(templates.len() as u64);
+    bar.set_message("templates");
+    let mut ranked = Vec::new();
+    for t in templates {
+        let groups: Vec<Vec<String>> =
+            class_sentences(cfg, std::slice::from_ref(t)).into_iter().map(|(_, s)| s).collect();
+        let classes = encode_groups(model, &groups)?.to_device(model.device);
+        let scores = zero_shot_scores(model, &feats, &classes)?;
+        let (s, n) = sharpness(&scores, &gts);
+        ranked.push(Ranked { template: t.clone(), sharpness: s, images: n });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    ranked.sort_by(|a, b| a.sharpness.total_cmp(&b.sharpness).then_with(|| a.template.cmp(&b.template)));
+    Ok(ranked)
+}
+
+/// Zero-shot probabilities over the config's classes, in config order.
+pub fn zero_shot(model: &Clip, text: &TextFeatures, path: &std::path::Path) -> Result<Vec<f32>> {
+    let img = crate::image_input::load_rgb(path)?;
+    let f = model.image_feature(&img);
+    let logits = f.matmul(&text.classes.to_kind(Kind::Float).transpose(0, 1)) * model.logit_scale;
+    let probs = logits.softmax(-1, Kind::Float).get(0).to_device(tch::Device::Cpu);
+    Ok(Vec::<f32>::try_from(probs)?)
 }

@@ -12,8 +12,9 @@ pub use gradcam::{grad_cam, grad_cam_targets, CamResult};
 use tch::Tensor;
 
 /// Which method produces the maps (`generate --cam`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lowercase")]
 pub enum CamSource {
     /// CLIP-ES: softmax-GradCAM on block L's ln_1 output (one backward pass).
     #[default]

@@ -2,12 +2,9 @@
 //! to the model's resolution, centre crop, class-token feature, softmax over the config's
 //! classes with the model's logit scale).
 use super::ModelArgs;
-use crate::clip::Clip;
-use crate::image_input::load_rgb;
-use crate::prompts::TextFeatures;
+use crate::prompts::zero_shot;
 use anyhow::Result;
-use std::path::{Path, PathBuf};
-use tch::Kind;
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct ClassifyArgs {
@@ -22,15 +19,6 @@ pub struct ClassifyArgs {
     /// Images to classify.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
-}
-
-/// Zero-shot probabilities over the config's classes, in config order.
-pub fn zero_shot(model: &Clip, text: &TextFeatures, path: &Path) -> Result<Vec<f32>> {
-    let img = load_rgb(path)?;
-    let f = model.image_feature(&img);
-    let logits = f.matmul(&text.classes.to_kind(Kind::Float).transpose(0, 1)) * model.logit_scale;
-    let probs = logits.softmax(-1, Kind::Float).get(0).to_device(tch::Device::Cpu);
-    Ok(Vec::<f32>::try_from(probs)?)
 }
 
 pub fn run(args: &ClassifyArgs) -> Result<i32> {

@@ -3,17 +3,6 @@ use crate::eval::{CamKey, EvalOptions, LabelOptions};
 use anyhow::Result;
 use std::path::PathBuf;
 
-/// Which maps of a CAM archive to label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum CamKeyArg {
-    /// Refined (CAA) maps.
-    #[value(name = "cams")]
-    Cams,
-    /// GradCAM maps before refinement.
-    #[value(name = "raw_cams", alias = "raw-cams")]
-    RawCams,
-}
-
 /// `clipmask eval`: score label maps (or saved CAMs) against ground truth; several runs are
 /// compared side by side.
 #[derive(Debug, Clone, clap::Args)]
@@ -59,8 +48,8 @@ pub struct EvalArgs {
     #[arg(long, value_name = "A,B,..", value_delimiter = ',', default_value = "1,2")]
     pub alpha: Vec<f32>,
     /// Which maps of the archives to label with --cams.
-    #[arg(long, value_enum, default_value_t = CamKeyArg::Cams)]
-    pub cam_key: CamKeyArg,
+    #[arg(long, value_enum, default_value_t = CamKey::Cams)]
+    pub cam_key: CamKey,
     /// Image-level label quality (issue 18: --labels-pred, --labels-gt, --annotations, --scores).
     #[command(flatten)]
     pub labels: LabelEvalArgs,
@@ -99,10 +88,7 @@ impl EvalArgs {
             report: self.report.clone(),
             images: self.images.clone(),
             alpha: self.alpha.clone(),
-            cam_key: match self.cam_key {
-                CamKeyArg::Cams => CamKey::Cams,
-                CamKeyArg::RawCams => CamKey::RawCams,
-            },
+            cam_key: self.cam_key,
             labels: LabelOptions {
                 labels_pred: self.labels.labels_pred.clone(),
                 labels_gt: self.labels.labels_gt.clone(),

@@ -1,5 +1,5 @@
 //! `clipmask generate`: the main job. Image-level labels in, pixel pseudo-masks out.
-use super::ModelArgs;
+use super::args::{CrfArgs, ImageSetArgs, ModelArgs};
 use crate::datasets::{read_labels_file_for, read_split, read_voc_annotations, shard, work_list};
 use crate::pipeline::{generate, GenerateOptions, MapOptions};
 use anyhow::{bail, Context, Result};
@@ -33,9 +33,8 @@ image in flight and writes the summary and failures.jsonl; a second one quits at
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Directory of images, looked up as <id>.jpg (or .jpeg/.png/...).
-    #[arg(long)]
-    pub images: PathBuf,
+    #[command(flatten)]
+    pub input: ImageSetArgs,
     /// Output directory (created if missing).
     #[arg(long)]
     pub out: PathBuf,
@@ -56,9 +55,6 @@ pub struct GenerateArgs {
     /// classes by rank; images without annotations are skipped and counted).
     #[arg(long, value_name = "INSTANCES.json", conflicts_with = "labels")]
     pub coco: Option<PathBuf>,
-    /// Ids to process, one per line (default: every id that has labels, sorted).
-    #[arg(long)]
-    pub split: Option<PathBuf>,
     /// Process only shard I of N (0-based, "I/N"): every N-th id starting at I, so N processes
     /// cover the list exactly once without coordination.
     #[arg(long, value_name = "I/N")]
@@ -103,7 +99,7 @@ pub struct GenerateArgs {
     /// last block's attention changed as each paper's code does; no backward pass). CAA,
     /// labels and CRF are the same for all (docs/method.md §10).
     #[arg(long = "cam", value_enum, default_value = "gradcam", value_name = "SOURCE")]
-    pub cam_source: CamSourceArg,
+    pub cam_source: crate::cam::CamSource,
     /// Test-time augmentation: input scales, comma separated (e.g. 1.0,0.75,1.25). Each scale's
     /// maps are resized back to the original size and averaged (raw and refined separately).
     #[arg(long, value_delimiter = ',', default_value = "1.0", value_name = "S,S,..")]
@@ -136,48 +132,6 @@ pub struct GenerateArgs {
     pub summary_json: Option<PathBuf>,
 }
 
-/// Dense CRF settings, shared by `generate --crf` and `clipmask crf`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct CrfArgs {
-    /// Image the CRF's bilateral kernel sees. faithful: the reference's OpenCV BGR image minus
-    /// the mean (104.008, 116.669, 122.675) wrapped to uint8, which produced the published
-    /// 75.0 mIoU; rgb: the plain photo (what the paper describes).
-    #[arg(long, value_enum, default_value = "faithful")]
-    pub crf_image: CrfImageArg,
-    /// Pixels whose largest CRF marginal is below this become 255 (ignored by the
-    /// segmentation loss): CLIP-ES's confidence-guided loss at this stage.
-    #[arg(long, default_value_t = 0.95)]
-    pub confidence: f32,
-    /// Also write OUT/confidence/<id>.npy: the largest marginal per pixel (float32 H x W), for
-    /// losses that weight pixels instead of cutting them.
-    #[arg(long)]
-    pub save_confidence: bool,
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy)]
-pub enum CrfImageArg {
-    Faithful,
-    Rgb,
-}
-
-impl CrfArgs {
-    pub fn options(&self, cfg: &crate::config::DatasetConfig) -> Result<crate::labels::CrfOptions> {
-        if !(0.0..=1.0).contains(&self.confidence) {
-            bail!("--confidence must be in [0, 1], got {}", self.confidence);
-        }
-        Ok(crate::labels::CrfOptions {
-            params: cfg.crf,
-            image: match self.crf_image {
-                CrfImageArg::Faithful => crate::crf::CrfImage::Faithful,
-                CrfImageArg::Rgb => crate::crf::CrfImage::Rgb,
-            },
-            confidence: self.confidence,
-            save_confidence: self.save_confidence,
-            stop: None,
-        })
-    }
-}
-
 pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
     let (i, n) = s.split_once('/').with_context(|| format!("--shard {s:?}: expected I/N, e.g. 0/4"))?;
     let (i, n): (usize, usize) = (
@@ -192,13 +146,13 @@ pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
 
 pub fn run(args: &GenerateArgs) -> Result<i32> {
     // Everything that can fail for the whole run is checked before the model loads.
-    if !args.images.is_dir() {
-        bail!("--images {}: not a directory", args.images.display());
+    if !args.input.images.is_dir() {
+        bail!("--images {}: not a directory", args.input.images.display());
     }
     let cfg = crate::config::DatasetConfig::resolve(&args.model.config)?;
     let auto = super::tag::is_auto(args.labels.as_deref());
     // The split is read first: a labels file is then parsed for its ids only.
-    let split = args.split.as_deref().map(read_split).transpose()?;
+    let split = args.input.split.as_deref().map(read_split).transpose()?;
     let wanted: Option<std::collections::HashSet<String>> = split.as_ref().map(|s| s.iter().cloned().collect());
     let labels: BTreeMap<String, Result<Vec<String>, String>> = match (&args.labels, &args.annotations, &args.coco) {
         // --labels auto (issue 18): filled once the model is loaded.
@@ -227,7 +181,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     // No output folder may be, or lie inside, an input directory (nor the reverse).
     let written: Vec<PathBuf> = crate::pipeline::temp_dirs(&args.out).into_iter().skip(1).collect();
     let written: Vec<(&str, &std::path::Path)> = written.iter().map(|p| ("--out", p.as_path())).collect();
-    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--images", &args.images)];
+    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--images", &args.input.images)];
     if let Some(d) = &args.annotations {
         inputs.push(("--annotations", d));
     }
@@ -257,6 +211,9 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     if let Some(t) = args.box_threshold.filter(|t| !(0.0..1.0).contains(t)) {
         bail!("--box-threshold must be in [0, 1), got {t}");
     }
+    if auto {
+        super::tag::check_threshold("--tag-threshold", args.tag_threshold)?;
+    }
     let model = args.model.load_model()?;
     let patch = model.visual.patch as u32;
     if args.max_side < 2 * patch {
@@ -270,7 +227,8 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
             ..Default::default()
         };
         let stop = interrupt.stop_flag();
-        let labels = super::tag::auto_labels(&model, &cfg, &args.images, split.as_deref(), &args.out, &opts, &stop)?;
+        let labels =
+            crate::tagclip::auto_labels(&model, &cfg, &args.input.images, split.as_deref(), &args.out, &opts, &stop)?;
         if stop.load(std::sync::atomic::Ordering::SeqCst) {
             // Tagged ids are saved in OUT/labels.json; no mask was started.
             eprintln!("stopped while tagging: the labels so far are in {}", args.out.join("labels.json").display());
@@ -288,7 +246,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     if let Some((i, n)) = shard_spec {
         ids = shard(ids, i, n);
     }
-    let items = work_list(&cfg, &args.images, &labels, Some(&ids));
+    let items = work_list(&cfg, &args.input.images, &labels, Some(&ids));
     let mut text = crate::prompts::text_features(&model, &cfg)?;
     let mut model = model;
     model.text = None; // the text tower is not needed any more
@@ -300,7 +258,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
             box_threshold: args.box_threshold.unwrap_or(cfg.box_threshold),
             max_side: Some(args.max_side),
             round_pos_fp16: !args.exact_positions,
-            source: args.cam_source.into(),
+            source: args.cam_source,
             scales: args.scales.clone(),
             flip: args.flip,
         },
@@ -342,32 +300,4 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     } else {
         0
     })
-}
-
-/// `--cam` values.
-#[derive(clap::ValueEnum, Debug, Clone, Copy)]
-pub enum CamSourceArg {
-    /// CLIP-ES softmax-GradCAM.
-    Gradcam,
-    /// MaskCLIP (ECCV 2022): value path.
-    Maskclip,
-    /// SCLIP (ECCV 2024): q-q + k-k attention.
-    Sclip,
-    /// ClearCLIP (ECCV 2024): q-q attention, no residual, no FFN.
-    Clearclip,
-    /// NACLIP (WACV 2025): k-k attention + Gaussian neighbourhood.
-    Naclip,
-}
-
-impl From<CamSourceArg> for crate::cam::CamSource {
-    fn from(a: CamSourceArg) -> Self {
-        use crate::cam::CamSource as S;
-        match a {
-            CamSourceArg::Gradcam => S::GradCam,
-            CamSourceArg::Maskclip => S::MaskClip,
-            CamSourceArg::Sclip => S::Sclip,
-            CamSourceArg::Clearclip => S::ClearClip,
-            CamSourceArg::Naclip => S::Naclip,
-        }
-    }
 }

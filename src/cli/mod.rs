@@ -1,8 +1,11 @@
 //! Command-line interface: one file per subcommand, each a clap `Args` struct with every flag
 //! documented, and a `run` that calls the library.
 use anyhow::Result;
+
+pub use args::ModelArgs;
 use clap::{Parser, Subcommand};
 
+pub mod args;
 pub mod classify;
 pub mod crf;
 pub mod eval;
@@ -80,46 +83,4 @@ pub fn run() -> Result<i32> {
     }
 }
 
-/// One error per line: the context chain, without libtorch's C++ backtrace lines.
-pub fn format_error(e: &anyhow::Error) -> String {
-    e.chain().map(|c| c.to_string().lines().next().unwrap_or("").to_string()).collect::<Vec<_>>().join(": ")
-}
-
-/// Shared model flags.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ModelArgs {
-    /// CLIP ViT checkpoint: a .pt (OpenAI TorchScript) or .safetensors path, or a released
-    /// name (ViT-B/16, ViT-B/32, ViT-L/14, ViT-L/14@336px) downloaded once to the cache.
-    #[arg(long, short = 'm', default_value = "ViT-B/16")]
-    pub model: String,
-    /// Dataset config: a JSON path or a shipped name (voc12, coco14). Holds class names,
-    /// prompt names (synonyms), background words, templates, box threshold and palette.
-    #[arg(long, short = 'c', default_value = "voc12")]
-    pub config: String,
-    /// Device: auto (CUDA when available), cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Precision of weights and activations. auto: fp16 on CUDA (as the reference runs there),
-    /// fp32 on CPU. fp16: the state OpenAI's clip.load leaves on CUDA (conv, linear and
-    /// projection weights fp16, LayerNorms computed in fp32), also on CPU, where it is slow.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub precision: crate::device::Precision,
-    /// Same as --precision fp32 (kept for older scripts).
-    #[arg(long, hide = true, conflicts_with = "precision")]
-    pub fp32: bool,
-}
-
-impl ModelArgs {
-    pub fn load(&self) -> Result<(crate::clip::Clip, crate::config::DatasetConfig)> {
-        let cfg = crate::config::DatasetConfig::resolve(&self.config)?;
-        Ok((self.load_model()?, cfg))
-    }
-
-    /// The model alone, for callers that have already read the config.
-    pub fn load_model(&self) -> Result<crate::clip::Clip> {
-        let device = crate::device::parse_device(&self.device)?;
-        let precision = if self.fp32 { crate::device::Precision::Fp32 } else { self.precision };
-        let kind = crate::device::kind_for(device, precision);
-        crate::clip::Clip::load(&self.model, device, kind)
-    }
-}
+pub use crate::errors::format_error;

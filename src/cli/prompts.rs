@@ -1,13 +1,11 @@
 //! `clipmask prompts show|rank`: what the text encoder reads, and sharpness-based template
 //! selection (docs/method.md §7).
-use super::ModelArgs;
-use crate::config::DatasetConfig;
-use crate::datasets::{find_image, read_labels_file, read_split, resolve_labels};
-use crate::image_input::load_rgb;
-use crate::prompts::{all_sentences, class_sentences, encode_groups, sharpness, zero_shot_scores};
-use anyhow::{bail, Context, Result};
+use super::args::{ImageSetArgs, ModelArgs};
+use crate::config::{check_template, DatasetConfig, IMAGENET_TEMPLATES};
+use crate::datasets::{read_labels_file, read_split};
+use crate::prompts::{all_sentences, parse_templates, rank_templates, read_templates};
+use anyhow::{Context, Result};
 use std::path::PathBuf;
-use tch::Tensor;
 
 #[derive(clap::Args, Debug)]
 pub struct PromptsArgs {
@@ -44,15 +42,11 @@ pub struct ShowArgs {
 pub struct RankArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Directory of images (<id>.jpg etc.).
-    #[arg(long)]
-    pub images: PathBuf,
+    #[command(flatten)]
+    pub input: ImageSetArgs,
     /// Image-level labels: JSON {"<id>": ["<class>", ...]} or text "<id><TAB><class>,...".
     #[arg(long)]
     pub labels: PathBuf,
-    /// Ids to use, one per line (default: all labelled ids).
-    #[arg(long)]
-    pub split: Option<PathBuf>,
     /// Candidate templates, one per line with `{}` (default: CLIP's 80 ImageNet templates,
     /// prompts/imagenet-templates.txt, built into the binary).
     #[arg(long)]
@@ -96,13 +90,6 @@ fn show(args: &ShowArgs) -> Result<i32> {
     Ok(0)
 }
 
-#[derive(serde::Serialize)]
-pub struct Ranked {
-    pub template: String,
-    pub sharpness: f64,
-    pub images: usize,
-}
-
 fn rank(args: &RankArgs) -> Result<i32> {
     // The output is checked before the model loads and the templates are scored.
     if let Some(out) = &args.write_config {
@@ -110,21 +97,13 @@ fn rank(args: &RankArgs) -> Result<i32> {
     }
     let (model, cfg) = args.model.load()?;
     let labels = read_labels_file(&args.labels)?;
-    let ids: Vec<String> = match &args.split {
+    let ids: Vec<String> = match &args.input.split {
         Some(s) => read_split(s)?,
         None => labels.keys().cloned().collect(),
     };
     let (template_file, mut templates) = match &args.templates {
-        Some(f) => (f.clone(), crate::prompts::read_templates(f)?),
-        None => (
-            PathBuf::from("prompts/imagenet-templates.txt (built in)"),
-            crate::config::IMAGENET_TEMPLATES
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(String::from)
-                .collect(),
-        ),
+        Some(f) => (f.clone(), read_templates(f)?),
+        None => (PathBuf::from("prompts/imagenet-templates.txt (built in)"), parse_templates(IMAGENET_TEMPLATES)),
     };
     for t in &cfg.templates {
         if !templates.contains(t) {
@@ -132,58 +111,9 @@ fn rank(args: &RankArgs) -> Result<i32> {
         }
     }
     for t in &templates {
-        crate::prompts::check_template(t).with_context(|| format!("templates {}", template_file.display()))?;
+        check_template(t).with_context(|| format!("templates {}", template_file.display()))?;
     }
-
-    // Image features once (standard zero-shot protocol), multi-label images only.
-    let mut feats = Vec::new();
-    let mut gts = Vec::new();
-    let mut skipped = 0;
-    for id in &ids {
-        let Some(names) = labels.get(id) else { continue };
-        let Ok(gt) = resolve_labels(&cfg, names) else {
-            skipped += 1;
-            continue;
-        };
-        if gt.len() < 2 {
-            continue;
-        }
-        let loaded = find_image(&args.images, id)
-            .ok_or_else(|| anyhow::anyhow!(crate::datasets::missing_image_reason(&args.images, id)))
-            .and_then(|path| load_rgb(&path));
-        match loaded {
-            Ok(img) => {
-                feats.push(model.image_feature(&img));
-                gts.push(gt);
-            }
-            Err(e) => {
-                eprintln!("warning: {}", super::format_error(&e));
-                skipped += 1;
-            }
-        }
-    }
-    if feats.is_empty() {
-        bail!("no usable image with at least two labels: sharpness needs multi-label images");
-    }
-    if skipped > 0 {
-        eprintln!("warning: {skipped} image(s) skipped (unreadable or labels not in the config)");
-    }
-    let feats = Tensor::cat(&feats, 0);
-
-    let bar = crate::pipeline::progress_bar(templates.len() as u64);
-    bar.set_message("templates");
-    let mut ranked = Vec::new();
-    for t in &templates {
-        let groups: Vec<Vec<String>> =
-            class_sentences(&cfg, std::slice::from_ref(t)).into_iter().map(|(_, s)| s).collect();
-        let classes = encode_groups(&model, &groups)?.to_device(model.device);
-        let scores = zero_shot_scores(&model, &feats, &classes)?;
-        let (s, n) = sharpness(&scores, &gts);
-        ranked.push(Ranked { template: t.clone(), sharpness: s, images: n });
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    ranked.sort_by(|a, b| a.sharpness.total_cmp(&b.sharpness).then_with(|| a.template.cmp(&b.template)));
+    let ranked = rank_templates(&model, &cfg, &args.input.images, &labels, &ids, &templates)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&ranked)?);
     } else {

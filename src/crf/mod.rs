@@ -132,7 +132,7 @@ impl CrfParams {
 pub struct Cancelled;
 
 /// Which image the bilateral kernel sees (docs/method.md §6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CrfImage {
     /// The reference's image: OpenCV BGR order, minus the mean (104.008, 116.669, 122.675),
     /// cast to uint8 with wrap-around. The published 75.0 mIoU was measured with it.

@@ -12,159 +12,30 @@
 //!   `*_kept` metric drops those pixels instead, which measures the quality of what was kept.
 //! - Any other label value above C, in either map, is an error, never silently clipped.
 //!
-//! `metrics` is the arithmetic, `run` reads directories and accumulates, `output` prints tables
-//! and JSON, `report` writes the HTML report.
+//! `options` says what to evaluate, `metrics` is the arithmetic, `run` reads directories and
+//! accumulates, `output` prints tables and JSON, `report` writes the HTML report, and
+//! `image_labels` scores image-level labels (`--labels-pred`).
+pub mod image_labels;
 mod metrics;
+mod options;
 mod output;
 mod report;
+mod results;
 mod run;
 
-pub use crate::labels::labels_from_cams;
+pub use crate::label_maps::label_map_from_cams;
+use anyhow::{bail, Result};
 pub use metrics::{ClassMetrics, ConfusionMatrix, LabelError, Metrics};
+pub use options::{CamKey, EvalOptions, LabelOptions};
 pub use output::comparison_json;
 pub use output::comparison_table;
-pub use run::{evaluate, evaluate_runs};
-use serde::Serialize;
-use std::path::PathBuf;
-
-/// Which maps of a CAM archive to label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum CamKey {
-    /// Refined (CAA) maps.
-    #[serde(rename = "cams")]
-    Cams,
-    /// GradCAM maps before refinement.
-    #[serde(rename = "raw_cams")]
-    RawCams,
-}
-
-impl CamKey {
-    /// The archive entry's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            CamKey::Cams => "cams",
-            CamKey::RawCams => "raw_cams",
-        }
-    }
-}
-
-/// Where image-level labels are scored from (`eval --labels-pred`, [`crate::label_metrics`]).
-#[derive(Debug, Clone, Default)]
-pub struct LabelOptions {
-    /// Predicted labels file (JSON or text, as `tag` writes it).
-    pub labels_pred: Option<PathBuf>,
-    /// Ground-truth labels file.
-    pub labels_gt: Option<PathBuf>,
-    /// Ground-truth VOC XML annotations directory.
-    pub annotations: Option<PathBuf>,
-    /// Per-class scores for the mAP.
-    pub scores: Option<PathBuf>,
-}
-
-/// What to evaluate: the library side of `clipmask eval` (the CLI fills it from flags).
-#[derive(Debug, Clone)]
-pub struct EvalOptions {
-    /// Directories of predicted label PNGs `<id>.png`, one run each.
-    pub pred: Vec<PathBuf>,
-    /// Directories of saved maps `<id>.npz`, one run each, labelled per `alpha`.
-    pub cams: Vec<PathBuf>,
-    /// Ground-truth label PNGs `<id>.png`.
-    pub gt: Option<PathBuf>,
-    /// Dataset config: a JSON path or a shipped name.
-    pub config: String,
-    /// Ids to evaluate; default every ground-truth PNG.
-    pub split: Option<PathBuf>,
-    /// Skip ids without prediction or ground truth instead of failing.
-    pub allow_missing: bool,
-    /// HTML report directory.
-    pub report: Option<PathBuf>,
-    /// Photos for the report's overlays.
-    pub images: Option<PathBuf>,
-    /// Background exponents tried on CAM runs.
-    pub alpha: Vec<f32>,
-    /// Which maps of the archives to label.
-    pub cam_key: CamKey,
-    /// Image-level label quality instead of masks.
-    pub labels: LabelOptions,
-}
-
-impl EvalOptions {
-    /// Evaluates label PNGs in `pred` against `gt`, everything else default.
-    pub fn new(pred: impl Into<PathBuf>, gt: impl Into<PathBuf>, config: impl Into<String>) -> Self {
-        EvalOptions {
-            pred: vec![pred.into()],
-            cams: Vec::new(),
-            gt: Some(gt.into()),
-            config: config.into(),
-            split: None,
-            allow_missing: false,
-            report: None,
-            images: None,
-            alpha: vec![1.0, 2.0],
-            cam_key: CamKey::Cams,
-            labels: LabelOptions::default(),
-        }
-    }
-
-    /// The ground-truth directory (empty when only labels are scored).
-    pub(crate) fn gt_dir(&self) -> &std::path::Path {
-        self.gt.as_deref().unwrap_or(std::path::Path::new(""))
-    }
-}
-
-/// One scored labelling: the label PNGs, or one alpha of the CAM sweep.
-#[derive(Debug, Clone)]
-pub struct VariantResult {
-    /// `None` for label PNGs.
-    pub alpha: Option<f32>,
-    pub confusion: ConfusionMatrix,
-    pub metrics: Metrics,
-}
-
-/// Score of one image (its own confusion matrix), for the report's ordering.
-#[derive(Debug, Clone)]
-pub struct ImageScore {
-    pub id: String,
-    /// Per variant, mean IoU over the classes in this image's ground truth (NaN if none).
-    pub miou: Vec<f64>,
-    /// Per variant.
-    pub pixel_accuracy: Vec<f64>,
-}
-
-/// Everything `eval` computed for one run (one `--pred` or `--cams` directory).
-#[derive(Debug, Clone)]
-pub struct EvalReport {
-    /// The run's directory.
-    pub source: PathBuf,
-    pub config_name: String,
-    /// Background first, then the config's classes.
-    pub class_names: Vec<String>,
-    /// `Some` in CAM mode.
-    pub cam_key: Option<CamKey>,
-    /// One entry for label PNGs, one per alpha for CAMs.
-    pub variants: Vec<VariantResult>,
-    /// Index into `variants` of the highest mIoU (the first on ties).
-    pub best: usize,
-    /// Images evaluated.
-    pub images: usize,
-    /// Ids skipped under --allow-missing (no prediction or no ground truth in some run).
-    pub skipped: Vec<String>,
-    /// In evaluation order (split order, or sorted ground-truth stems).
-    pub per_image: Vec<ImageScore>,
-}
-
-impl EvalReport {
-    /// The best variant's scores.
-    pub fn best_metrics(&self) -> &Metrics {
-        &self.variants[self.best].metrics
-    }
-}
+pub use results::{EvalReport, ImageScore, VariantResult};
 
 /// `clipmask eval`: evaluates, prints the tables (or JSON), writes the report if asked.
 /// Returns the process exit code (0).
 pub fn run(opts: &EvalOptions, json: bool) -> anyhow::Result<i32> {
     if opts.labels.labels_pred.is_some() {
-        return crate::label_metrics::run(opts, json);
+        return image_labels::run(opts, json);
     }
     let runs = evaluate_runs(opts)?;
     let text = match (json, runs.as_slice()) {
@@ -182,4 +53,28 @@ pub fn run(opts: &EvalOptions, json: bool) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Scores every run `opts` describes on the same images (label directories first, then CAM
+/// directories), one report each, and writes the HTML report when `opts.report` is set (its
+/// folders are checked first, before anything is scored). Prints nothing but notes about
+/// skipped ids (stderr).
+pub fn evaluate_runs(opts: &EvalOptions) -> Result<Vec<EvalReport>> {
+    if let Some(dir) = &opts.report {
+        report::check(dir, opts)?;
+    }
+    let runs = run::score_runs(opts)?;
+    if let Some(dir) = &opts.report {
+        report::write(dir, opts, &runs)?;
+    }
+    Ok(runs)
+}
+
+/// [`evaluate_runs`] for exactly one run.
+pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
+    let mut runs = evaluate_runs(opts)?;
+    if runs.len() != 1 {
+        bail!("{} runs given where one was expected", runs.len());
+    }
+    Ok(runs.remove(0))
 }

@@ -1,13 +1,14 @@
 //! The HTML report of `clipmask eval --report`: per image the photo, each run's prediction and
 //! the ground truth side by side; worst images first for one run, and for several runs the
 //! images where they differ most first.
-use super::run::{load_preds, spreads, Source};
+use super::run::{load_preds, sources, Source};
 use super::{EvalOptions, EvalReport, ImageScore};
 use crate::config::DatasetConfig;
 use crate::files::write_atomic;
 use crate::outputs::read_label_png_colours;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const THUMB_HEIGHT: u32 = 120;
@@ -66,14 +67,18 @@ fn save_image(path: &Path, img: &image::RgbImage, jpeg: bool) -> Result<()> {
     })
 }
 
+/// The report of `reports` (from [`super::run::score_runs`] with the same `opts`), each run
+/// shown at its best variant.
+pub(super) fn write(dir: &Path, opts: &EvalOptions, reports: &[EvalReport]) -> Result<()> {
+    let config = DatasetConfig::resolve(&opts.config)?;
+    let runs: Vec<(Source, &EvalReport)> =
+        sources(opts)?.into_iter().zip(reports).map(|(s, r)| (s.at_variant(r.best), r)).collect();
+    write_report(dir, opts, &runs, &config)
+}
+
 /// Per image `images/<id>.{jpg,png}` (photo | prediction of each run | ground truth) and
 /// `thumbs/<id>.{jpg,png}`, then `index.html`. `runs`: each run's source at its best variant.
-pub(super) fn write_report(
-    dir: &Path,
-    opts: &EvalOptions,
-    runs: &[(Source, &EvalReport)],
-    config: &DatasetConfig,
-) -> Result<()> {
+fn write_report(dir: &Path, opts: &EvalOptions, runs: &[(Source, &EvalReport)], config: &DatasetConfig) -> Result<()> {
     let Some((_, first)) = runs.first() else { return Ok(()) };
     let n = first.class_names.len();
     let palette = config.png_palette();
@@ -284,4 +289,45 @@ fn report_html(runs: &[&EvalReport], order: &[usize], ext: &str, palette: &[u8],
     }
     let _ = writeln!(s, "</table>\n</body></html>");
     s
+}
+
+/// The report's folders must not be, or lie inside, any input folder (the report would
+/// overwrite photos or ground truth with its panels), and index.html must be writable: both
+/// checked before anything is scored.
+pub(super) fn check(dir: &Path, opts: &EvalOptions) -> Result<()> {
+    let sources = sources(opts)?;
+    let written = [dir.join("images"), dir.join("thumbs")];
+    let written: Vec<(&str, &Path)> = written.iter().map(|p| ("report folder", p.as_path())).collect();
+    let mut inputs: Vec<(&str, &Path)> = sources.iter().map(|s| ("predictions", s.dir())).collect();
+    if let Some(gt) = &opts.gt {
+        inputs.push(("ground truth", gt));
+    }
+    if let Some(images) = &opts.images {
+        inputs.push(("images", images));
+    }
+    crate::files::check_apart(&written, &inputs)?;
+    crate::files::check_output_dir(dir)?;
+    for (_, d) in &written {
+        crate::files::check_output_dir(d)?;
+    }
+    crate::files::check_final_name(&dir.join("index.html"))
+}
+
+/// Per image, the spread (max - min) of the runs' mIoU at their best variants; images where
+/// every run is NaN have spread NaN.
+fn spreads(runs: &[&EvalReport]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    if let Some(first) = runs.first() {
+        for (i, s) in first.per_image.iter().enumerate() {
+            let vals: Vec<f64> = runs.iter().map(|r| r.per_image[i].miou[r.best]).filter(|v| !v.is_nan()).collect();
+            let spread = if vals.is_empty() {
+                f64::NAN
+            } else {
+                vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+                    - vals.iter().cloned().fold(f64::INFINITY, f64::min)
+            };
+            out.insert(s.id.clone(), spread);
+        }
+    }
+    out
 }

@@ -1,12 +1,12 @@
 //! Reading predictions and ground truth, and accumulating confusion matrices over images.
 use super::{CamKey, ConfusionMatrix, EvalOptions, EvalReport, ImageScore, LabelError, VariantResult};
 use crate::config::DatasetConfig;
-use crate::labels::labels_from_cams;
+use crate::label_maps::label_map_from_cams;
 use crate::outputs::{read_label_png, read_label_png_colours, CamArchive};
 use anyhow::{bail, Context, Result};
 use ndarray::Array3;
 use rayon::prelude::*;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 /// Where one run's predictions come from.
@@ -17,7 +17,7 @@ pub(super) enum Source {
 }
 
 impl Source {
-    fn dir(&self) -> &Path {
+    pub(super) fn dir(&self) -> &Path {
         match self {
             Source::Labels(d) | Source::Cams { dir: d, .. } => d,
         }
@@ -52,10 +52,10 @@ impl Source {
 pub(super) fn sources(opts: &EvalOptions) -> Result<Vec<Source>> {
     if !opts.cams.is_empty() {
         if opts.alpha.is_empty() {
-            bail!("--alpha needs at least one value");
+            bail!("no background exponent (alpha) given");
         }
         if let Some(a) = opts.alpha.iter().find(|a| !a.is_finite() || **a < 0.0) {
-            bail!("--alpha {a}: exponents must be finite and >= 0");
+            bail!("background exponent {a}: must be finite and >= 0");
         }
     }
     let mut out: Vec<Source> = opts.pred.iter().map(|d| Source::Labels(d.clone())).collect();
@@ -65,7 +65,7 @@ pub(super) fn sources(opts: &EvalOptions) -> Result<Vec<Source>> {
         alphas: opts.alpha.clone(),
     }));
     if out.is_empty() {
-        bail!("give --pred DIR (label PNGs) or --cams DIR (saved maps)");
+        bail!("nothing to evaluate: no directory of label PNGs or of saved maps given");
     }
     Ok(out)
 }
@@ -89,7 +89,7 @@ fn stems(dir: &Path, ext: &str, what: &str) -> Result<HashSet<String>> {
 /// missing.
 fn resolve_ids(opts: &EvalOptions, sources: &[Source]) -> Result<(Vec<String>, Vec<String>)> {
     let gt_dir = opts.gt_dir();
-    let gt = stems(gt_dir, "png", "ground-truth directory (--gt)")?;
+    let gt = stems(gt_dir, "png", "ground-truth directory")?;
     let ids = match &opts.split {
         Some(split) => crate::datasets::read_split(split)?,
         None => {
@@ -116,7 +116,7 @@ fn resolve_ids(opts: &EvalOptions, sources: &[Source]) -> Result<(Vec<String>, V
     let mut skip: HashSet<String> = no_gt.iter().map(|s| s.to_string()).collect();
     for source in sources {
         let (dir, ext, what) = (source.dir(), source.ext(), source.what());
-        let flag = if ext == "npz" { "CAM directory (--cams)" } else { "prediction directory (--pred)" };
+        let flag = if ext == "npz" { "CAM directory" } else { "prediction directory" };
         let pred = stems(dir, ext, flag)?;
         let no_pred: Vec<&str> = ids.iter().filter(|id| !pred.contains(*id)).map(String::as_str).collect();
         // With a split, predictions beyond it are normal (masks for train_aug scored on train);
@@ -242,7 +242,7 @@ pub(super) fn load_preds(
         Source::Cams { dir, key, alphas } => {
             let path = dir.join(format!("{id}.npz"));
             let (maps, keys) = load_cams(&path, *key, n_classes, gw, gh, gt_path)?;
-            alphas.iter().map(|&a| labels_from_cams(&maps, &keys, a)).collect()
+            alphas.iter().map(|&a| label_map_from_cams(&maps, &keys, a)).collect()
         }
     })
 }
@@ -327,15 +327,11 @@ fn evaluate_source(
     Ok((variants, best, scores.into_iter().map(|(_, s)| s).collect()))
 }
 
-/// Runs the evaluation `opts` describes, one report per run (label directories first, then
-/// CAM directories), all on the same images; prints nothing (notes about skipped ids go to
-/// stderr). Writes the HTML report if asked.
-pub fn evaluate_runs(opts: &EvalOptions) -> Result<Vec<EvalReport>> {
+/// Scores each run `opts` describes (label directories first, then CAM directories) on the
+/// same images; prints nothing (notes about skipped ids go to stderr).
+pub(super) fn score_runs(opts: &EvalOptions) -> Result<Vec<EvalReport>> {
     let config = DatasetConfig::resolve(&opts.config)?;
     let sources = sources(opts)?;
-    if let Some(dir) = &opts.report {
-        check_report_apart(dir, opts, &sources)?;
-    }
     let (ids, skipped) = resolve_ids(opts, &sources)?;
     if !skipped.is_empty() {
         eprintln!(
@@ -361,59 +357,5 @@ pub fn evaluate_runs(opts: &EvalOptions) -> Result<Vec<EvalReport>> {
             per_image,
         });
     }
-    if let Some(dir) = &opts.report {
-        let runs: Vec<(Source, &EvalReport)> =
-            sources.iter().zip(&reports).map(|(s, r)| (s.at_variant(r.best), r)).collect();
-        super::report::write_report(dir, opts, &runs, &config)?;
-    }
     Ok(reports)
-}
-
-/// The report's folders must not be, or lie inside, any input folder (the report would
-/// overwrite photos or ground truth with its panels), and index.html must be writable: both
-/// checked before anything is scored.
-fn check_report_apart(dir: &Path, opts: &EvalOptions, sources: &[Source]) -> Result<()> {
-    let written = [dir.join("images"), dir.join("thumbs")];
-    let written: Vec<(&str, &Path)> = written.iter().map(|p| ("report folder", p.as_path())).collect();
-    let mut inputs: Vec<(&str, &Path)> = sources.iter().map(|s| ("predictions", s.dir())).collect();
-    if let Some(gt) = &opts.gt {
-        inputs.push(("ground truth", gt));
-    }
-    if let Some(images) = &opts.images {
-        inputs.push(("images", images));
-    }
-    crate::files::check_apart(&written, &inputs)?;
-    crate::files::check_output_dir(dir)?;
-    for (_, d) in &written {
-        crate::files::check_output_dir(d)?;
-    }
-    crate::files::check_final_name(&dir.join("index.html"))
-}
-
-/// [`evaluate_runs`] for exactly one run.
-pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
-    let mut runs = evaluate_runs(opts)?;
-    if runs.len() != 1 {
-        bail!("{} runs given where one was expected", runs.len());
-    }
-    Ok(runs.remove(0))
-}
-
-/// Per image, the spread (max - min) of the runs' mIoU at their best variants; images where
-/// every run is NaN have spread NaN.
-pub(super) fn spreads(runs: &[&EvalReport]) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    if let Some(first) = runs.first() {
-        for (i, s) in first.per_image.iter().enumerate() {
-            let vals: Vec<f64> = runs.iter().map(|r| r.per_image[i].miou[r.best]).filter(|v| !v.is_nan()).collect();
-            let spread = if vals.is_empty() {
-                f64::NAN
-            } else {
-                vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
-                    - vals.iter().cloned().fold(f64::INFINITY, f64::min)
-            };
-            out.insert(s.id.clone(), spread);
-        }
-    }
-    out
 }

@@ -8,7 +8,7 @@ use crate::cam::dense::{dense_features, dense_maps, patch_probs, temperature};
 use crate::cam::gradcam::{grad_cam_batch, CamRequest};
 use crate::cam::CamSource;
 use crate::clip::Clip;
-use crate::image_input::{clipes_size, resize_bicubic, to_tensor};
+use crate::image_input::{clipes_size, prepare, prepare_at, Prepared};
 use crate::prompts::TextFeatures;
 use anyhow::{bail, Result};
 use image::RgbImage;
@@ -88,32 +88,6 @@ impl StageTimes {
         self.caa += o.caa;
         self.write += o.write;
     }
-}
-
-/// The model-side input of an image: the resized, normalised tensor and its grid.
-pub struct Prepared {
-    pub input: Tensor,
-    pub gh: i64,
-    pub gw: i64,
-    /// Size of the original image (maps are returned at this size).
-    pub width: i64,
-    pub height: i64,
-    /// The input is the mirror image: its maps are flipped back.
-    pub flipped: bool,
-}
-
-/// docs/method.md §1: resize to patch multiples (Pillow bicubic), normalise.
-pub fn prepare(img: &RgbImage, patch: i64, max_side: Option<u32>) -> Prepared {
-    let (w, h) = (img.width(), img.height());
-    let (iw, ih) = clipes_size(w, h, patch as u32, max_side);
-    prepare_at(img, patch, iw, ih, false)
-}
-
-fn prepare_at(img: &RgbImage, patch: i64, iw: u32, ih: u32, flipped: bool) -> Prepared {
-    let (w, h) = (img.width(), img.height());
-    let input = if (iw, ih) == (w, h) { to_tensor(img) } else { to_tensor(&resize_bicubic(img, iw, ih)) };
-    let input = if flipped { input.flip([3]) } else { input };
-    Prepared { input, gh: ih as i64 / patch, gw: iw as i64 / patch, width: w as i64, height: h as i64, flipped }
 }
 
 /// Every input of an image: each scale, and its mirror image with `flip`. Scale s resizes to
@@ -307,7 +281,7 @@ pub fn finish_image(labels: &[usize], units: Vec<UnitMaps>, host: HostCopies) ->
     };
     let keys: Vec<i64> = labels.iter().map(|&k| k as i64).collect();
     let labels_out = match host.labels_alpha {
-        Some(alpha) => Some(crate::labels::labels_on_device(&refined, &keys, alpha)?),
+        Some(alpha) => Some(crate::label_maps::label_map_on_device(&refined, &keys, alpha)?),
         None => None,
     };
     let (raw, refined) = if host.maps { (Some(to_array(&raw)?), Some(to_array(&refined)?)) } else { (None, None) };

@@ -8,21 +8,24 @@
 //! 3. labels (CRF) and files on a pool of writer threads (`Run::spawn_writers`).
 //!
 //! A failure (bad file, model error, full disk) fails its image, never the batch or the run.
+pub mod crf;
 mod maps;
 mod write;
 
 pub use maps::{
-    compute_batch, compute_maps, finish_image, image_maps, prepare, prepare_variants, HostCopies, HostMaps, ImageMaps,
-    MapOptions, Prepared, StageTimes, Unit, UnitMaps,
+    compute_batch, compute_maps, finish_image, image_maps, prepare_variants, HostCopies, HostMaps, ImageMaps,
+    MapOptions, StageTimes, Unit, UnitMaps,
 };
-pub use write::{cap_reason, peak_rss_mib, progress_bar, write_confidence, write_failures, write_failures_file};
+pub use write::write_confidence;
 
 use crate::clip::Clip;
 use crate::config::DatasetConfig;
 use crate::datasets::Item;
 use crate::errors::{panic_message, ImageError};
-use crate::image_input::load_rgb_limited;
+use crate::failures::{write_failures, Failure};
+use crate::image_input::{load_rgb_limited, Prepared};
 use crate::outputs::output_path;
+use crate::progress::{peak_rss_mib, progress_bar};
 use crate::prompts::TextFeatures;
 use anyhow::{Context, Result};
 use image::RgbImage;
@@ -41,7 +44,7 @@ pub struct GenerateOptions {
     /// Background exponent for labels without CRF (docs/method.md §6).
     pub alpha: f32,
     /// Dense CRF + confidence instead of the plain argmax.
-    pub crf: Option<crate::labels::CrfOptions>,
+    pub crf: Option<crate::label_maps::CrfOptions>,
     pub save_cams: bool,
     pub overlays: bool,
     pub overwrite: bool,
@@ -71,16 +74,6 @@ pub struct Summary {
     pub batch_size: usize,
     /// Peak resident memory of the process, MiB (Linux).
     pub peak_rss_mib: Option<f64>,
-}
-
-/// One line of `OUT/failures.jsonl`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Failure {
-    pub id: String,
-    pub path: String,
-    /// Where it failed: labels, decode, model or write (crf and tag for those commands).
-    pub stage: String,
-    pub reason: String,
 }
 
 /// What the decode stage hands to the model stage.

@@ -26,16 +26,12 @@ fn dataset(dir: &Path) -> std::path::PathBuf {
 }
 
 fn generate(dir: &Path, labels: &Path, out: &Path, batch: usize, precision: &str) -> Run {
-    let mut c = clipmask(&dir.join("cache"));
-    c.args(["generate", "--device", "cpu", "--save-cams", "--precision", precision, "--model"])
-        .arg(tiny_model())
-        .arg("--images")
-        .arg(dir.join("images"))
-        .arg("--labels")
-        .arg(labels)
-        .arg("--out")
-        .arg(out)
-        .args(["--batch-size", &batch.to_string(), "--allow-failures"]);
+    let mut c = generate_cmd(&dir.join("cache"), &dir.join("images"), out);
+    c.args(["--save-cams", "--precision", precision, "--labels"]).arg(labels).args([
+        "--batch-size",
+        &batch.to_string(),
+        "--allow-failures",
+    ]);
     run(&mut c)
 }
 
@@ -127,37 +123,69 @@ fn labels_on_the_device_equal_labels_from_cams() {
         let keys: Vec<i64> = (0..k as i64).map(|i| i * 3 + 1).collect();
         let t = tch::Tensor::from_slice(&v).reshape([k as i64, h as i64, w as i64]);
         for alpha in [1.0f32, 2.0, 0.5] {
-            let host = clipmask::labels::labels_from_cams(&arr, &keys, alpha);
-            let device = clipmask::labels::labels_on_device(&t, &keys, alpha).unwrap();
+            let host = clipmask::label_maps::label_map_from_cams(&arr, &keys, alpha);
+            let device = clipmask::label_maps::label_map_on_device(&t, &keys, alpha).unwrap();
             assert_eq!(host, device, "trial {trial}, alpha {alpha}");
         }
     }
 }
 
 /// `scripts/gpu-check.sh --dry-run`: the device check's every step on the CPU with a tiny model,
-/// so that the script a device session runs once is known to work.
+/// so that the script a device session runs once is known to work. The dry run takes the device
+/// run's code path: the correctness subset (8) runs from its own labels file inside a larger
+/// throughput set (24), so a correctness run that picked up the whole set's ids would fail here.
 #[test]
 fn gpu_check_dry_run_writes_its_json_and_markdown() {
     let tmp = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
     let out = std::process::Command::new("bash")
         .arg(root().join("scripts/gpu-check.sh"))
-        .args(["--dry-run", "--images", "8"])
+        .arg("--dry-run")
+        .arg("--work")
+        .arg(work.path())
         .env("OUT", tmp.path())
         .env("CLIPMASK_PYTHON", python())
-        .env("CLIPMASK_CACHE", tmp.path().join("cache"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let md = std::fs::read_to_string(tmp.path().join("gpu-check.md")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{md}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("gpu-check.json")).unwrap()).unwrap();
-    // On the CPU both sides of "device vs cpu" are the CPU: identical.
-    assert_eq!(v["cuda_vs_cpu_fp32"]["labels_identical"].as_f64(), Some(1.0), "{v}");
-    assert_eq!(v["checks"]["cuda_vs_cpu_maps_le_1e-4"], true);
-    for run in ["fp16", "fp32", "fp16-crf", "fp32-crf"] {
-        assert_eq!(v["clipmask"][run]["done"], 8, "{run}: {v}");
-        assert!(v["clipmask"][run]["images_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["finished"], true, "{v}");
+    assert_eq!(v["errors"].as_array().map(|e| e.len()), Some(0), "{v}");
+    assert_eq!(v["checks"]["all_passed"], true, "{v}");
+    // The well-conditioned fixture, and the probabilities it covered.
+    assert_eq!(v["logit_scale"].as_f64(), Some(10.0));
+    let p = &v["label_probabilities"];
+    assert!(p["min"].as_f64().unwrap() > 1e-4 && p["max"].as_f64().unwrap() < 1.0, "{p}");
+    // Correctness on exactly its 8 ids; on the CPU both sides of "device vs cpu" are the CPU.
+    for run in ["cpu-fp32", "dev-fp32", "dev-fp16"] {
+        assert_eq!(v["runs"][run]["done"], 8, "{run}: {v}");
     }
+    assert_eq!(v["cuda_vs_cpu_fp32"]["labels_identical"].as_f64(), Some(1.0), "{v}");
+    assert_eq!(v["cuda_vs_cpu_fp32"]["images"], 8);
+    // Throughput over the larger set: maps and maps + CPU CRF, stage speeds from the summary.
+    assert_eq!(v["throughput_images"], 24);
+    for run in ["fp16-b8", "fp16-b32", "fp32-b8", "fp16-b8-crf-cpu", "fp16-b32-crf-cpu", "fp32-b8-crf-cpu"] {
+        let r = &v["clipmask"][run];
+        assert_eq!(r["done"], 24, "{run}: {v}");
+        assert!(r["images_per_s"].as_f64().unwrap() > 0.0);
+        assert!(r["stage_images_per_s"]["model"].as_f64().unwrap() > 0.0, "{run}: {r}");
+        let crf = run.contains("crf");
+        assert_eq!(r["crf_device"], if crf { serde_json::json!("cpu") } else { serde_json::Value::Null }, "{run}");
+    }
+    assert_eq!(v["gpu_crf"]["images_per_s"], serde_json::Value::Null);
     assert!(v["pytorch_baseline_images_per_s"]["fp32"].as_f64().unwrap() > 0.0);
-    let md = std::fs::read_to_string(tmp.path().join("gpu-check.md")).unwrap();
-    assert!(md.contains("| generate fp16-crf |"), "{md}");
+    assert!(md.contains("| generate fp16-b8-crf-cpu | maps + CRF (CPU CRF) | cpu |"), "{md}");
+    assert!(md.contains("Label probabilities covered"), "{md}");
+    // Only the report under OUT (the device tool brings back a few files).
+    let mut names: Vec<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["gpu-check.json", "gpu-check.md"]);
 }

@@ -1,4 +1,4 @@
-//! Dense CRF against pydensecrf, the implementation CLIP-ES uses (targets.md "Dense CRF", issue 4):
+//! Dense CRF against pydensecrf, the implementation CLIP-ES uses (marginals within 1e-3, labels >= 99.9 % identical):
 //! marginals within 1e-3 and >= 99.9 % identical argmax labels, on real photos from
 //! ../shared/data/voc-sample (when present) and synthetic images; 2, 3, 5 and 21 labels;
 //! Gaussian kernel alone, bilateral alone and both; faithful and RGB CRF images.

@@ -1,4 +1,4 @@
-//! Issue 15, fitting the pipelines users already have. The weights they have: One random-weight CLIP written in OpenAI's,
+//! Fitting the pipelines users already have. The weights they have: One random-weight CLIP written in OpenAI's,
 //! Hugging Face's (by transformers' own CLIPModel.save_pretrained) and OpenCLIP's layouts gives
 //! identical maps; the activation comes from each layout's config; `--model org/name` fetches
 //! through a local stand-in for the Hub into the standard HF cache and then works offline from
@@ -6,7 +6,8 @@
 use crate::support::*;
 use clipmask::clip::Clip;
 use clipmask::config::DatasetConfig;
-use clipmask::pipeline::{compute_maps, prepare, MapOptions};
+use clipmask::image_input::prepare;
+use clipmask::pipeline::{compute_maps, MapOptions};
 use clipmask::prompts::text_features;
 use std::path::{Path, PathBuf};
 use std::process::Child;

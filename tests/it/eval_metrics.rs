@@ -4,7 +4,7 @@
 // Confusion matrices read most clearly with explicit (gt, pred) indices.
 #![allow(clippy::needless_range_loop)]
 use crate::support::*;
-use clipmask::eval::{self, labels_from_cams, CamKey, ConfusionMatrix, EvalOptions, LabelError};
+use clipmask::eval::{self, label_map_from_cams, CamKey, ConfusionMatrix, EvalOptions, LabelError};
 use clipmask::outputs::{write_label_png, CamArchive};
 use ndarray::Array3;
 use std::path::{Path, PathBuf};
@@ -165,18 +165,18 @@ fn labels_from_cams_by_hand() {
     // Two maps for keys 4 (label 5) and 14 (label 15) over 4 pixels.
     let cams = Array3::from_shape_vec((2, 1, 4), vec![0.9, 0.2, 0.5, 0.3, 0.1, 0.6, 0.5, 0.3]).unwrap();
     // alpha 1: bg = (0.1, 0.4, 0.5, 0.7); pixel 2 ties bg with map 0: bg (first) wins.
-    assert_eq!(labels_from_cams(&cams, &[4, 14], 1.0), vec![5, 15, 0, 0]);
+    assert_eq!(label_map_from_cams(&cams, &[4, 14], 1.0), vec![5, 15, 0, 0]);
     // alpha 2: bg = (0.01, 0.16, 0.25, 0.49); pixel 2 ties the two maps: the first wins.
-    assert_eq!(labels_from_cams(&cams, &[4, 14], 2.0), vec![5, 15, 5, 0]);
+    assert_eq!(label_map_from_cams(&cams, &[4, 14], 2.0), vec![5, 15, 5, 0]);
     // No labels: everything background.
     let none = Array3::<f32>::zeros((0, 2, 3));
-    assert_eq!(labels_from_cams(&none, &[], 1.0), vec![0; 6]);
+    assert_eq!(label_map_from_cams(&none, &[], 1.0), vec![0; 6]);
     // A non-standard layout gives the same result.
     let t = Array3::from_shape_vec((4, 1, 2), cams.t().iter().copied().collect()).unwrap();
     let back = t.permuted_axes([2, 1, 0]); // 2 x 1 x 4 again, column-major in memory
     assert_eq!(back, cams);
     assert!(!back.is_standard_layout());
-    assert_eq!(labels_from_cams(&back, &[4, 14], 2.0), vec![5, 15, 5, 0]);
+    assert_eq!(label_map_from_cams(&back, &[4, 14], 2.0), vec![5, 15, 5, 0]);
 }
 
 /// Synthetic archives with maps quantised to 1/16 (so that ties between channels and with the
@@ -200,7 +200,7 @@ fn synthetic_cams(dir: &Path, n_images: usize) -> Vec<String> {
         let mut raw = cams.clone();
         cams.iter_mut().for_each(|v| *v = quant(&mut rng));
         raw.iter_mut().for_each(|v| *v = quant(&mut rng));
-        let mut gt = labels_from_cams(&cams, &keys, 1.5);
+        let mut gt = label_map_from_cams(&cams, &keys, 1.5);
         for g in gt.iter_mut() {
             match rng.random_range(0..10) {
                 0 => *g = 255,
@@ -269,7 +269,7 @@ fn alpha_sweep_matches_numpy() {
                 let archive = CamArchive::read(&dir.path().join("cams").join(format!("{id}.npz"))).unwrap();
                 let maps = if key == CamKey::Cams { &archive.cams } else { &archive.raw_cams };
                 let alpha = v.alpha.unwrap();
-                let ours = labels_from_cams(maps, &archive.keys, alpha);
+                let ours = label_map_from_cams(maps, &archive.keys, alpha);
                 let theirs: ndarray::Array2<u8> =
                     ndarray_npy::read_npy(dump.join(format!("{id}_a{alpha}.npy"))).unwrap();
                 assert_eq!(ours, theirs.iter().copied().collect::<Vec<_>>(), "labels {id} alpha {alpha} ({key_name})");
@@ -490,7 +490,8 @@ fn bad_cam_archives_are_reported() {
 #[test]
 fn cli_arguments_parse() {
     use clap::Parser;
-    use clipmask::cli::eval::{CamKeyArg, EvalArgs};
+    use clipmask::cli::eval::EvalArgs;
+    use clipmask::eval::CamKey;
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
@@ -511,11 +512,11 @@ fn cli_arguments_parse() {
     ])
     .unwrap();
     assert_eq!(cli.args.alpha, vec![1.0, 2.0, 3.5]);
-    assert_eq!(cli.args.cam_key, CamKeyArg::RawCams);
+    assert_eq!(cli.args.cam_key, CamKey::RawCams);
     assert!(cli.args.pred.is_empty());
     let cli = Cli::try_parse_from(["eval", "--gt", "g", "--config", "voc12", "--pred", "p"]).unwrap();
     assert_eq!(cli.args.alpha, vec![1.0, 2.0]);
-    assert_eq!(cli.args.cam_key, CamKeyArg::Cams);
+    assert_eq!(cli.args.cam_key, CamKey::Cams);
     assert!(Cli::try_parse_from(["eval", "--gt", "g", "--config", "voc12"]).is_err(), "needs --pred or --cams");
     // Label PNG runs and CAM runs may be compared in one call.
     let cli = Cli::try_parse_from(["eval", "--gt", "g", "--pred", "p", "--pred", "q", "--cams", "c"]).unwrap();

@@ -1,4 +1,4 @@
-//! Issue 13: a seeded, bounded fuzz of the image decode path and the `.npz` reader. Random
+//! A seeded, bounded fuzz of the image decode path and the `.npz` reader. Random
 //! bytes and byte-level mutations of valid files (every supported format, and the VOC sample
 //! photos when ../shared/data is present) must never panic, never hang and never allocate past
 //! the pixel budget: a counting global allocator measures the peak of Rust allocations during
@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 /// Counts live bytes and their peak.
 struct Counting;
 
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static LIVE: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
@@ -49,12 +49,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// The tests of this file measure one global counter: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+/// The tests measuring the global counter (these and pickle_fuzz.rs): one at a time.
+pub(crate) static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Byte-level mutations: bit flips, bytes set to extremes (sizes in headers), deletions,
 /// insertions, truncation, duplicated runs.
-fn mutate(rng: &mut StdRng, base: &[u8]) -> Vec<u8> {
+pub(crate) fn mutate(rng: &mut StdRng, base: &[u8]) -> Vec<u8> {
     let mut v = base.to_vec();
     for _ in 0..rng.random_range(1..=4) {
         if v.is_empty() {
@@ -84,7 +84,7 @@ fn mutate(rng: &mut StdRng, base: &[u8]) -> Vec<u8> {
 
 /// Runs `f` on every case with a watchdog (a case running past `limit` aborts the test binary
 /// with a message: a hang fails instead of blocking `make test`). Panics are collected.
-fn run_cases(what: &str, cases: &[Vec<u8>], limit: Duration, mut f: impl FnMut(&[u8])) {
+pub(crate) fn run_cases(what: &str, cases: &[Vec<u8>], limit: Duration, mut f: impl FnMut(&[u8])) {
     let busy = std::sync::Arc::new((AtomicUsize::new(usize::MAX), AtomicBool::new(false)));
     let b = busy.clone();
     let what_s = what.to_string();

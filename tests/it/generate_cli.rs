@@ -1,4 +1,4 @@
-//! Issues 3 and 6: `clipmask generate` end to end on the tiny random-weight model: output formats,
+//! `clipmask generate` end to end on the tiny random-weight model: output formats,
 //! label sources (JSON, text, VOC XML, COCO), bad input that must not stop a run, fatal errors,
 //! resume / overwrite / sharding, and interruption (SIGKILL, SIGINT).
 use crate::support::*;
@@ -7,13 +7,6 @@ use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// `clipmask generate --device cpu --model <tiny> ...` with the cache under `cache`.
-fn generate(cache: &Path) -> Command {
-    let mut c = clipmask(cache);
-    c.args(["generate", "--device", "cpu", "--model"]).arg(tiny_model());
-    c
-}
 
 fn write_json(path: &Path, v: &serde_json::Value) {
     std::fs::write(path, serde_json::to_string_pretty(v).unwrap()).unwrap();
@@ -110,14 +103,12 @@ fn masks_cams_and_overlays_have_the_documented_formats() {
             .into_iter()
             .collect();
     write_json(&tmp.path().join("labels.json"), &serde_json::json!(labels));
-    let r = run(generate(tmp.path())
-        .arg("--images")
-        .arg(&imgs)
-        .arg("--labels")
-        .arg(tmp.path().join("labels.json"))
-        .arg("--out")
-        .arg(&out)
-        .args(["--save-cams", "--overlays", "--mask-format", "palette"]));
+    let r = run(generate_cmd(tmp.path(), &imgs, &out).arg("--labels").arg(tmp.path().join("labels.json")).args([
+        "--save-cams",
+        "--overlays",
+        "--mask-format",
+        "palette",
+    ]));
     assert_eq!(r.code, Some(0), "{}", r.show());
     assert_eq!(summary(&r.stderr), (3, 3, 0, 0), "{}", r.show());
     assert!(!out.join("failures.jsonl").exists());
@@ -140,8 +131,8 @@ fn masks_cams_and_overlays_have_the_documented_formats() {
         assert_eq!(cams.keys, keys, "{id}: keys in label order");
         assert_eq!(cams.cams.dim(), (keys.len(), h as usize, w as usize));
         assert_eq!(cams.raw_cams.dim(), (keys.len(), h as usize, w as usize));
-        let relabel = clipmask::eval::labels_from_cams(&cams.cams, &cams.keys, 1.0);
-        assert!(relabel == m.values, "{id}: mask differs from labels_from_cams(cams)");
+        let relabel = clipmask::eval::label_map_from_cams(&cams.cams, &cams.keys, 1.0);
+        assert!(relabel == m.values, "{id}: mask differs from label_map_from_cams(cams)");
         let ov = image::open(out.join(format!("overlays/{id}.jpg"))).unwrap();
         assert_eq!((ov.width(), ov.height()), (w, h));
     }
@@ -202,14 +193,7 @@ fn labels_from_voc_xml_text_files_and_splits() {
     std::fs::write(ann.join("2007_000002.xml"), voc_xml(&["cat"])).unwrap();
     std::fs::write(ann.join("2007_000003.xml"), voc_xml(&["bus", "car"])).unwrap();
     let out = tmp.path().join("out-xml");
-    let r = run(generate(tmp.path())
-        .arg("--images")
-        .arg(&imgs)
-        .arg("--annotations")
-        .arg(&ann)
-        .arg("--out")
-        .arg(&out)
-        .arg("--save-cams"));
+    let r = run(generate_cmd(tmp.path(), &imgs, &out).arg("--annotations").arg(&ann).arg("--save-cams"));
     assert_eq!(r.code, Some(0), "{}", r.show());
     assert_eq!(summary(&r.stderr), (3, 3, 0, 0));
     assert_eq!(npz_keys(&out.join("cams/2007_000001.npz")), idx(&["person", "dog"]));
@@ -226,15 +210,11 @@ fn labels_from_voc_xml_text_files_and_splits() {
     let split = tmp.path().join("train.txt");
     std::fs::write(&split, "2007_000003\n2007_000001\n2007_000003\n").unwrap();
     let out = tmp.path().join("out-txt");
-    let r = run(generate(tmp.path())
-        .arg("--images")
-        .arg(&imgs)
+    let r = run(generate_cmd(tmp.path(), &imgs, &out)
         .arg("--labels")
         .arg(&txt)
         .arg("--split")
         .arg(&split)
-        .arg("--out")
-        .arg(&out)
         .arg("--save-cams"));
     assert_eq!(r.code, Some(0), "{}", r.show());
     assert_eq!(summary(&r.stderr), (2, 2, 0, 0));
@@ -245,15 +225,7 @@ fn labels_from_voc_xml_text_files_and_splits() {
     // A split id without labels is a per-image failure, not a fatal error.
     std::fs::write(&split, "2007_000002\n2007_000009\n").unwrap();
     let out = tmp.path().join("out-split");
-    let r = run(generate(tmp.path())
-        .arg("--images")
-        .arg(&imgs)
-        .arg("--labels")
-        .arg(&txt)
-        .arg("--split")
-        .arg(&split)
-        .arg("--out")
-        .arg(&out));
+    let r = run(generate_cmd(tmp.path(), &imgs, &out).arg("--labels").arg(&txt).arg("--split").arg(&split));
     assert_eq!(r.code, Some(1), "{}", r.show());
     assert_eq!(summary(&r.stderr), (2, 1, 0, 1));
     let f = failures(&out);
@@ -319,14 +291,8 @@ fn coco_instances_map_categories_by_rank_and_skip_unannotated_images() {
 
     // CLI: the same through generate.
     let out = tmp.path().join("out");
-    let r = run(generate(tmp.path())
-        .args(["--config", "coco14", "--images"])
-        .arg(&imgs)
-        .arg("--coco")
-        .arg(&inst)
-        .arg("--out")
-        .arg(&out)
-        .arg("--save-cams"));
+    let r =
+        run(generate_cmd(tmp.path(), &imgs, &out).args(["--config", "coco14", "--coco"]).arg(&inst).arg("--save-cams"));
     assert_eq!(r.code, Some(0), "{}", r.show());
     assert!(r.stderr.contains("1 image(s)") && r.stderr.contains("skipped"), "skipped count reported\n{}", r.show());
     assert_eq!(summary(&r.stderr), (3, 3, 0, 0), "{}", r.show());
@@ -337,13 +303,8 @@ fn coco_instances_map_categories_by_rank_and_skip_unannotated_images() {
     assert!(m.values.iter().all(|&v| v == 0 || v == 1 || v == 80));
 
     // Category count that does not match the config: fatal, one line.
-    let r = run(generate(tmp.path())
-        .args(["--config", "voc12", "--images"])
-        .arg(&imgs)
-        .arg("--coco")
-        .arg(&inst)
-        .arg("--out")
-        .arg(tmp.path().join("out2")));
+    let r =
+        run(generate_cmd(tmp.path(), &imgs, &tmp.path().join("out2")).args(["--config", "voc12", "--coco"]).arg(&inst));
     let line = assert_one_line_error(&r, 2);
     assert!(line.contains("80 categories") && line.contains("20 classes"), "{line}");
 }
@@ -432,7 +393,7 @@ fn coco_instances_parse_in_bounded_memory() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bad input never stops a run (issue 6)
+// Bad input never stops a run
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -481,14 +442,7 @@ fn bad_images_and_labels_are_recorded_and_the_run_goes_on() {
     write_json(&lf, &serde_json::json!(labels));
 
     let out = tmp.path().join("out");
-    let r = run(generate(tmp.path())
-        .arg("--images")
-        .arg(&imgs)
-        .arg("--labels")
-        .arg(&lf)
-        .arg("--out")
-        .arg(&out)
-        .arg("--overlays"));
+    let r = run(generate_cmd(tmp.path(), &imgs, &out).arg("--labels").arg(&lf).arg("--overlays"));
     assert_eq!(r.code, Some(1), "{}", r.show());
     for m in PANIC_MARKERS {
         assert!(!r.stderr.contains(m), "{}", r.show());
@@ -540,14 +494,8 @@ fn bad_images_and_labels_are_recorded_and_the_run_goes_on() {
     assert!(r.stderr.contains("failures.jsonl"), "points at failures.jsonl\n{}", r.show());
 
     // --allow-failures: same failures, exit 0; the good ones are already complete.
-    let r = run(generate(tmp.path())
-        .arg("--images")
-        .arg(&imgs)
-        .arg("--labels")
-        .arg(&lf)
-        .arg("--out")
-        .arg(&out)
-        .args(["--overlays", "--allow-failures"]));
+    let r =
+        run(generate_cmd(tmp.path(), &imgs, &out).arg("--labels").arg(&lf).args(["--overlays", "--allow-failures"]));
     assert_eq!(r.code, Some(0), "{}", r.show());
     assert_eq!(summary(&r.stderr), (14, 0, 7, 7), "{}", r.show());
     assert_eq!(failures(&out).len(), 7);
@@ -562,13 +510,9 @@ fn a_large_image_is_downscaled_for_the_model_and_the_mask_keeps_its_size() {
     let lf = tmp.path().join("labels.txt");
     std::fs::write(&lf, "big\tperson,horse\n").unwrap();
     let out = tmp.path().join("out");
-    let r = run(generate(tmp.path())
-        .arg("--images")
-        .arg(&imgs)
+    let r = run(generate_cmd(tmp.path(), &imgs, &out)
         .arg("--labels")
         .arg(&lf)
-        .arg("--out")
-        .arg(&out)
         .args(["--max-side", "512", "--summary-json"])
         .arg(tmp.path().join("s.json")));
     assert_eq!(r.code, Some(0), "{}", r.show());
@@ -696,8 +640,8 @@ fn rerun_skips_overwrite_redoes_and_shards_cover_the_list_exactly() {
         &serde_json::json!({"i0": ["dog"], "i1": ["cat", "sofa"], "i2": ["car"], "i3": ["bird", "sheep"], "i4": ["boat"]}),
     );
     let cmd = |out: &Path| {
-        let mut c = generate(tmp.path());
-        c.arg("--images").arg(&imgs).arg("--labels").arg(&lf).arg("--out").arg(out).args(["--save-cams", "--overlays"]);
+        let mut c = generate_cmd(tmp.path(), &imgs, out);
+        c.arg("--labels").arg(&lf).args(["--save-cams", "--overlays"]);
         c
     };
     let full = tmp.path().join("full");
@@ -761,21 +705,14 @@ fn shards_into_one_directory_keep_every_failure() {
     );
     let out = tmp.path().join("out");
     for s in ["0/2", "1/2"] {
-        let _ = run(generate(tmp.path())
-            .arg("--images")
-            .arg(&imgs)
-            .arg("--labels")
-            .arg(&lf)
-            .arg("--out")
-            .arg(&out)
-            .args(["--shard", s]));
+        let _ = run(generate_cmd(tmp.path(), &imgs, &out).arg("--labels").arg(&lf).args(["--shard", s]));
     }
     let f = failures(&out);
     assert_eq!(f.len(), 1, "the failure of shard 0/2 must survive shard 1/2: {f:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
-// Interruption (issue 6)
+// Interruption
 // ---------------------------------------------------------------------------------------------
 
 fn count_masks(out: &Path) -> usize {
@@ -797,8 +734,8 @@ fn sigkill_and_sigint_midway_leave_no_partial_file_and_a_rerun_completes() {
     let lf = tmp.path().join("labels.json");
     write_json(&lf, &serde_json::json!(labels));
     let cmd = |out: &Path| {
-        let mut c = generate(tmp.path());
-        c.arg("--images").arg(&imgs).arg("--labels").arg(&lf).arg("--out").arg(out).args(["--save-cams", "--overlays"]);
+        let mut c = generate_cmd(tmp.path(), &imgs, out);
+        c.arg("--labels").arg(&lf).args(["--save-cams", "--overlays"]);
         c
     };
     let reference = tmp.path().join("reference");

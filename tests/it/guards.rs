@@ -30,8 +30,8 @@ fn cmd(root: &Path, args: &[&str]) -> Command {
 }
 
 fn generate(root: &Path, imgs: &Path, labels: &Path, out: &Path) -> Command {
-    let mut c = cmd(root, &["generate", "--device", "cpu"]);
-    c.arg("--model").arg(tiny_model()).arg("--images").arg(imgs).arg("--labels").arg(labels).arg("--out").arg(out);
+    let mut c = generate_cmd(&root.join("cache"), imgs, out);
+    c.arg("--labels").arg(labels);
     c
 }
 
@@ -509,7 +509,9 @@ fn a_huge_class_name_is_capped_in_failures_jsonl() {
     assert!(failures(&out)["g00"].1.contains("bytes cut"));
 }
 
-/// Peak resident memory (KiB) of a child run to completion.
+/// Peak resident memory (KiB) of a child run to completion. The child is reaped by `wait4`
+/// (which also returns its rusage), not by `Child::wait`.
+#[allow(clippy::zombie_processes)]
 fn run_measured(c: &mut Command) -> (Option<i32>, i64, Duration) {
     let t = Instant::now();
     let child = c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();

@@ -1,4 +1,4 @@
-//! Issue 13: hostile but realistic input. Ids that try to leave OUT, images whose headers lie
+//! Hostile but realistic input. Ids that try to leave OUT, images whose headers lie
 //! about their size, signals that clusters send, FIFOs and devices among the images, corrupt
 //! `.npz` maps for `clipmask crf`, and the smaller items (eval's mismatch message, --max-side,
 //! palettes, .gif, label normalisation, OUT/masks as a file).
@@ -10,14 +10,7 @@ use std::time::{Duration, Instant};
 
 /// `clipmask generate --device cpu --model <tiny> --images imgs --out out` plus `extra`.
 fn generate(tmp: &Path, imgs: &Path, out: &Path) -> Command {
-    let mut c = clipmask(&tmp.join("cache"));
-    c.args(["generate", "--device", "cpu", "--model"])
-        .arg(tiny_model())
-        .arg("--images")
-        .arg(imgs)
-        .arg("--out")
-        .arg(out);
-    c
+    generate_cmd(&tmp.join("cache"), imgs, out)
 }
 
 /// The summary line "N images: D done, S skipped ..., F failed ..." as (N, D, F).
@@ -807,10 +800,7 @@ fn eval_names_the_mismatched_ids_and_the_allow_missing_hint() {
 #[test]
 fn max_side_below_two_patches_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let imgs = tmp.path().join("imgs");
-    save_png(&imgs, "a", 80, 60, 41);
-    let lf = tmp.path().join("labels.json");
-    std::fs::write(&lf, r#"{"a": ["dog"]}"#).unwrap();
+    let (imgs, lf) = one_image_dataset(tmp.path(), 41);
     for v in ["0", "1", "15", "16", "31"] {
         let r = run(generate(tmp.path(), &imgs, &tmp.path().join(format!("out{v}")))
             .arg("--labels")
@@ -904,10 +894,7 @@ fn json_and_text_labels_share_one_normalisation() {
 #[test]
 fn out_masks_being_a_file_is_blamed_on_out_masks() {
     let tmp = tempfile::tempdir().unwrap();
-    let imgs = tmp.path().join("imgs");
-    save_png(&imgs, "a", 64, 48, 53);
-    let lf = tmp.path().join("labels.json");
-    std::fs::write(&lf, r#"{"a": ["dog"]}"#).unwrap();
+    let (imgs, lf) = one_image_dataset(tmp.path(), 53);
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("masks"), b"not a directory").unwrap();

@@ -1,4 +1,4 @@
-//! Issue 2: loading models (bad files, fp16, download by name), `--help`, `classify --json`,
+//! Loading models (bad files, fp16, download by name), `--help`, `classify --json`,
 //! `--device cuda` without a GPU. Everything through the binary except the download function.
 use crate::support::*;
 use std::collections::BTreeMap;

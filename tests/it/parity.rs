@@ -1,11 +1,12 @@
 //! The model and the CLIP-ES maps against the independent PyTorch reference
 //! (tests/python/clip_reference.py: pytorch-grad-cam and OpenCV, as the original calls them)
 //! on the same random weights (logit scale 10, the well-conditioned regime) and pixels, with
-//! targets.md's tolerances; fp16 against the same reference in fp16.
+//! the README's Fidelity tolerances; fp16 against the same reference in fp16.
 use crate::support::*;
 use clipmask::clip::Clip;
 use clipmask::config::DatasetConfig;
-use clipmask::pipeline::{compute_maps, prepare, MapOptions};
+use clipmask::image_input::prepare;
+use clipmask::pipeline::{compute_maps, MapOptions};
 use clipmask::prompts::{all_sentences, text_features, tokenize};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
@@ -13,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 /// Model internals (block inputs, attention, text features, probabilities): well-conditioned
 /// sums, compared at 1e-4 as before.
 const TOL: f32 = 1e-4;
-/// targets.md, fp32 on CPU: raw GradCAM maps.
+/// Fidelity tolerance (README), fp32 on CPU: raw GradCAM maps.
 const RAW_TOL: f32 = 1e-5;
 /// Refined maps: at any pixel, and on average (the Sinkhorn step amplifies summation order;
 /// the original itself moves its refined maps by up to 3.5e-4 between 1 and 2 threads).
@@ -101,7 +102,7 @@ fn labels_of(refined: &[f32], keys: &[usize], shape: (usize, usize)) -> Vec<u8> 
     let k = keys.len();
     let arr = ndarray::Array3::from_shape_vec((k, shape.0, shape.1), refined.to_vec()).unwrap();
     let keys: Vec<i64> = keys.iter().map(|&k| k as i64).collect();
-    clipmask::eval::labels_from_cams(&arr, &keys, 1.0)
+    clipmask::eval::label_map_from_cams(&arr, &keys, 1.0)
 }
 
 /// Label probabilities (the image's own classes) covered by a set of cases.
@@ -199,7 +200,7 @@ fn maps_text_and_zero_shot_match_the_pytorch_grad_cam_reference() {
 
     // Zero-shot classification (CLIP's standard protocol).
     for (i, c) in cases.iter().take(3).enumerate() {
-        let probs = clipmask::cli::classify::zero_shot(&model, &text, &c.image).unwrap();
+        let probs = clipmask::prompts::zero_shot(&model, &text, &c.image).unwrap();
         let d = max_abs_diff(&probs, &to_vec(&r[&format!("zs.{i}.probs")]));
         eprintln!("zero-shot {}: max |diff| = {d:.2e}", c.id);
         assert!(d <= TOL);
@@ -207,7 +208,7 @@ fn maps_text_and_zero_shot_match_the_pytorch_grad_cam_reference() {
 }
 
 /// fp16 as the original runs it on CUDA (the model after OpenAI's convert_weights), here on the
-/// CPU: against the same pytorch-grad-cam reference run in fp16. The bar (targets.md): our
+/// CPU: against the same pytorch-grad-cam reference run in fp16. The bar (README, Fidelity): our
 /// labels agree with the fp16 reference at least as well as that reference agrees with its
 /// own fp32; the map differences are printed against the reference's own 1- vs 2-thread spread.
 #[test]

@@ -108,15 +108,8 @@ fn dataset(root: &Path) -> (PathBuf, PathBuf, Vec<&'static str>) {
 }
 
 fn generate(root: &Path, imgs: &Path, labels: &Path, out: &Path) -> std::process::Command {
-    let mut c = clipmask(&root.join("cache"));
-    c.args(["generate", "--device", "cpu", "--model"])
-        .arg(tiny_model())
-        .arg("--images")
-        .arg(imgs)
-        .arg("--labels")
-        .arg(labels)
-        .arg("--out")
-        .arg(out);
+    let mut c = generate_cmd(&root.join("cache"), imgs, out);
+    c.arg("--labels").arg(labels);
     c
 }
 
@@ -331,7 +324,7 @@ fn write_atomic_never_follows_a_link_at_the_old_temporary_name_or_the_final_name
         files_under(&out).into_iter().filter(|p| is_temp_name(p) && out.join(p) != old_tmp).collect();
     assert!(temps.is_empty(), "temporary files left: {temps:?}");
     // The sweep removes a stale link with a temporary name (it is never clipmask's own).
-    assert_eq!(clipmask::files::sweep_temp_files(&[out.clone()], false), 1);
+    assert_eq!(clipmask::files::sweep_temp_files(std::slice::from_ref(&out), false), 1);
     assert!(old_tmp.symlink_metadata().is_err());
     victim.assert_unchanged("sweep");
 }

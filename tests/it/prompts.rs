@@ -1,4 +1,4 @@
-//! Text side (issue 7): sharpness against NumPy, stable ranking, fusion modes, `prompts show`.
+//! Text side: sharpness against NumPy, stable ranking, fusion modes, `prompts show`.
 use crate::support::*;
 use clipmask::clip::Clip;
 use clipmask::config::{DatasetConfig, Fusion, PromptName};

@@ -12,9 +12,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-/// Maps before CAA: the bound.
+/// Maps before CAA: the bound for raw GradCAM maps, 1e-5.
 const RAW_TOL: f32 = 1e-5;
-/// Refined maps, as for GradCAM (targets.md): the Sinkhorn step amplifies summation order.
+/// Refined maps, as for GradCAM (README, Fidelity): the Sinkhorn step amplifies summation order.
 const REFINED_MAX_TOL: f32 = 1e-3;
 
 struct Case {

@@ -1,8 +1,8 @@
-//! Issue 18 end to end: `clipmask tag`, `generate --labels auto` (equal to `tag` followed by
+//! End to end: `clipmask tag`, `generate --labels auto` (equal to `tag` followed by
 //! `generate --labels`), and label quality in `clipmask eval --labels-pred` on hand-made cases
 //! with known precision, recall, F1 and AP.
 use crate::support::*;
-use clipmask::label_metrics::{average_precision, label_metrics};
+use clipmask::eval::image_labels::{average_precision, label_metrics};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

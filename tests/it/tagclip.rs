@@ -5,7 +5,7 @@ use crate::support::*;
 use clipmask::affinity::component_boxes;
 use clipmask::clip::Clip;
 use clipmask::config::DatasetConfig;
-use clipmask::pipeline::prepare;
+use clipmask::image_input::prepare;
 use clipmask::tagclip::{box_region, crop_span, select, tag_image, text_features, TagOptions};
 use std::collections::HashMap;
 use tch::{Device, Kind};

@@ -24,6 +24,19 @@ pub fn clipmask(cache: &Path) -> Command {
     c
 }
 
+/// `clipmask generate` on the tiny test model on the CPU with `--images` and `--out` set and the
+/// cache at `cache`: the one spelling of the command that the tests add their flags to.
+pub fn generate_cmd(cache: &Path, images: &Path, out: &Path) -> Command {
+    let mut c = clipmask(cache);
+    c.args(["generate", "--device", "cpu", "--model"])
+        .arg(super::tiny_model())
+        .arg("--images")
+        .arg(images)
+        .arg("--out")
+        .arg(out);
+    c
+}
+
 /// A cache shared by the tests that download nothing (target/test-cache).
 pub fn shared_cache() -> PathBuf {
     root().join("target/test-cache")

@@ -52,6 +52,16 @@ pub fn fixture_scaled(size: &str, seed: u64, fp16: bool, logit_scale: f64) -> Pa
     dir
 }
 
+/// The smallest dataset: `dir/imgs/a.png` (80x60) labelled `dog` in `dir/labels.json`.
+/// Returns (images folder, labels file).
+pub fn one_image_dataset(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    let imgs = dir.join("imgs");
+    save_png(&imgs, "a", 80, 60, seed);
+    let labels = dir.join("labels.json");
+    std::fs::write(&labels, r#"{"a": ["dog"]}"#).unwrap();
+    (imgs, labels)
+}
+
 /// A smooth, structured RGB image (blobs + gradients + a little noise), deterministic.
 pub fn synthetic_image(w: u32, h: u32, seed: u64) -> RgbImage {
     let mut rng = rng(seed);

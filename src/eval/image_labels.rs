@@ -3,42 +3,14 @@
 //! annotations or ground-truth masks. Per class and mean precision, recall and F1, overall
 //! (micro) precision, recall and F1 as TagCLIP reports them, and the mAP of the scores.
 use crate::config::DatasetConfig;
-use crate::datasets::{read_labels_file, read_split, read_voc_annotations};
+use crate::datasets::{read_labels_file, read_split, read_voc_annotations, scores_path_for, ScoresFile};
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The ground truth's description and, per id, its classes (or why they could not be read).
 type GtLabels = (String, BTreeMap<String, Result<BTreeSet<usize>>>);
-
-/// Per-class scores as `clipmask tag` writes them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ScoresFile {
-    /// What produced them ("tagclip").
-    pub method: String,
-    /// Class names, in score order (the config's).
-    pub classes: Vec<String>,
-    /// Relative threshold the labels were chosen with.
-    pub threshold: f64,
-    /// Per image, one score per class.
-    pub scores: BTreeMap<String, Vec<f32>>,
-}
-
-impl ScoresFile {
-    pub fn read(path: &Path) -> Result<Self> {
-        let text = crate::files::read_text(path, crate::files::MAX_TEXT_BYTES)
-            .with_context(|| format!("cannot read scores {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a scores file written by clipmask tag", path.display()))
-    }
-}
-
-/// The scores file that goes with a labels file: `labels.json` -> `labels.scores.json`.
-pub fn scores_path_for(labels: &Path) -> PathBuf {
-    let stem = labels.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "labels".into());
-    labels.with_file_name(format!("{stem}.scores.json"))
-}
 
 /// Metrics of one class.
 #[derive(Debug, Clone, Serialize)]
@@ -250,7 +222,7 @@ fn mask_classes(path: &Path, cfg: &DatasetConfig) -> Result<BTreeSet<usize>> {
 }
 
 /// Ground truth per id, from the source the flags name.
-fn ground_truth(args: &crate::eval::EvalOptions, cfg: &DatasetConfig) -> Result<GtLabels> {
+fn ground_truth(args: &super::EvalOptions, cfg: &DatasetConfig) -> Result<GtLabels> {
     let l = &args.labels;
     let mut out = BTreeMap::new();
     if let Some(f) = &l.labels_gt {
@@ -272,10 +244,9 @@ fn ground_truth(args: &crate::eval::EvalOptions, cfg: &DatasetConfig) -> Result<
         }
         return Ok((what, out));
     }
-    let dir = args
-        .gt
-        .as_deref()
-        .context("--labels-pred needs ground truth: --labels-gt FILE, --annotations DIR or --gt DIR (masks)")?;
+    let dir = args.gt.as_deref().context(
+        "scoring image-level labels needs ground truth: a labels file, VOC XML annotations or ground-truth masks",
+    )?;
     for (id, p) in crate::files::files_by_stem(dir, &["png"], "ground-truth directory", false)? {
         let r = mask_classes(&p, cfg);
         out.insert(id, r);
@@ -284,11 +255,13 @@ fn ground_truth(args: &crate::eval::EvalOptions, cfg: &DatasetConfig) -> Result<
 }
 
 /// Reads everything the flags name and computes the report.
-pub fn evaluate(args: &crate::eval::EvalOptions) -> Result<LabelReport> {
-    let pred_path = args.labels.labels_pred.as_deref().context("--labels-pred FILE is required")?;
+pub fn evaluate(args: &super::EvalOptions) -> Result<LabelReport> {
+    let pred_path = args.labels.labels_pred.as_deref().context("no predicted labels file given")?;
     let l = &args.labels;
     if l.labels_gt.is_none() && l.annotations.is_none() && args.gt.is_none() {
-        bail!("--labels-pred needs ground truth: --labels-gt FILE, --annotations DIR or --gt DIR (masks)");
+        bail!(
+            "scoring image-level labels needs ground truth: a labels file, VOC XML annotations or ground-truth masks"
+        );
     }
     let cfg = DatasetConfig::resolve(&args.config)?;
     let pred = read_labels_file(pred_path)?;
@@ -365,7 +338,7 @@ pub fn evaluate(args: &crate::eval::EvalOptions) -> Result<LabelReport> {
 }
 
 /// `clipmask eval --labels-pred ...`
-pub fn run(args: &crate::eval::EvalOptions, json: bool) -> Result<i32> {
+pub fn run(args: &super::EvalOptions, json: bool) -> Result<i32> {
     let report = evaluate(args)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -14,10 +14,10 @@ use ndarray::Array3;
 ///
 /// # Panics
 /// If `keys.len()` is not K or a key is outside `0..=253`: callers validate archives first.
-pub fn labels_from_cams(cams: &Array3<f32>, keys: &[i64], alpha: f32) -> Vec<u8> {
+pub fn label_map_from_cams(cams: &Array3<f32>, keys: &[i64], alpha: f32) -> Vec<u8> {
     let (k, h, w) = cams.dim();
-    assert_eq!(keys.len(), k, "labels_from_cams: {} keys for {} maps", keys.len(), k);
-    let lut = label_ids(keys).unwrap_or_else(|e| panic!("labels_from_cams: {e}"));
+    assert_eq!(keys.len(), k, "label_map_from_cams: {} keys for {} maps", keys.len(), k);
+    let lut = label_ids(keys).unwrap_or_else(|e| panic!("label_map_from_cams: {e}"));
     let npix = h * w;
     if k == 0 || npix == 0 {
         return vec![0; npix];
@@ -71,7 +71,7 @@ pub struct CrfOptions {
 /// Pseudo-labels from the CRF: P = [(1 - max_c M_c)^alpha; M_1..M_K] (alpha = 1 in CLIP-ES),
 /// marginals Q, argmax with ids [0, key_1 + 1, ...], 255 where max Q < confidence. Returns the
 /// labels and the largest marginal per pixel.
-pub fn crf_labels(
+pub fn crf_label_map(
     img: &RgbImage,
     maps: &Array3<f32>,
     keys: &[i64],
@@ -105,10 +105,10 @@ fn label_ids(keys: &[i64]) -> Result<Vec<u8>> {
         .collect()
 }
 
-/// [`labels_from_cams`] on the maps' device, for a run that needs only the label map: the same
+/// [`label_map_from_cams`] on the maps' device, for a run that needs only the label map: the same
 /// rule (`bg = (1 - max_k M_k)^alpha`, first maximum wins, keys + 1), computed where the maps
 /// are so that only H*W bytes cross to the host. `refined`: (K, H, W) fp32.
-pub fn labels_on_device(refined: &tch::Tensor, keys: &[i64], alpha: f32) -> Result<Vec<u8>> {
+pub fn label_map_on_device(refined: &tch::Tensor, keys: &[i64], alpha: f32) -> Result<Vec<u8>> {
     use tch::{Kind, Tensor};
     let size = refined.size();
     let (k, h, w) = (size[0], size[1], size[2]);
@@ -116,7 +116,7 @@ pub fn labels_on_device(refined: &tch::Tensor, keys: &[i64], alpha: f32) -> Resu
         return Ok(vec![0; (h * w) as usize]);
     }
     let x: Tensor = 1.0 - refined.amax([0], true);
-    // alpha 1 and 2 as `x` and `x * x`, like labels_from_cams (bit-identical to NumPy).
+    // alpha 1 and 2 as `x` and `x * x`, like label_map_from_cams (bit-identical to NumPy).
     let bg = if alpha == 1.0 {
         x
     } else if alpha == 2.0 {
@@ -125,7 +125,7 @@ pub fn labels_on_device(refined: &tch::Tensor, keys: &[i64], alpha: f32) -> Resu
         x.pow_tensor_scalar(alpha as f64)
     };
     let scores = Tensor::cat(&[bg, refined.shallow_clone()], 0);
-    // argmax returns the first maximum, as np.argmax and labels_from_cams.
+    // argmax returns the first maximum, as np.argmax and label_map_from_cams.
     let idx = scores.argmax(0, false);
     let mut lut = vec![0u8];
     lut.extend(label_ids(keys)?);

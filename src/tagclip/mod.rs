@@ -3,17 +3,21 @@
 //! classification, dual-masking attention refinement, class-wise re-identification on crops,
 //! score fusion and a relative threshold. Every formula, the official function it follows
 //! (linyq2117/TagCLIP, classify.py and clip/) and each deviation are in docs/tagclip.md.
+mod run;
+
+pub use run::{auto_labels, items_for, tag_images, write_outputs, TagRun};
+
 use crate::affinity::component_boxes;
 use crate::clip::Clip;
 use crate::config::DatasetConfig;
-use crate::pipeline::Prepared;
+use crate::image_input::Prepared;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 /// TagCLIP's prompt ensemble (clip/clip.py, `encode_text_with_prompt_ensemble`): CLIP's 80
 /// ImageNet templates and five scene templates, in the official order.
-pub const TEMPLATES: &str = include_str!("../prompts/tagclip-templates.txt");
+pub const TEMPLATES: &str = include_str!("../../prompts/tagclip-templates.txt");
 
 /// Relative threshold on the per-image score range for the final labels (classify.py, VOC and
 /// COCO; the official code uses 0.1 for COCO-Stuff).
