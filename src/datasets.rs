@@ -318,6 +318,57 @@ pub fn work_list(
         .collect()
 }
 
+/// Where a run's image-level labels come from.
+#[derive(Debug, Clone)]
+pub enum LabelSource {
+    /// A labels file: JSON `{"<id>": [...]}` or tab-separated text.
+    File(PathBuf),
+    /// A directory of VOC XML annotations.
+    VocXml(PathBuf),
+    /// A COCO `instances_*.json`.
+    Coco(PathBuf),
+}
+
+/// Per id, the class names of `source` (or why the entry is unusable), keeping only the ids in
+/// `wanted` where the format allows it (a labels file is streamed). COCO images without
+/// annotation are skipped, and said so on stderr.
+pub fn read_labels(
+    source: &LabelSource,
+    cfg: &DatasetConfig,
+    wanted: Option<&HashSet<String>>,
+) -> Result<BTreeMap<String, Result<Vec<String>, String>>> {
+    Ok(match source {
+        LabelSource::File(f) => read_labels_file_for(f, wanted)?.into_iter().map(|(k, v)| (k, Ok(v))).collect(),
+        LabelSource::VocXml(d) => read_voc_annotations(d)?,
+        LabelSource::Coco(f) => {
+            let (labels, unannotated) = read_coco_instances(f, cfg)?;
+            if unannotated > 0 {
+                eprintln!("{unannotated} image(s) in {} have no annotation: skipped", f.display());
+            }
+            labels.into_iter().map(|(k, v)| (k, Ok(v))).collect()
+        }
+    })
+}
+
+/// The items of a run: the split's ids (else every labelled id, sorted), sharded (`(i, n)`)
+/// before any image is looked up, so that each shard stats only its own files.
+pub fn run_items(
+    cfg: &DatasetConfig,
+    images: &Path,
+    labels: &BTreeMap<String, Result<Vec<String>, String>>,
+    split: Option<&[String]>,
+    shard_spec: Option<(usize, usize)>,
+) -> Vec<Item> {
+    let mut ids: Vec<String> = match split {
+        Some(s) => s.to_vec(),
+        None => labels.keys().cloned().collect(),
+    };
+    if let Some((i, n)) = shard_spec {
+        ids = shard(ids, i, n);
+    }
+    work_list(cfg, images, labels, Some(&ids))
+}
+
 /// Deterministic shard `i` of `n` (0-based): every n-th id starting at i.
 pub fn shard<T>(items: Vec<T>, i: usize, n: usize) -> Vec<T> {
     items.into_iter().enumerate().filter(|(k, _)| k % n == i).map(|(_, t)| t).collect()

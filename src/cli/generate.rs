@@ -1,7 +1,7 @@
 //! `clipmask generate`: the main job. Image-level labels in, pixel pseudo-masks out.
 use super::args::{CrfArgs, ImageSetArgs, ModelArgs};
-use crate::datasets::{read_labels_file_for, read_split, read_voc_annotations, shard, work_list};
-use crate::pipeline::{generate, GenerateOptions, MapOptions};
+use crate::datasets::{read_labels, read_split, run_items, LabelSource};
+use crate::pipeline::{generate_with, GenerateOptions, MapOptions};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -97,7 +97,7 @@ pub struct GenerateArgs {
     /// Where the maps come from before CAA. gradcam: CLIP-ES's softmax-GradCAM (the default;
     /// one backward pass). maskclip, sclip, clearclip, naclip: training-free dense CLIP (the
     /// last block's attention changed as each paper's code does; no backward pass). CAA,
-    /// labels and CRF are the same for all (docs/method.md §10).
+    /// label maps and CRF are the same for all (docs/method.md §10).
     #[arg(long = "cam", value_enum, default_value = "gradcam", value_name = "SOURCE")]
     pub cam_source: crate::cam::CamSource,
     /// Test-time augmentation: input scales, comma separated (e.g. 1.0,0.75,1.25). Each scale's
@@ -114,7 +114,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub batch_size: usize,
 
-    /// Refine the labels with a dense CRF (method §6: unary -log P on P = [bg; maps], Potts
+    /// Refine the label maps with a dense CRF (method §6: unary -log P on P = [bg; maps], Potts
     /// Gaussian + bilateral kernels, 10 mean-field iterations; parameters from the config's
     /// "crf" section) and mark pixels below --confidence as 255. Alpha 1 is CLIP-ES's choice.
     #[arg(long)]
@@ -160,15 +160,9 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
             bail!("--labels auto cannot be sharded: run `clipmask tag` once, then shard `generate --labels FILE`")
         }
         (Some(_), _, _) if auto => BTreeMap::new(),
-        (Some(f), _, _) => read_labels_file_for(f, wanted.as_ref())?.into_iter().map(|(k, v)| (k, Ok(v))).collect(),
-        (None, Some(d), _) => read_voc_annotations(d)?,
-        (None, None, Some(f)) => {
-            let (labels, unannotated) = crate::datasets::read_coco_instances(f, &cfg)?;
-            if unannotated > 0 {
-                eprintln!("{unannotated} image(s) in {} have no annotation: skipped", f.display());
-            }
-            labels.into_iter().map(|(k, v)| (k, Ok(v))).collect()
-        }
+        (Some(f), _, _) => read_labels(&LabelSource::File(f.clone()), &cfg, wanted.as_ref())?,
+        (None, Some(d), _) => read_labels(&LabelSource::VocXml(d.clone()), &cfg, wanted.as_ref())?,
+        (None, None, Some(f)) => read_labels(&LabelSource::Coco(f.clone()), &cfg, wanted.as_ref())?,
         (None, None, None) => {
             bail!("give image-level labels with --labels FILE, --annotations DIR or --coco INSTANCES.json")
         }
@@ -238,20 +232,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     } else {
         labels
     };
-    // Sharded before any image is looked up: each shard stats only its own files.
-    let mut ids: Vec<String> = match &split {
-        Some(s) => s.clone(),
-        None => labels.keys().cloned().collect(),
-    };
-    if let Some((i, n)) = shard_spec {
-        ids = shard(ids, i, n);
-    }
-    let items = work_list(&cfg, &args.input.images, &labels, Some(&ids));
-    let mut text = crate::prompts::text_features(&model, &cfg)?;
-    let mut model = model;
-    model.text = None; // the text tower is not needed any more
-    text.classes = text.classes.to_device(model.device);
-
+    let items = run_items(&cfg, &args.input.images, &labels, split.as_deref(), shard_spec);
     let opts = GenerateOptions {
         out: args.out.clone(),
         maps: MapOptions {
@@ -275,7 +256,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
             n => n,
         },
     };
-    let s = generate(&model, &text, &cfg, items, &opts, interrupt.stop_flag())?;
+    let s = generate_with(model, &cfg, items, &opts, interrupt.stop_flag())?;
     eprintln!(
         "{} images: {} done, {} skipped (already complete), {} failed{} in {:.1} s ({:.2} images/s)",
         s.total,

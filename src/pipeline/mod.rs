@@ -111,6 +111,21 @@ pub fn temp_dirs(out: &std::path::Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// [`generate`] with the model as loaded: encodes the text features, then drops the text
+/// tower (not needed any more, and large) before the run.
+pub fn generate_with(
+    mut model: Clip,
+    cfg: &DatasetConfig,
+    items: Vec<Item>,
+    opts: &GenerateOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<Summary> {
+    let mut text = crate::prompts::text_features(&model, cfg)?;
+    model.text = None;
+    text.classes = text.classes.to_device(model.device);
+    generate(&model, &text, cfg, items, opts, stop)
+}
+
 /// Runs the whole dataset (see the module docs). A bad image is recorded in
 /// `OUT/failures.jsonl` and skipped; `stop` (set by the first signal, [`crate::signals`]) ends
 /// the run after the batch in flight.
