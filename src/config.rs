@@ -128,13 +128,22 @@ impl DatasetConfig {
         for t in &self.templates {
             check_template(t)?;
         }
-        let mut seen = HashSet::new();
+        // Labels find their class ignoring case and surrounding spaces (`find_class`), so class
+        // names must differ in more than that.
+        let mut seen: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
         for c in &self.classes {
             if c.name.trim().is_empty() {
                 bail!("a class has an empty name");
             }
-            if !seen.insert(c.name.as_str()) {
-                bail!("duplicate class name {:?}", c.name);
+            if let Some(first) = seen.insert(c.name.trim().to_lowercase(), c.name.as_str()) {
+                if first == c.name {
+                    bail!("duplicate class name {:?}", c.name);
+                }
+                bail!(
+                    "class names {first:?} and {:?} differ only in case or surrounding spaces, but labels match \
+                     class names ignoring both: rename one, or merge them into one class",
+                    c.name
+                );
             }
             let alts = c.prompt();
             if alts.alternatives().is_empty() || alts.alternatives().iter().any(|a| a.trim().is_empty()) {

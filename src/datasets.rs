@@ -350,28 +350,20 @@ pub fn read_labels(
     })
 }
 
-/// The items of a run: the split's ids (else every labelled id, sorted), sharded (`(i, n)`)
+/// The items of a run: the split's ids (else every labelled id, sorted) of `shard`, chosen
 /// before any image is looked up, so that each shard stats only its own files.
 pub fn run_items(
     cfg: &DatasetConfig,
     images: &Path,
     labels: &BTreeMap<String, Result<Vec<String>, String>>,
     split: Option<&[String]>,
-    shard_spec: Option<(usize, usize)>,
+    shard: &crate::cluster::Shard,
 ) -> Vec<Item> {
-    let mut ids: Vec<String> = match split {
-        Some(s) => s.to_vec(),
-        None => labels.keys().cloned().collect(),
+    let ids: Vec<String> = match split {
+        Some(s) => s.iter().filter(|id| shard.contains(id)).cloned().collect(),
+        None => labels.keys().filter(|id| shard.contains(id)).cloned().collect(),
     };
-    if let Some((i, n)) = shard_spec {
-        ids = shard(ids, i, n);
-    }
     work_list(cfg, images, labels, Some(&ids))
-}
-
-/// Deterministic shard `i` of `n` (0-based): every n-th id starting at i.
-pub fn shard<T>(items: Vec<T>, i: usize, n: usize) -> Vec<T> {
-    items.into_iter().enumerate().filter(|(k, _)| k % n == i).map(|(_, t)| t).collect()
 }
 
 /// Image-level labels from a COCO `instances_*.json`: each image's categories, in ascending

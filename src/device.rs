@@ -49,3 +49,21 @@ pub fn kind_for(device: Device, precision: Precision) -> Kind {
         Precision::Fp16 => Kind::Half,
     }
 }
+
+/// A precision as the flags spell it: "fp16", "fp32".
+pub fn kind_name(kind: Kind) -> String {
+    match kind {
+        Kind::Half => "fp16".into(),
+        Kind::Float => "fp32".into(),
+        k => format!("{k:?}").to_lowercase(),
+    }
+}
+
+/// A device as `--device` spells it: "cpu", "cuda:0".
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        d => format!("{d:?}").to_lowercase(),
+    }
+}

@@ -227,8 +227,14 @@ fn process_alive(pid: u32) -> bool {
 /// temporary name is never clipmask's (temporary files are created exclusively) and is always
 /// removed. Returns how many entries were removed; errors are ignored (it is housekeeping).
 pub fn sweep_temp_files(dirs: &[PathBuf], include_own: bool) -> usize {
+    stale_temp_files(dirs, include_own).iter().filter(|p| std::fs::remove_file(p).is_ok()).count()
+}
+
+/// The temporary files in `dirs` that [`sweep_temp_files`] would remove (`clipmask status`
+/// reports them without removing anything).
+pub fn stale_temp_files(dirs: &[PathBuf], include_own: bool) -> Vec<PathBuf> {
     let me = std::process::id();
-    let mut removed = 0;
+    let mut stale_files = Vec::new();
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
         for e in entries.flatten() {
@@ -248,12 +254,13 @@ pub fn sweep_temp_files(dirs: &[PathBuf], include_own: bool) -> usize {
                 // Not a local process; free of locks means no writer anywhere.
                 open_regular(&path).is_ok_and(|f| f.try_lock().is_ok())
             };
-            if stale && std::fs::remove_file(&path).is_ok() {
-                removed += 1;
+            if stale {
+                stale_files.push(path);
             }
         }
     }
-    removed
+    stale_files.sort();
+    stale_files
 }
 
 /// Fails when an output directory is, or lies inside, an input directory (or the reverse:

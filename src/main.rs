@@ -13,13 +13,20 @@ fn main() {
     }));
     let code = match std::panic::catch_unwind(clipmask::cli::run) {
         Err(p) => {
-            eprintln!("error: {}", clipmask::errors::panic_message(p.as_ref()));
+            let msg = clipmask::errors::panic_message(p.as_ref());
+            // `println!` on a pipe its reader closed (`| head`): a quiet end, as Unix tools do.
+            if clipmask::cli::is_stdout_closed_panic(&msg) {
+                std::process::exit(0);
+            }
+            eprintln!("error: {msg}");
             std::process::exit(2);
         }
         Ok(r) => r,
     };
     let code = match code {
         Ok(code) => code,
+        // Standard output closed by its reader: stop quietly, exit 0.
+        Err(e) if clipmask::cli::is_stdout_closed(&e) => 0,
         Err(e) => {
             eprintln!("error: {}", clipmask::cli::format_error(&e));
             2

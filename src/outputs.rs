@@ -115,24 +115,69 @@ pub struct CamArchive {
     pub raw_cams: Array3<f32>,
 }
 
+/// A `.npy` file of strings, as numpy writes `np.array(names)`: dtype `<U{longest}` (UTF-32LE,
+/// zero-padded), shape (K,), header padded to a multiple of 64 bytes.
+fn npy_strings(names: &[String]) -> Vec<u8> {
+    let width = names.iter().map(|n| n.chars().count()).max().unwrap_or(0).max(1);
+    let mut header = format!("{{'descr': '<U{width}', 'fortran_order': False, 'shape': ({},), }}", names.len());
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    for n in names {
+        let chars: Vec<char> = n.chars().collect();
+        for k in 0..width {
+            out.extend((chars.get(k).copied().unwrap_or('\0') as u32).to_le_bytes());
+        }
+    }
+    out
+}
+
 impl CamArchive {
+    /// Writes the archive: `keys`, `cams`, `raw_cams`.
     pub fn write(&self, path: &Path) -> Result<()> {
+        self.write_named(path, None)
+    }
+
+    /// [`CamArchive::write`], plus `class_names` (one per key, numpy strings) when given, so that
+    /// an archive says which classes its maps are without the config.
+    pub fn write_named(&self, path: &Path, class_names: Option<&[String]>) -> Result<()> {
+        use ndarray_npy::WriteNpyExt;
+        use std::io::Write;
+        let mut entries: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut npy = Vec::new();
+        Array1::from(self.keys.clone()).write_npy(&mut npy)?;
+        entries.push(("keys.npy", npy));
+        if let Some(names) = class_names {
+            entries.push(("class_names.npy", npy_strings(names)));
+        }
+        for (name, arr) in [("cams.npy", &self.cams), ("raw_cams.npy", &self.raw_cams)] {
+            let mut npy = Vec::new();
+            arr.write_npy(&mut npy)?;
+            entries.push((name, npy));
+        }
         write_atomic(path, |w| {
-            let mut npz = ndarray_npy::NpzWriter::new_compressed(w);
+            let mut zip = zip::ZipWriter::new(w);
+            let options = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated)
+                .large_file(false);
             let added = (|| -> Result<()> {
-                npz.add_array("keys", &Array1::from(self.keys.clone()))?;
-                npz.add_array("cams", &self.cams)?;
-                npz.add_array("raw_cams", &self.raw_cams)?;
+                for (name, bytes) in &entries {
+                    zip.start_file(*name, options)?;
+                    zip.write_all(bytes)?;
+                }
                 Ok(())
             })();
             if let Err(e) = added {
                 // Dropping a failed zip writer retries the write and prints "ZipWriter drop
                 // failed" to stderr (a full disk would print it for every image): the error is
                 // reported once, as this image's failure, and the writer is not dropped.
-                std::mem::forget(npz);
+                std::mem::forget(zip);
                 return Err(e);
             }
-            npz.finish()?;
+            zip.finish()?;
             Ok(())
         })
     }

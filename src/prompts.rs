@@ -107,8 +107,17 @@ pub fn text_features(model: &Clip, cfg: &DatasetConfig) -> Result<TextFeatures> 
             return Ok(TextFeatures { classes: c.to_device(model.device), background: b.to_device(model.device) });
         }
     }
+    let sentences: usize = classes.iter().chain(&bg).map(|(_, s)| s.len()).sum();
+    let step = crate::progress::Step::start(format!(
+        "encoding {} classes x {} template{} (and {} background words: {sentences} sentences)",
+        classes.len(),
+        cfg.templates.len(),
+        if cfg.templates.len() == 1 { "" } else { "s" },
+        bg.len()
+    ));
     let c = encode_groups(model, &classes.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>())?;
     let b = encode_groups(model, &bg.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>())?;
+    drop(step);
     // Best effort: a read-only cache only costs recomputation.
     let _ = write_cache(&path, &c, &b);
     Ok(TextFeatures { classes: c.to_device(model.device), background: b.to_device(model.device) })
@@ -210,6 +219,8 @@ pub fn rank_templates(
     let mut feats = Vec::new();
     let mut gts = Vec::new();
     let mut skipped = 0;
+    let step =
+        crate::progress::Step::start(format!("image features of the multi-label images among {} ids", ids.len()));
     for id in ids {
         let Some(names) = labels.get(id) else { continue };
         let Ok(gt) = crate::datasets::resolve_labels(cfg, names) else {
@@ -228,11 +239,12 @@ pub fn rank_templates(
                 gts.push(gt);
             }
             Err(e) => {
-                eprintln!("warning: {}", crate::errors::format_error(&e));
+                crate::progress::note(&format!("warning: {}", crate::errors::format_error(&e)));
                 skipped += 1;
             }
         }
     }
+    drop(step);
     if feats.is_empty() {
         bail!("no usable image with at least two labels: sharpness needs multi-label images");
     }
@@ -240,8 +252,8 @@ pub fn rank_templates(
         eprintln!("warning: {skipped} image(s) skipped (unreadable or labels not in the config)");
     }
     let feats = Tensor::cat(&feats, 0);
-    let bar = crate::progress::progress_bar(templates.len() as u64);
-    bar.set_message("templates");
+    let bar = crate::progress::progress_bar(templates.len() as u64, "template");
+    bar.set_message(format!("{} classes, {} images", cfg.classes.len(), gts.len()));
     let mut ranked = Vec::new();
     for t in templates {
         let groups: Vec<Vec<String>> =

@@ -1,14 +1,17 @@
 //! Flag groups shared by several commands, each defined once with its docs: the model and
 //! config, the images and split, and the dense CRF settings. The parser names the flag in its
 //! errors; the library speaks of values.
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
 /// Shared model flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// CLIP ViT checkpoint: a .pt (OpenAI TorchScript) or .safetensors path, or a released
-    /// name (ViT-B/16, ViT-B/32, ViT-L/14, ViT-L/14@336px) downloaded once to the cache.
+    /// CLIP ViT checkpoint: a file (.pt OpenAI TorchScript, .safetensors, or .bin torch.save
+    /// state dict; OpenAI, OpenCLIP or Hugging Face names), a released name (ViT-B/16, ViT-B/32,
+    /// ViT-L/14, ViT-L/14@336px) downloaded once to ~/.cache/clipmask (CLIPMASK_CACHE), or a
+    /// Hugging Face repo id org/name (openai/clip-vit-base-patch16, an OpenCLIP repo) read from
+    /// or fetched into the Hugging Face cache (HF_HOME; offline with HF_HUB_OFFLINE=1).
     #[arg(long, short = 'm', default_value = "ViT-B/16")]
     pub model: String,
     /// Dataset config: a JSON path or a shipped name (voc12, coco14). Holds class names,
@@ -34,12 +37,60 @@ impl ModelArgs {
         Ok((self.load_model()?, cfg))
     }
 
+    /// The device `--device` names; `auto` is the process's own GPU under a scheduler (the local
+    /// rank's, [`crate::cluster::auto_device`]), else the first GPU, else the CPU. Also says
+    /// where the choice came from.
+    pub fn device(&self) -> Result<(tch::Device, String)> {
+        if self.device.trim().eq_ignore_ascii_case("auto") {
+            let gpus = if tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 };
+            let (spec, why) = crate::cluster::auto_device(&crate::cluster::ProcessEnv, gpus);
+            return Ok((crate::device::parse_device(&spec)?, format!("--device auto: {why}")));
+        }
+        Ok((crate::device::parse_device(&self.device)?, format!("--device {}", self.device)))
+    }
+
     /// The model alone, for callers that have already read the config.
     pub fn load_model(&self) -> Result<crate::clip::Clip> {
-        let device = crate::device::parse_device(&self.device)?;
+        self.load_model_on(self.device()?.0)
+    }
+
+    /// The model on `device` (from [`ModelArgs::device`]).
+    pub fn load_model_on(&self, device: tch::Device) -> Result<crate::clip::Clip> {
         let precision = if self.fp32 { crate::device::Precision::Fp32 } else { self.precision };
         let kind = crate::device::kind_for(device, precision);
+        let _step = crate::progress::Step::start(format!(
+            "loading {} ({}, {})",
+            self.model,
+            crate::device::kind_name(kind),
+            crate::device::device_name(device)
+        ));
         crate::clip::Clip::load(&self.model, device, kind)
+    }
+}
+
+/// This process's part of a run (`generate`, `crf`, `tag`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ShardArgs {
+    /// Process only shard I of N (0-based, "I/N"), or "auto": the shard a scheduler gave this
+    /// process (a SLURM job array: SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT or MIN..MAX;
+    /// srun tasks: SLURM_PROCID of SLURM_NTASKS, splitting an array task again; torchrun: RANK
+    /// of WORLD_SIZE; else the whole run). An id belongs to shard hash(id) mod N, so N
+    /// processes cover every id exactly once, whatever the order of the listing. Each shard
+    /// writes its own failures.I-of-N.jsonl and summary.I-of-N.json; `clipmask status` checks
+    /// the union.
+    #[arg(long, value_name = "I/N|auto")]
+    pub shard: Option<String>,
+}
+
+impl ShardArgs {
+    /// The shard, the whole run without `--shard`.
+    pub fn shard(&self) -> Result<crate::cluster::Shard> {
+        match &self.shard {
+            None => Ok(crate::cluster::Shard::all()),
+            Some(s) => {
+                crate::cluster::Shard::parse(s, &crate::cluster::ProcessEnv).with_context(|| format!("--shard {s}"))
+            }
+        }
     }
 }
 

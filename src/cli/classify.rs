@@ -13,7 +13,8 @@ pub struct ClassifyArgs {
     /// How many classes to show per image in the table.
     #[arg(long, short = 'k', default_value_t = 5)]
     pub top: usize,
-    /// One JSON object per line: {"image": "<path>", "probs": {"<class>": p, ...}}.
+    /// One JSON object per line: {"schema": 1, "image": "<path>", "probs": {"<class>": p, ...}}
+    /// (docs/schemas/classify.schema.json).
     #[arg(long)]
     pub json: bool,
     /// Images to classify.
@@ -38,13 +39,18 @@ pub fn run(args: &ClassifyArgs) -> Result<i32> {
         if args.json {
             let map: serde_json::Map<String, serde_json::Value> =
                 names.iter().zip(&probs).map(|(n, p)| (n.to_string(), serde_json::json!(p))).collect();
-            println!("{}", serde_json::json!({"image": path.display().to_string(), "probs": map}));
+            let line = serde_json::json!({
+                "schema": crate::schema::SCHEMA_VERSION,
+                "image": path.display().to_string(),
+                "probs": map
+            });
+            super::print_line(line)?;
         } else {
             let mut order: Vec<usize> = (0..probs.len()).collect();
             order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-            println!("{}", path.display());
+            super::print_line(path.display())?;
             for &i in order.iter().take(args.top) {
-                println!("  {:>7.3}%  {}", probs[i] * 100.0, names[i]);
+                super::print_line(format_args!("  {:>7.3}%  {}", probs[i] * 100.0, names[i]))?;
             }
         }
     }

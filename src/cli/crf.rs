@@ -1,6 +1,6 @@
 //! `clipmask crf`: the dense CRF on maps saved by `generate --save-cams`, so maps are computed
 //! once and CRF settings tried many times.
-use super::args::CrfArgs;
+use super::args::{CrfArgs, ShardArgs};
 use crate::config::DatasetConfig;
 use crate::eval::CamKey;
 use crate::pipeline::crf::{archive_ids, run_crf, CrfRunOptions};
@@ -38,6 +38,11 @@ pub struct CrfCmdArgs {
     pub max_pixels: u64,
     #[command(flatten)]
     pub crf: CrfArgs,
+    #[command(flatten)]
+    pub shard: ShardArgs,
+    /// Redo images whose outputs exist (by default a rerun skips them, as `generate` does).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Label PNG format. gray (default): 8-bit grayscale, value = class id (0 background,
     /// 255 ignore), which PIL, OpenCV and imageio all decode to the ids (ToCo, AFA, WeCLIP, IRN,
     /// detectron2, mmseg with cv2). palette: the VOC-style coloured file, viewable, but only PIL
@@ -54,13 +59,17 @@ pub fn run(args: &CrfCmdArgs) -> Result<i32> {
         bail!("--alpha must be a finite number > 0, got {}", args.alpha);
     }
     archive_ids(&args.cams)?;
+    let shard = args.shard.shard()?;
+    if args.shard.shard.is_some() {
+        eprintln!("shard {}/{} ({})", shard.index, shard.count, shard.source);
+    }
     let written = [args.out.join("masks"), args.out.join("confidence")];
     let written: Vec<(&str, &Path)> = written.iter().map(|p| ("--out", p.as_path())).collect();
     crate::files::check_apart(&written, &[("--cams", &args.cams), ("--images", &args.images)])?;
     for (_, d) in &written {
         crate::files::check_output_dir(d)?;
     }
-    crate::files::check_final_name(&args.out.join("failures.jsonl"))?;
+    crate::files::check_final_name(&args.out.join(shard.file_name("failures", "jsonl")))?;
     std::fs::create_dir_all(written[0].1)
         .with_context(|| format!("cannot create output directory {}", written[0].1.display()))?;
     crate::files::check_writable(written[0].1)?;
@@ -75,12 +84,15 @@ pub fn run(args: &CrfCmdArgs) -> Result<i32> {
         max_pixels: args.max_pixels,
         crf,
         mask_format: args.mask_format,
+        shard: shard.clone(),
+        overwrite: args.overwrite,
     };
     let s = run_crf(&cfg, &opts, interrupt.stop_flag())?;
     eprintln!(
-        "{} images: {} done, {} failed{} in {:.1} s ({:.2} images/s)",
+        "{} images: {} done, {} skipped (already complete), {} failed{} in {:.1} s ({:.2} images/s)",
         s.total,
         s.done,
+        s.skipped,
         s.failures.len(),
         if s.interrupted { ", interrupted" } else { "" },
         s.seconds,
@@ -90,7 +102,7 @@ pub fn run(args: &CrfCmdArgs) -> Result<i32> {
         eprintln!("failed: {}: {}", f.id, f.reason);
     }
     if !s.failures.is_empty() {
-        eprintln!("failures are listed in {}", args.out.join("failures.jsonl").display());
+        eprintln!("failures are listed in {}", args.out.join(shard.file_name("failures", "jsonl")).display());
     }
     Ok(if s.interrupted {
         interrupt.exit_code()

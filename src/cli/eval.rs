@@ -9,10 +9,12 @@ use std::path::PathBuf;
 #[command(after_help = "Compare runs: clipmask eval --pred A/masks --pred B/masks --gt GT \
 prints mIoU, per-class IoU and the ignored fraction of each run with the difference to the first; \
 --json gives the same, --report DIR shows the images where the runs differ most first.")]
+// What is scored: label maps, saved maps or image-level labels; clap's error lists all three.
+#[command(group(clap::ArgGroup::new("scored").required(true).multiple(true).args(["pred", "cams", "labels_pred"])))]
 pub struct EvalArgs {
     /// Directory of predicted label PNGs, `<id>.png` (palette or 8-bit gray indices; 255 =
     /// ignored). Repeat to compare runs on the same images (the first is the baseline).
-    #[arg(long, value_name = "DIR", required_unless_present_any = ["cams", "labels_pred"])]
+    #[arg(long, value_name = "DIR")]
     pub pred: Vec<PathBuf>,
     /// Directory of ground-truth label PNGs, `<id>.png` (255 = ignore).
     /// With --labels-pred: the masks give each image's classes (any id but 0 and 255).
@@ -31,6 +33,12 @@ pub struct EvalArgs {
     /// failing.
     #[arg(long)]
     pub allow_missing: bool,
+    /// Without --split, require a prediction for every ground-truth PNG (exit 2 otherwise). By
+    /// default, ground truth that holds more ids than the predictions (VOC's SegmentationClass
+    /// against masks for train) is scored on the predicted ids, and stderr says how many
+    /// ground-truth ids were left out.
+    #[arg(long)]
+    pub strict: bool,
     /// Write an HTML report (index.html, side-by-side images; worst images first, or with
     /// several runs the images where they differ most) to DIR.
     #[arg(long, value_name = "DIR")]
@@ -85,6 +93,7 @@ impl EvalArgs {
             config: self.config.clone(),
             split: self.split.clone(),
             allow_missing: self.allow_missing,
+            strict: self.strict,
             report: self.report.clone(),
             images: self.images.clone(),
             alpha: self.alpha.clone(),
@@ -100,5 +109,7 @@ impl EvalArgs {
 }
 
 pub fn run(args: &EvalArgs) -> Result<i32> {
-    crate::eval::run(&args.options(), args.json)
+    let text = crate::eval::run(&args.options(), args.json)?;
+    super::print_line(text.trim_end_matches('\n'))?;
+    Ok(0)
 }

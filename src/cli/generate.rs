@@ -1,5 +1,5 @@
 //! `clipmask generate`: the main job. Image-level labels in, pixel pseudo-masks out.
-use super::args::{CrfArgs, ImageSetArgs, ModelArgs};
+use super::args::{CrfArgs, ImageSetArgs, ModelArgs, ShardArgs};
 use crate::datasets::{read_labels, read_split, run_items, LabelSource};
 use crate::pipeline::{generate_with, GenerateOptions, MapOptions};
 use anyhow::{bail, Context, Result};
@@ -55,10 +55,8 @@ pub struct GenerateArgs {
     /// classes by rank; images without annotations are skipped and counted).
     #[arg(long, value_name = "INSTANCES.json", conflicts_with = "labels")]
     pub coco: Option<PathBuf>,
-    /// Process only shard I of N (0-based, "I/N"): every N-th id starting at I, so N processes
-    /// cover the list exactly once without coordination.
-    #[arg(long, value_name = "I/N")]
-    pub shard: Option<String>,
+    #[command(flatten)]
+    pub shard: ShardArgs,
     /// Also write OUT/cams/<id>.npz with the refined and raw maps.
     #[arg(long)]
     pub save_cams: bool,
@@ -127,21 +125,12 @@ pub struct GenerateArgs {
     /// Exit 0 even when some images failed (they are still listed in failures.jsonl).
     #[arg(long)]
     pub allow_failures: bool,
-    /// Write the run summary (counts, seconds, per-stage seconds, peak memory) as JSON to this file.
+    /// Write the run summary (counts, seconds, per-stage seconds, peak memory) as JSON to this file
+    /// (docs/schemas/generate-summary.schema.json). Stage seconds are summed over images and so
+    /// over the stage's worker threads (`stage_workers`: decode, and write with --crf, run on
+    /// several): worker-seconds, not wall time.
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
-}
-
-pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
-    let (i, n) = s.split_once('/').with_context(|| format!("--shard {s:?}: expected I/N, e.g. 0/4"))?;
-    let (i, n): (usize, usize) = (
-        i.trim().parse().with_context(|| format!("--shard {s:?}: I is not a number"))?,
-        n.trim().parse().with_context(|| format!("--shard {s:?}: N is not a number"))?,
-    );
-    if n == 0 || i >= n {
-        bail!("--shard {s:?}: need 0 <= I < N");
-    }
-    Ok((i, n))
 }
 
 pub fn run(args: &GenerateArgs) -> Result<i32> {
@@ -156,7 +145,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     let wanted: Option<std::collections::HashSet<String>> = split.as_ref().map(|s| s.iter().cloned().collect());
     let labels: BTreeMap<String, Result<Vec<String>, String>> = match (&args.labels, &args.annotations, &args.coco) {
         // --labels auto (issue 18): filled once the model is loaded.
-        (Some(_), _, _) if auto && args.shard.is_some() => {
+        (Some(_), _, _) if auto && args.shard.shard.is_some() => {
             bail!("--labels auto cannot be sharded: run `clipmask tag` once, then shard `generate --labels FILE`")
         }
         (Some(_), _, _) if auto => BTreeMap::new(),
@@ -164,10 +153,13 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
         (None, Some(d), _) => read_labels(&LabelSource::VocXml(d.clone()), &cfg, wanted.as_ref())?,
         (None, None, Some(f)) => read_labels(&LabelSource::Coco(f.clone()), &cfg, wanted.as_ref())?,
         (None, None, None) => {
-            bail!("give image-level labels with --labels FILE, --annotations DIR or --coco INSTANCES.json")
+            bail!(
+                "give image-level labels with --labels FILE, --annotations DIR or --coco INSTANCES.json, or \
+                 --labels auto to predict them with CLIP first (TagCLIP)"
+            )
         }
     };
-    let shard_spec = args.shard.as_deref().map(parse_shard).transpose()?;
+    let shard = args.shard.shard()?;
     let mut crf = if args.crf { Some(args.crf_settings.options(&cfg)?) } else { None };
     let masks_dir = args.out.join("masks");
     std::fs::create_dir_all(&masks_dir)
@@ -183,7 +175,9 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     for (_, d) in &written {
         crate::files::check_output_dir(d)?;
     }
-    crate::files::check_final_name(&args.out.join("failures.jsonl"))?;
+    for name in [shard.file_name("failures", "jsonl"), shard.file_name("summary", "json")] {
+        crate::files::check_final_name(&args.out.join(name))?;
+    }
     crate::files::check_writable(&args.out)?;
 
     // From here a signal stops the run cleanly: during the model load (or download) the run
@@ -208,7 +202,12 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     if auto {
         super::tag::check_threshold("--tag-threshold", args.tag_threshold)?;
     }
-    let model = args.model.load_model()?;
+    let (device, device_from) = args.model.device()?;
+    if args.shard.shard.is_some() {
+        // The first line of a scheduled run: which part it takes and where, and why.
+        eprintln!("shard {}/{} ({}), device {device:?} ({device_from})", shard.index, shard.count, shard.source);
+    }
+    let model = args.model.load_model_on(device)?;
     let patch = model.visual.patch as u32;
     if args.max_side < 2 * patch {
         bail!("--max-side {}: at least 2 patches ({} px) for this model (patch {patch} px)", args.max_side, 2 * patch);
@@ -232,7 +231,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     } else {
         labels
     };
-    let items = run_items(&cfg, &args.input.images, &labels, split.as_deref(), shard_spec);
+    let items = run_items(&cfg, &args.input.images, &labels, split.as_deref(), &shard);
     let opts = GenerateOptions {
         out: args.out.clone(),
         maps: MapOptions {
@@ -255,24 +254,30 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
             0 => 1,
             n => n,
         },
+        shard: shard.clone(),
     };
     let s = generate_with(model, &cfg, items, &opts, interrupt.stop_flag())?;
     eprintln!(
-        "{} images: {} done, {} skipped (already complete), {} failed{} in {:.1} s ({:.2} images/s)",
+        "{} images: {} done, {} skipped (already complete), {} failed{} in {:.1} s ({})",
         s.total,
         s.done,
         s.skipped,
         s.failed,
         if s.interrupted { ", interrupted" } else { "" },
         s.seconds,
-        s.done as f64 / s.seconds.max(1e-9)
+        crate::progress::rate_text(Some(s.done as f64 / s.seconds.max(1e-9)), "image")
     );
+    let json = serde_json::to_string_pretty(&crate::schema::versioned(&s))?;
     if let Some(p) = &args.summary_json {
-        let json = serde_json::to_string_pretty(&s)?;
         crate::files::write_atomic(p, |w| Ok(std::io::Write::write_all(w, json.as_bytes())?))?;
     }
+    if shard.is_split() {
+        // Each shard's own summary, beside its failures file (`clipmask status` reads both).
+        let p = args.out.join(shard.file_name("summary", "json"));
+        crate::files::write_atomic(&p, |w| Ok(std::io::Write::write_all(w, json.as_bytes())?))?;
+    }
     if s.failed > 0 {
-        eprintln!("failures are listed in {}", args.out.join("failures.jsonl").display());
+        eprintln!("failures are listed in {}", args.out.join(shard.file_name("failures", "jsonl")).display());
     }
     Ok(if s.interrupted {
         interrupt.exit_code()

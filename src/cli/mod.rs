@@ -11,6 +11,7 @@ pub mod crf;
 pub mod eval;
 pub mod generate;
 pub mod prompts;
+pub mod status;
 pub mod tag;
 
 #[derive(Parser, Debug)]
@@ -21,9 +22,11 @@ pub mod tag;
     long_about = "clipmask turns image-level labels (\"this photo contains a dog and a person\") into \
 pixel-level pseudo-masks for weakly supervised semantic segmentation, computing CLIP-ES exactly: \
 softmax-GradCAM over labels and background words, class-aware attention affinity, optional dense CRF.\n\n\
-Models: a path to an OpenAI CLIP ViT checkpoint (.pt TorchScript archive) or a .safetensors file \
-with the same parameter names, or a released name (ViT-B/16, ViT-B/32, ViT-L/14, ViT-L/14@336px) \
-fetched once into ~/.cache/clipmask (CLIPMASK_CACHE) and verified by SHA-256."
+Models: a path to a CLIP ViT checkpoint (OpenAI .pt TorchScript archive, .safetensors, or .bin \
+torch.save state dict, with OpenAI, OpenCLIP or Hugging Face parameter names), a released name \
+(ViT-B/16, ViT-B/32, ViT-L/14, ViT-L/14@336px) fetched once into ~/.cache/clipmask (CLIPMASK_CACHE) \
+and verified by SHA-256, or a Hugging Face repo id org/name (openai/clip-vit-base-patch16) through \
+the Hugging Face cache."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -44,6 +47,8 @@ pub enum Command {
     Prompts(prompts::PromptsArgs),
     /// Predict image-level labels with CLIP itself (TagCLIP, AAAI 2024), for data without labels.
     Tag(tag::TagArgs),
+    /// Is a run complete? Done, failed and missing ids per shard and in total, stale temporary files.
+    Status(status::StatusArgs),
 }
 
 /// `clipmask --version`: the crate, the libtorch it was built against, and whether CUDA is
@@ -65,11 +70,38 @@ pub fn version_text() -> String {
     )
 }
 
+/// Standard output was closed by its reader (`clipmask prompts show | head -1`): the command
+/// stops there and exits 0 without a message, as Unix filters do.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed by its reader")]
+pub struct StdoutClosed;
+
+/// Writes `line` and a newline to standard output; a closed pipe becomes [`StdoutClosed`].
+pub fn print_line(line: impl std::fmt::Display) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").map_err(|e| match e.kind() {
+        std::io::ErrorKind::BrokenPipe => anyhow::Error::new(StdoutClosed),
+        _ => anyhow::Error::new(e).context("cannot write to standard output"),
+    })
+}
+
+/// Whether `e` is [`StdoutClosed`].
+pub fn is_stdout_closed(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<StdoutClosed>().is_some()
+}
+
+/// Whether a panic's message is the one `println!` panics with on a closed standard output
+/// (std's wording), for the paths that still print with `println!`.
+pub fn is_stdout_closed_panic(message: &str) -> bool {
+    message.contains("failed printing to stdout") && message.contains("Broken pipe")
+}
+
 /// Parses the command line and runs it; returns the process exit code.
 pub fn run() -> Result<i32> {
     // Checked before clap, so that CUDA is only probed when the version is asked for.
     if matches!(std::env::args().nth(1).as_deref(), Some("--version" | "-V")) {
-        println!("{}", version_text());
+        print_line(version_text())?;
         return Ok(0);
     }
     let cli = Cli::parse();
@@ -80,6 +112,7 @@ pub fn run() -> Result<i32> {
         Command::Eval(a) => eval::run(&a),
         Command::Prompts(a) => prompts::run(&a),
         Command::Tag(a) => tag::run(&a),
+        Command::Status(a) => status::run(&a),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `clipmask prompts show|rank`: what the text encoder reads, and sharpness-based template
 //! selection (docs/method.md §7).
 use super::args::{ImageSetArgs, ModelArgs};
+use super::print_line;
 use crate::config::{check_template, DatasetConfig, IMAGENET_TEMPLATES};
 use crate::datasets::{read_labels_file, read_split};
 use crate::prompts::{all_sentences, parse_templates, rank_templates, read_templates};
@@ -51,7 +52,8 @@ pub struct RankArgs {
     /// prompts/imagenet-templates.txt, built into the binary).
     #[arg(long)]
     pub templates: Option<PathBuf>,
-    /// Print a JSON list [{"template", "sharpness", "images"}] in rank order.
+    /// Print JSON: {"schema": 1, "templates": [{"template", "sharpness", "images"}]} in rank
+    /// order (docs/schemas/prompts-rank.schema.json).
     #[arg(long)]
     pub json: bool,
     /// How many ranked templates to print in the table (all with --json).
@@ -72,19 +74,20 @@ pub fn run(args: &PromptsArgs) -> Result<i32> {
 fn show(args: &ShowArgs) -> Result<i32> {
     let cfg = DatasetConfig::resolve(&args.config)?;
     let (classes, bg) = all_sentences(&cfg);
-    println!("# config {} ({:?} fusion, {} template(s))", cfg.name, cfg.fusion, cfg.templates.len());
-    println!("## classes");
+    // A closed pipe (`| head`) ends the listing quietly (print_line).
+    print_line(format_args!("# config {} ({:?} fusion, {} template(s))", cfg.name, cfg.fusion, cfg.templates.len()))?;
+    print_line("## classes")?;
     for (i, (name, sentences)) in classes.iter().enumerate() {
-        println!("{:>3} {name}", i + 1);
+        print_line(format_args!("{:>3} {name}", i + 1))?;
         for s in sentences {
-            println!("      {s}");
+            print_line(format_args!("      {s}"))?;
         }
     }
-    println!("## background words");
+    print_line("## background words")?;
     for (name, sentences) in &bg {
-        println!("    {name}");
+        print_line(format_args!("    {name}"))?;
         for s in sentences {
-            println!("      {s}");
+            print_line(format_args!("      {s}"))?;
         }
     }
     Ok(0)
@@ -115,11 +118,12 @@ fn rank(args: &RankArgs) -> Result<i32> {
     }
     let ranked = rank_templates(&model, &cfg, &args.input.images, &labels, &ids, &templates)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&ranked)?);
+        let out = serde_json::json!({"schema": crate::schema::SCHEMA_VERSION, "templates": ranked});
+        print_line(serde_json::to_string_pretty(&out)?)?;
     } else {
-        println!("{:>4}  {:>10}  {:>6}  template", "rank", "sharpness", "images");
+        print_line(format_args!("{:>4}  {:>10}  {:>6}  template", "rank", "sharpness", "images"))?;
         for (i, r) in ranked.iter().take(args.top).enumerate() {
-            println!("{:>4}  {:>10.6}  {:>6}  {}", i + 1, r.sharpness, r.images, r.template);
+            print_line(format_args!("{:>4}  {:>10.6}  {:>6}  {}", i + 1, r.sharpness, r.images, r.template))?;
         }
     }
     if let Some(out) = &args.write_config {

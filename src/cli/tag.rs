@@ -1,7 +1,7 @@
 //! `clipmask tag`: image-level labels predicted by CLIP itself (TagCLIP, docs/tagclip.md), in
 //! the labels format `generate --labels` reads, with the per-class scores next to them. Also
 //! the `--labels auto` step of `generate`.
-use super::args::{ImageSetArgs, ModelArgs};
+use super::args::{ImageSetArgs, ModelArgs, ShardArgs};
 use crate::config::DatasetConfig;
 use crate::datasets::{read_split, scores_path_for};
 use crate::tagclip::{
@@ -30,6 +30,8 @@ pub struct TagArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub input: ImageSetArgs,
+    #[command(flatten)]
+    pub shard: ShardArgs,
     /// Labels file to write (JSON).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
@@ -90,9 +92,14 @@ pub fn run(args: &TagArgs) -> Result<i32> {
     if items.is_empty() {
         bail!("no images in {}", args.input.images.display());
     }
+    let shard = args.shard.shard()?;
+    let items: Vec<(String, PathBuf)> = items.into_iter().filter(|(id, _)| shard.contains(id)).collect();
+    if args.shard.shard.is_some() {
+        eprintln!("shard {}/{} ({}): {} images", shard.index, shard.count, shard.source, items.len());
+    }
     let scores_path = args.scores.clone().unwrap_or_else(|| scores_path_for(&args.out));
     let stem = args.out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "labels".into());
-    let failures_path = args.out.with_file_name(format!("{stem}.failures.jsonl"));
+    let failures_path = args.out.with_file_name(shard.file_name(&format!("{stem}.failures"), "jsonl"));
     // Every output is checked before the model loads, not after the tagging.
     for p in [&args.out, &scores_path, &failures_path] {
         crate::files::check_final_name(p)?;

@@ -48,9 +48,32 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     };
     let path = cache_dir().join(file);
     if !path.exists() {
-        download(&url_for(sha, file), &path, sha).with_context(|| format!("cannot fetch {name}"))?;
+        let url = url_for(sha, file);
+        // The next step comes after the cause: what to pass instead, and where it looked.
+        download(&url, &path, sha).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot fetch {name}: {}. {file} is not in the cache {} (CLIPMASK_CACHE); without \
+                 network, pass a local checkpoint file instead (a CLIP .pt, .safetensors or .bin, such as {file} \
+                 copied from a machine that has it) or a Hugging Face repo id already in the Hugging Face cache \
+                 {} (org/name, such as {})",
+                crate::errors::format_error(&e),
+                cache_dir().display(),
+                super::hub::cache_dir().display(),
+                hub_equivalent(name)
+            )
+        })?;
     }
     Ok(path)
+}
+
+/// The Hugging Face repo of OpenAI's own upload of a released checkpoint.
+fn hub_equivalent(name: &str) -> &'static str {
+    match name {
+        "ViT-B/32" => "openai/clip-vit-base-patch32",
+        "ViT-L/14" => "openai/clip-vit-large-patch14",
+        "ViT-L/14@336px" => "openai/clip-vit-large-patch14-336",
+        _ => "openai/clip-vit-base-patch16",
+    }
 }
 
 /// SHA-256 of a checkpoint, remembered in the cache by (path, size, modification time) so a
@@ -111,10 +134,11 @@ pub fn download(url: &str, dest: &Path, expected_sha: &str) -> Result<()> {
         let resp = agent.get(url).call().with_context(|| format!("GET {url}"))?;
         let total = resp.body().content_length();
         let mut reader = resp.into_body().into_reader();
-        let bar = match total {
+        // Drawn under the step spinner ("loading ViT-B/16 ...") rather than over it.
+        let bar = crate::progress::attach(match total {
             Some(n) => indicatif::ProgressBar::new(n),
             None => indicatif::ProgressBar::new_spinner(),
-        };
+        });
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),

@@ -56,7 +56,8 @@ impl Clip {
     /// Hugging Face Hub repo id such as `openai/clip-vit-base-patch16` (see [`hub`]).
     pub fn load(spec: &str, device: Device, kind: Kind) -> Result<Self> {
         if !Path::new(spec).exists() && download::released(spec).is_none() && hub::is_repo_id(spec) {
-            let found = hub::fetch(spec)?;
+            // hf-hub draws its own download bars: the step spinner steps aside meanwhile.
+            let found = crate::progress::suspend(|| hub::fetch(spec))?;
             let digest = download::model_digest(&found.weights)?;
             return Self::load_with_digest(&found.weights, digest, found.activation, device, kind);
         }

@@ -35,7 +35,9 @@ pub struct ClassLabelMetrics {
 #[derive(Debug, Clone, Serialize)]
 pub struct LabelReport {
     pub images: usize,
-    /// Ids skipped with --allow-missing (no prediction or no ground truth).
+    /// Ids skipped with --allow-missing (no prediction or no ground truth); `skipped_ids` in JSON,
+    /// beside their count `skipped`, as in the masks' `eval --json`.
+    #[serde(rename = "skipped_ids")]
     pub skipped: Vec<String>,
     /// Every class of the config.
     pub classes: Vec<ClassLabelMetrics>,
@@ -337,13 +339,22 @@ pub fn evaluate(args: &super::EvalOptions) -> Result<LabelReport> {
     Ok(report)
 }
 
-/// `clipmask eval --labels-pred ...`
-pub fn run(args: &super::EvalOptions, json: bool) -> Result<i32> {
+/// `eval --labels-pred --json` (docs/schemas/eval-labels.schema.json): the report after
+/// `"schema": 1` and `skipped`, the count of `skipped_ids`.
+#[derive(Serialize)]
+struct LabelReportJson<'a> {
+    skipped: usize,
+    #[serde(flatten)]
+    report: &'a LabelReport,
+}
+
+/// `clipmask eval --labels-pred ...`: the table (or the JSON) to print.
+pub fn run(args: &super::EvalOptions, json: bool) -> Result<String> {
     let report = evaluate(args)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(if json {
+        let out = LabelReportJson { skipped: report.skipped.len(), report: &report };
+        serde_json::to_string_pretty(&crate::schema::versioned(&out))? + "\n"
     } else {
-        print!("{}", report.to_table());
-    }
-    Ok(0)
+        report.to_table()
+    })
 }

@@ -27,32 +27,26 @@ pub use crate::label_maps::label_map_from_cams;
 use anyhow::{bail, Result};
 pub use metrics::{ClassMetrics, ConfusionMatrix, LabelError, Metrics};
 pub use options::{CamKey, EvalOptions, LabelOptions};
-pub use output::comparison_json;
 pub use output::comparison_table;
+pub use output::eval_json;
 pub use results::{EvalReport, ImageScore, VariantResult};
 
-/// `clipmask eval`: evaluates, prints the tables (or JSON), writes the report if asked.
-/// Returns the process exit code (0).
-pub fn run(opts: &EvalOptions, json: bool) -> anyhow::Result<i32> {
+/// `clipmask eval`: evaluates, writes the report if asked, and returns the tables (or the
+/// JSON) to print.
+pub fn run(opts: &EvalOptions, json: bool) -> anyhow::Result<String> {
     if opts.labels.labels_pred.is_some() {
         return image_labels::run(opts, json);
     }
     let runs = evaluate_runs(opts)?;
-    let text = match (json, runs.as_slice()) {
-        (true, [one]) => one.to_json()?,
-        (true, runs) => comparison_json(runs)?,
+    let mut text = match (json, runs.as_slice()) {
+        (true, runs) => eval_json(runs)? + "\n",
         (false, [one]) => one.to_table(),
         (false, runs) => comparison_table(runs),
     };
-    if json {
-        println!("{text}");
-    } else {
-        print!("{text}");
-        if let Some(dir) = &opts.report {
-            println!("report: {}", dir.join("index.html").display());
-        }
+    if let (false, Some(dir)) = (json, &opts.report) {
+        text += &format!("report: {}\n", dir.join("index.html").display());
     }
-    Ok(0)
+    Ok(text)
 }
 
 /// Scores every run `opts` describes on the same images (label directories first, then CAM

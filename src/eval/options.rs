@@ -53,6 +53,10 @@ pub struct EvalOptions {
     pub split: Option<PathBuf>,
     /// Skip ids without prediction or ground truth instead of failing.
     pub allow_missing: bool,
+    /// Without a split, require a prediction for every ground-truth id. When false, ground truth
+    /// that is a superset of the predictions is scored on the predicted ids only (the others are
+    /// left out and counted).
+    pub strict: bool,
     /// HTML report directory.
     pub report: Option<PathBuf>,
     /// Photos for the report's overlays.
@@ -75,6 +79,7 @@ impl EvalOptions {
             config: config.into(),
             split: None,
             allow_missing: false,
+            strict: false,
             report: None,
             images: None,
             alpha: vec![1.0, 2.0],

@@ -59,70 +59,81 @@ impl<'a> MetricsJson<'a> {
 }
 
 #[derive(Serialize)]
-struct LabelsJson<'a> {
-    #[serde(flatten)]
-    metrics: MetricsJson<'a>,
-    config: &'a str,
-    images: usize,
-    skipped: usize,
-    skipped_ids: &'a [String],
-}
-
-#[derive(Serialize)]
 struct AlphaJson<'a> {
     alpha: f32,
     #[serde(flatten)]
     metrics: MetricsJson<'a>,
 }
 
+/// One run in `--json`: its directory, the metrics of its label PNGs or of its best alpha, and
+/// for saved maps every alpha tried.
 #[derive(Serialize)]
-struct CamsJson<'a> {
-    alphas: Vec<AlphaJson<'a>>,
-    best_alpha: Option<f32>,
-    best_miou: f64,
+struct RunJson<'a> {
+    source: String,
+    /// `null` for label PNGs.
     cam_key: Option<CamKey>,
+    /// The alpha the metrics are at (the best of the sweep); `null` for label PNGs.
+    best_alpha: Option<f32>,
+    #[serde(flatten)]
+    metrics: MetricsJson<'a>,
+    /// Saved maps only: the metrics at every alpha, in the order tried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alphas: Option<Vec<AlphaJson<'a>>>,
+}
+
+impl<'a> RunJson<'a> {
+    fn new(r: &'a EvalReport) -> Self {
+        RunJson {
+            source: r.source.display().to_string(),
+            cam_key: r.cam_key,
+            best_alpha: r.variants[r.best].alpha,
+            metrics: MetricsJson::new(&r.class_names, r.best_metrics()),
+            alphas: r.cam_key.map(|_| {
+                r.variants
+                    .iter()
+                    .map(|v| AlphaJson {
+                        alpha: v.alpha.unwrap_or(f32::NAN),
+                        metrics: MetricsJson::new(&r.class_names, &v.metrics),
+                    })
+                    .collect()
+            }),
+        }
+    }
+}
+
+/// A run of a comparison, with its differences to the first run.
+#[derive(Serialize)]
+struct ComparedRunJson<'a> {
+    #[serde(flatten)]
+    run: RunJson<'a>,
+    /// mIoU minus the first run's (0 for the first).
+    delta_miou: f64,
+    /// Per class, IoU minus the first run's IoU (`null` where either is undefined).
+    delta_per_class_iou: Vec<Option<f64>>,
+}
+
+/// The one shape of `eval --json` (docs/schemas/eval.schema.json).
+#[derive(Serialize)]
+struct EvalJson<'a> {
+    schema: u32,
+    /// The first run.
+    #[serde(flatten)]
+    first: RunJson<'a>,
     config: &'a str,
     images: usize,
     skipped: usize,
     skipped_ids: &'a [String],
+    gt_left_out: usize,
+    class_names: &'a [String],
+    /// Several runs only: every run, the first included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runs: Option<Vec<ComparedRunJson<'a>>>,
 }
 
 impl EvalReport {
-    /// The `--json` output. Label PNGs: the metrics at top level (`miou`, `pixel_accuracy`,
-    /// `mean_accuracy`, `fw_iou`, `ignored_fraction`, `miou_kept`, `per_class_iou` with
-    /// "background" first and `null` for classes absent from the ground truth, `per_class`,
-    /// `images`, `skipped`). CAMs: `{"alphas": [{"alpha", ...metrics}], "best_alpha", ...}`.
-    /// NaN (nothing to average) is written as `null`.
+    /// The `--json` output of this run alone: [`eval_json`] of one run.
     pub fn to_json(&self) -> Result<String> {
-        let names = &self.class_names;
-        let text = if self.cam_key.is_none() {
-            serde_json::to_string(&LabelsJson {
-                metrics: MetricsJson::new(names, self.best_metrics()),
-                config: &self.config_name,
-                images: self.images,
-                skipped: self.skipped.len(),
-                skipped_ids: &self.skipped,
-            })?
-        } else {
-            serde_json::to_string(&CamsJson {
-                alphas: self
-                    .variants
-                    .iter()
-                    .map(|v| AlphaJson {
-                        alpha: v.alpha.unwrap_or(f32::NAN),
-                        metrics: MetricsJson::new(names, &v.metrics),
-                    })
-                    .collect(),
-                best_alpha: self.variants[self.best].alpha,
-                best_miou: self.best_metrics().miou,
-                cam_key: self.cam_key,
-                config: &self.config_name,
-                images: self.images,
-                skipped: self.skipped.len(),
-                skipped_ids: &self.skipped,
-            })?
-        };
-        Ok(text)
+        eval_json(std::slice::from_ref(self))
     }
 
     /// The terminal output: per-class table of the best variant, the alpha sweep if any, the
@@ -193,8 +204,23 @@ impl EvalReport {
             m.valid_pixels
         );
         let _ = writeln!(s, "mIoU on kept px    {} %", pct(m.miou_kept));
-        let _ = writeln!(s, "images             {} evaluated, {} skipped", self.images, self.skipped.len());
+        let _ = writeln!(
+            s,
+            "images             {} evaluated, {} skipped{}",
+            self.images,
+            self.skipped.len(),
+            left_out_note(self.gt_left_out)
+        );
         s
+    }
+}
+
+/// ", N ground-truth ids without prediction left out" when N > 0.
+fn left_out_note(n: usize) -> String {
+    if n > 0 {
+        format!(", {n} ground-truth ids without prediction left out")
+    } else {
+        String::new()
     }
 }
 
@@ -216,57 +242,41 @@ fn delta(v: f64) -> String {
     }
 }
 
-#[derive(Serialize)]
-struct RunJson<'a> {
-    source: String,
-    best_alpha: Option<f32>,
-    cam_key: Option<CamKey>,
-    /// mIoU minus the first run's (0 for the first).
-    delta_miou: f64,
-    /// Per class, IoU minus the first run's IoU (`null` where either is undefined).
-    delta_per_class_iou: Vec<Option<f64>>,
-    #[serde(flatten)]
-    metrics: MetricsJson<'a>,
-}
-
-#[derive(Serialize)]
-struct ComparisonJson<'a> {
-    config: &'a str,
-    images: usize,
-    skipped: usize,
-    skipped_ids: &'a [String],
-    class_names: &'a [String],
-    runs: Vec<RunJson<'a>>,
-}
-
 /// Per class, run minus base IoU.
 fn class_deltas(run: &Metrics, base: &Metrics) -> Vec<Option<f64>> {
     run.per_class.iter().zip(&base.per_class).map(|(r, b)| Some(r.iou? - b.iou?)).collect()
 }
 
-/// `--json` for several runs: `{"runs": [{"source", "miou", "delta_miou", "per_class_iou",
-/// "delta_per_class_iou", "ignored_fraction", ...}], "images", ...}`, each run at its best
-/// alpha, differences against the first run.
-pub fn comparison_json(runs: &[EvalReport]) -> Result<String> {
-    let first = runs.first().ok_or_else(|| anyhow::anyhow!("no runs to compare"))?;
+/// `eval --json`, one shape for any number of runs (docs/schemas/eval.schema.json): `"schema": 1`;
+/// the first run's `source`, `cam_key`, `best_alpha` and metrics at top level (`miou`,
+/// `pixel_accuracy`, `mean_accuracy`, `fw_iou`, `ignored_fraction`, `miou_kept`, `per_class_iou`
+/// with "background" first and `null` for classes absent from the ground truth, `per_class`),
+/// of its best alpha for saved maps, whose every alpha is in `alphas`; `config`, `images`,
+/// `skipped`, `skipped_ids`, `gt_left_out`, `class_names`; with several runs, `runs`: every run
+/// (the first included) at its best alpha, with `delta_miou` and `delta_per_class_iou` against
+/// the first. Scores are fractions in [0, 1] (the tables print percent); NaN (nothing to
+/// average) is `null`.
+pub fn eval_json(runs: &[EvalReport]) -> Result<String> {
+    let first = runs.first().ok_or_else(|| anyhow::anyhow!("no runs to report"))?;
     let base = first.best_metrics();
-    let out = ComparisonJson {
+    let out = EvalJson {
+        schema: crate::schema::SCHEMA_VERSION,
+        first: RunJson::new(first),
         config: &first.config_name,
         images: first.images,
         skipped: first.skipped.len(),
         skipped_ids: &first.skipped,
+        gt_left_out: first.gt_left_out,
         class_names: &first.class_names,
-        runs: runs
-            .iter()
-            .map(|r| RunJson {
-                source: r.source.display().to_string(),
-                best_alpha: r.variants[r.best].alpha,
-                cam_key: r.cam_key,
-                delta_miou: r.best_metrics().miou - base.miou,
-                delta_per_class_iou: class_deltas(r.best_metrics(), base),
-                metrics: MetricsJson::new(&r.class_names, r.best_metrics()),
-            })
-            .collect(),
+        runs: (runs.len() > 1).then(|| {
+            runs.iter()
+                .map(|r| ComparedRunJson {
+                    run: RunJson::new(r),
+                    delta_miou: r.best_metrics().miou - base.miou,
+                    delta_per_class_iou: class_deltas(r.best_metrics(), base),
+                })
+                .collect()
+        }),
     };
     Ok(serde_json::to_string(&out)?)
 }
@@ -321,6 +331,12 @@ pub fn comparison_table(runs: &[EvalReport]) -> String {
         let _ = writeln!(s);
     }
     let _ = writeln!(s);
-    let _ = writeln!(s, "images             {} evaluated, {} skipped", first.images, first.skipped.len());
+    let _ = writeln!(
+        s,
+        "images             {} evaluated, {} skipped{}",
+        first.images,
+        first.skipped.len(),
+        left_out_note(first.gt_left_out)
+    );
     s
 }

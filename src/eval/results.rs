@@ -39,6 +39,8 @@ pub struct EvalReport {
     pub images: usize,
     /// Ids skipped under --allow-missing (no prediction or no ground truth in some run).
     pub skipped: Vec<String>,
+    /// Ground-truth ids that no run predicted, left out (no split given, not strict).
+    pub gt_left_out: usize,
     /// In evaluation order (split order, or sorted ground-truth stems).
     pub per_image: Vec<ImageScore>,
 }

@@ -84,19 +84,65 @@ fn stems(dir: &Path, ext: &str, what: &str) -> Result<HashSet<String>> {
     Ok(crate::files::files_by_stem(dir, &[ext], what, true)?.into_keys().collect())
 }
 
+/// The ids `eval` scores: which, which were skipped, and how many ground-truth ids were left
+/// out because no run predicted them.
+struct Selection {
+    /// In evaluation order (split order, or sorted stems).
+    ids: Vec<String>,
+    /// Ids dropped under `allow_missing` (no prediction in some run, or no ground truth).
+    skipped: Vec<String>,
+    /// Ground-truth ids without a prediction in any run, not scored (no split, not strict).
+    gt_left_out: usize,
+    /// Ground-truth PNGs found.
+    gt_total: usize,
+}
+
 /// Ids to evaluate and ids skipped, after checking the split, ground truth and every run's
 /// predictions agree. Runs are compared on the same images: an id missing from any run is
 /// missing.
-fn resolve_ids(opts: &EvalOptions, sources: &[Source]) -> Result<(Vec<String>, Vec<String>)> {
+///
+/// Without a split: when every prediction has ground truth (the ground truth is a superset, as
+/// VOC's SegmentationClass is of masks for train), the predicted ids are scored and the other
+/// ground-truth ids left out; `strict` requires a prediction for every ground-truth id instead.
+/// A prediction without ground truth means the directories do not match.
+fn resolve_ids(opts: &EvalOptions, sources: &[Source]) -> Result<Selection> {
     let gt_dir = opts.gt_dir();
     let gt = stems(gt_dir, "png", "ground-truth directory")?;
-    let ids = match &opts.split {
-        Some(split) => crate::datasets::read_split(split)?,
-        None => {
-            let mut v: Vec<String> = gt.iter().cloned().collect();
-            v.sort();
-            v
+    let mut preds = Vec::with_capacity(sources.len());
+    for source in sources {
+        let flag = if source.ext() == "npz" { "CAM directory" } else { "prediction directory" };
+        preds.push(stems(source.dir(), source.ext(), flag)?);
+    }
+    let sorted = |set: &HashSet<String>| {
+        let mut v: Vec<String> = set.iter().cloned().collect();
+        v.sort();
+        v
+    };
+    let mut extras: Vec<Vec<&str>> = Vec::with_capacity(sources.len());
+    for pred in &preds {
+        // With a split, predictions beyond it are normal (masks for train_aug scored on train);
+        // without one, a prediction with no ground truth means the directories do not match.
+        let mut extra: Vec<&str> = if opts.split.is_none() {
+            pred.iter().filter(|id| !gt.contains(*id)).map(String::as_str).collect()
+        } else {
+            Vec::new()
+        };
+        extra.sort();
+        extras.push(extra);
+    }
+    let superset = extras.iter().all(Vec::is_empty);
+    let (ids, gt_left_out) = match &opts.split {
+        Some(split) => (crate::datasets::read_split(split)?, 0),
+        None if !opts.strict && superset && !gt.is_empty() => {
+            let predicted: HashSet<String> = preds.iter().flatten().cloned().collect();
+            if predicted.is_empty() {
+                let dirs: Vec<String> = sources.iter().map(|s| s.dir().display().to_string()).collect();
+                bail!("no {} <id>.{} in {}", sources[0].what(), sources[0].ext(), dirs.join(" or "));
+            }
+            let ids = sorted(&predicted);
+            (ids, gt.len() - predicted.len())
         }
+        None => (sorted(&gt), 0),
     };
     if ids.is_empty() {
         bail!("no ground-truth PNGs in {}", gt_dir.display());
@@ -114,19 +160,9 @@ fn resolve_ids(opts: &EvalOptions, sources: &[Source]) -> Result<(Vec<String>, V
         ));
     }
     let mut skip: HashSet<String> = no_gt.iter().map(|s| s.to_string()).collect();
-    for source in sources {
+    for ((source, pred), extra) in sources.iter().zip(&preds).zip(&extras) {
         let (dir, ext, what) = (source.dir(), source.ext(), source.what());
-        let flag = if ext == "npz" { "CAM directory" } else { "prediction directory" };
-        let pred = stems(dir, ext, flag)?;
         let no_pred: Vec<&str> = ids.iter().filter(|id| !pred.contains(*id)).map(String::as_str).collect();
-        // With a split, predictions beyond it are normal (masks for train_aug scored on train);
-        // without one, a prediction with no ground truth means the directories do not match.
-        let mut extra: Vec<&str> = if opts.split.is_none() {
-            pred.iter().filter(|id| !gt.contains(*id)).map(String::as_str).collect()
-        } else {
-            Vec::new()
-        };
-        extra.sort();
         if !no_pred.is_empty() {
             problems.push(format!(
                 "{} of {} ids have no {what} {}/<id>.{ext}: {}",
@@ -142,7 +178,7 @@ fn resolve_ids(opts: &EvalOptions, sources: &[Source]) -> Result<(Vec<String>, V
                 extra.len(),
                 dir.display(),
                 gt_dir.display(),
-                list_some(&extra)
+                list_some(extra)
             ));
         }
         skip.extend(no_pred.iter().map(|s| s.to_string()));
@@ -166,7 +202,7 @@ fn resolve_ids(opts: &EvalOptions, sources: &[Source]) -> Result<(Vec<String>, V
             gt_dir.display()
         );
     }
-    Ok((keep, skipped))
+    Ok(Selection { ids: keep, skipped, gt_left_out, gt_total: gt.len() })
 }
 
 /// An archive's maps for `key`, validated against the config and the ground-truth size.
@@ -332,7 +368,15 @@ fn evaluate_source(
 pub(super) fn score_runs(opts: &EvalOptions) -> Result<Vec<EvalReport>> {
     let config = DatasetConfig::resolve(&opts.config)?;
     let sources = sources(opts)?;
-    let (ids, skipped) = resolve_ids(opts, &sources)?;
+    let Selection { ids, skipped, gt_left_out, gt_total } = resolve_ids(opts, &sources)?;
+    if gt_left_out > 0 {
+        eprintln!(
+            "eval: scoring the {} predicted ids; {gt_left_out} of the {gt_total} ground-truth ids in {} have no \
+             prediction and are left out",
+            ids.len() + skipped.len(),
+            opts.gt_dir().display()
+        );
+    }
     if !skipped.is_empty() {
         eprintln!(
             "eval: skipping {} ids without prediction or ground truth: {}",
@@ -354,6 +398,7 @@ pub(super) fn score_runs(opts: &EvalOptions) -> Result<Vec<EvalReport>> {
             best,
             images: ids.len(),
             skipped: skipped.clone(),
+            gt_left_out,
             per_image,
         });
     }

@@ -6,7 +6,7 @@ use super::write_confidence;
 use crate::config::DatasetConfig;
 use crate::datasets::{find_image, missing_image_reason};
 use crate::eval::CamKey;
-use crate::failures::{write_failures, Failure};
+use crate::failures::{write_failures_file, Failure};
 use crate::image_input::load_rgb_limited;
 use crate::label_maps::{crf_label_map, CrfOptions};
 use crate::outputs::{output_path, write_label_png, CamArchive, MaskFormat};
@@ -35,14 +35,20 @@ pub struct CrfRunOptions {
     pub max_pixels: u64,
     pub crf: CrfOptions,
     pub mask_format: MaskFormat,
+    /// This process's shard of the archives (failures go to `failures.I-of-N.jsonl`).
+    pub shard: crate::cluster::Shard,
+    /// Redo ids whose outputs exist (else they are skipped, as `generate` does).
+    pub overwrite: bool,
 }
 
 /// How a `crf` run went.
 #[derive(Debug, Default)]
 pub struct CrfSummary {
-    /// Archives found.
+    /// Archives of this shard.
     pub total: usize,
     pub done: usize,
+    /// Already complete (mask, and confidence map when asked), not redone.
+    pub skipped: usize,
     pub failures: Vec<Failure>,
     /// Stopped by `stop` before every archive was processed.
     pub interrupted: bool,
@@ -61,11 +67,21 @@ pub fn archive_ids(dir: &Path) -> Result<Vec<String>> {
 /// Runs the CRF on every archive of `opts.cams`; `stop` (a signal) ends the run between images
 /// and between mean-field iterations. failures.jsonl is updated for the ids attempted.
 pub fn run_crf(cfg: &DatasetConfig, opts: &CrfRunOptions, stop: Arc<AtomicBool>) -> Result<CrfSummary> {
-    let ids = archive_ids(&opts.cams)?;
+    let ids: Vec<String> = archive_ids(&opts.cams)?.into_iter().filter(|id| opts.shard.contains(id)).collect();
+    let total = ids.len();
+    // Resume: an id whose outputs are all regular files is done (the mask is written last).
+    let complete = |id: &str| {
+        let done = |kind: &str, ext: &str| {
+            output_path(&opts.out, kind, id, ext).is_ok_and(|p| p.symlink_metadata().is_ok_and(|m| m.is_file()))
+        };
+        done("masks", "png") && (!opts.crf.save_confidence || done("confidence", "npy"))
+    };
+    let ids: Vec<String> = ids.into_iter().filter(|id| opts.overwrite || !complete(id)).collect();
+    let skipped = total - ids.len();
     let crf = CrfOptions { stop: Some(stop.clone()), ..opts.crf.clone() };
     let palette = cfg.png_palette();
     let png_palette = (opts.mask_format == MaskFormat::Palette).then_some(&palette[..]);
-    let bar = progress_bar(ids.len() as u64);
+    let bar = progress_bar(ids.len() as u64, "image");
     let start = std::time::Instant::now();
     // Each id: Some(Ok) done, Some(Err) failed, None not started (stopped by a signal).
     let results: Vec<(&String, Option<Result<(), Failure>>)> = ids
@@ -118,9 +134,10 @@ pub fn run_crf(cfg: &DatasetConfig, opts: &CrfRunOptions, stop: Arc<AtomicBool>)
     bar.finish_and_clear();
     let attempted: HashSet<String> = results.iter().filter(|(_, r)| r.is_some()).map(|(id, _)| (*id).clone()).collect();
     let failures: Vec<Failure> = results.into_iter().filter_map(|(_, r)| r.and_then(|r| r.err())).collect();
-    write_failures(&opts.out, &failures, &attempted)?;
+    write_failures_file(&opts.out.join(opts.shard.file_name("failures", "jsonl")), &failures, &attempted)?;
     Ok(CrfSummary {
-        total: ids.len(),
+        total,
+        skipped,
         done: attempted.len() - failures.len(),
         failures,
         interrupted: stop.load(Ordering::SeqCst),

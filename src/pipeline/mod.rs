@@ -22,7 +22,7 @@ use crate::clip::Clip;
 use crate::config::DatasetConfig;
 use crate::datasets::Item;
 use crate::errors::{panic_message, ImageError};
-use crate::failures::{write_failures, Failure};
+use crate::failures::{write_failures_file, Failure};
 use crate::image_input::{load_rgb_limited, Prepared};
 use crate::outputs::output_path;
 use crate::progress::{peak_rss_mib, progress_bar};
@@ -54,6 +54,9 @@ pub struct GenerateOptions {
     pub mask_format: crate::outputs::MaskFormat,
     /// Model inputs per batch (images of one grid size; each scale and flip is an input).
     pub batch_size: usize,
+    /// This process's shard: its failures go to `failures.I-of-N.jsonl` (the whole run's to
+    /// `failures.jsonl`), so that shards never write the same file.
+    pub shard: crate::cluster::Shard,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -66,10 +69,16 @@ pub struct Summary {
     pub seconds: f64,
     /// Images per second over the run (done / seconds).
     pub images_per_s: f64,
-    /// Stage times summed over images (stages overlap, so they can exceed `seconds`).
+    /// Stage seconds summed over images, and so over the stage's workers (`stage_workers`):
+    /// decode and write (with the CRF) run on several threads at once, so their sums are
+    /// worker-seconds; stages also overlap. Any of them can exceed `seconds`.
     pub stages: StageTimes,
-    /// Per stage, images per second of that stage alone (images / stage seconds).
+    /// Per stage, images per second of one worker of that stage (images / summed stage seconds);
+    /// the stage's throughput is up to `stage_workers` times this.
     pub stage_images_per_s: BTreeMap<String, f64>,
+    /// Threads working on each stage at once (decode, model, write): the stages whose times
+    /// are summed over more than one worker.
+    pub stage_workers: BTreeMap<String, usize>,
     /// Model inputs per batch.
     pub batch_size: usize,
     /// Peak resident memory of the process, MiB (Linux).
@@ -102,6 +111,29 @@ fn is_complete(item: &Item, opts: &GenerateOptions) -> bool {
         && (!opts.save_cams || exists("cams", "npz"))
         && (!opts.crf.as_ref().is_some_and(|c| c.save_confidence) || exists("confidence", "npy"))
         && (!opts.overlays || exists("overlays", "jpg"))
+}
+
+/// Images the decoder hands to rayon at once.
+fn decode_chunk(batch: usize) -> usize {
+    batch.max(4)
+}
+
+/// Writer threads: one per core with the CRF (about as costly as the model on CPU), else one.
+fn writer_threads(opts: &GenerateOptions) -> usize {
+    if opts.crf.is_some() {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        1
+    }
+}
+
+/// Threads working on each stage at once (`Summary::stage_workers`).
+fn stage_workers(opts: &GenerateOptions) -> BTreeMap<String, usize> {
+    let decode = rayon::current_num_threads().min(decode_chunk(opts.batch_size.max(1)));
+    [("decode", decode), ("model", 1), ("write", writer_threads(opts))]
+        .into_iter()
+        .map(|(k, n)| (k.to_string(), n))
+        .collect()
 }
 
 /// The directories a run writes temporary files into.
@@ -139,7 +171,8 @@ pub fn generate(
 ) -> Result<Summary> {
     let (mut run, todo) = Run::start(opts, items, stop)?;
     let decoded = run.spawn_decoder(todo, model.visual.patch);
-    let (to_write, outcomes, writers) = run.spawn_writers(cfg.png_palette());
+    let (to_write, outcomes, writers) =
+        run.spawn_writers(cfg.png_palette(), cfg.class_names().iter().map(|s| s.to_string()).collect());
     run.model_stage(model, text, decoded.0, &to_write, &outcomes);
     drop(to_write);
     let _ = decoded.1.join();
@@ -176,9 +209,14 @@ impl<'a> Run<'a> {
         let total = items.len();
         let (todo, done_before): (Vec<Item>, Vec<Item>) =
             items.into_iter().partition(|it| opts.overwrite || !is_complete(it, opts));
-        let summary =
-            Summary { total, skipped: done_before.len(), batch_size: opts.batch_size.max(1), ..Default::default() };
-        let bar = progress_bar(todo.len() as u64);
+        let summary = Summary {
+            total,
+            skipped: done_before.len(),
+            batch_size: opts.batch_size.max(1),
+            stage_workers: stage_workers(opts),
+            ..Default::default()
+        };
+        let bar = progress_bar(todo.len() as u64, "image");
         let run = Run {
             opts,
             stop,
@@ -204,7 +242,7 @@ impl<'a> Run<'a> {
         let (stop, max_pixels, map_opts) = (self.stop.clone(), self.opts.max_pixels, self.opts.maps.clone());
         let handle = std::thread::spawn(move || {
             use rayon::prelude::*;
-            for chunk in todo.chunks(batch.max(4)) {
+            for chunk in todo.chunks(decode_chunk(batch)) {
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
@@ -239,15 +277,22 @@ impl<'a> Run<'a> {
     fn spawn_writers(
         &self,
         palette: Vec<u8>,
+        class_names: Vec<String>,
     ) -> (mpsc::SyncSender<ToWrite>, mpsc::Receiver<Outcome>, Vec<JoinHandle<()>>) {
-        let n = if self.opts.crf.is_some() { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { 1 };
+        let n = writer_threads(self.opts);
         let (tx, rx) = mpsc::sync_channel::<ToWrite>(2 * n);
         let (res_tx, res_rx) = mpsc::channel::<Outcome>();
         let rx = Arc::new(Mutex::new(rx));
         let handles = (0..n)
             .map(|_| {
-                let (opts, palette, rx, res_tx, stop) =
-                    (self.opts.clone(), palette.clone(), rx.clone(), res_tx.clone(), self.stop.clone());
+                let (opts, palette, names, rx, res_tx, stop) = (
+                    self.opts.clone(),
+                    palette.clone(),
+                    class_names.clone(),
+                    rx.clone(),
+                    res_tx.clone(),
+                    self.stop.clone(),
+                );
                 std::thread::spawn(move || loop {
                     let next = rx.lock().map(|rx| rx.recv());
                     let Ok(Ok((item, img, maps))) = next else { return };
@@ -256,7 +301,7 @@ impl<'a> Run<'a> {
                         continue;
                     }
                     let t = Instant::now();
-                    let r = write::write_outputs(&item, &img, &maps, &opts, &palette)
+                    let r = write::write_outputs(&item, &img, &maps, &opts, &palette, &names)
                         .map(|_| t.elapsed().as_secs_f64())
                         .map_err(|e| ImageError::Write(format!("{e:#}")));
                     if res_tx.send((item, r)).is_err() {
@@ -405,21 +450,28 @@ impl<'a> Run<'a> {
     /// Stage speeds on the bar, or a line every 10 s when stderr is not a terminal.
     fn report_progress(&mut self) {
         let s = &self.summary.stages;
-        let n = self.bar.position().max(1) as f64;
-        let rate = |t: f64| if t > 0.0 { n / t } else { f64::INFINITY };
+        let n = self.bar.position() as f64;
+        // Stage seconds are summed over the stage's workers: these are one worker's speeds.
+        let rate = |t: f64| if n > 0.0 && t > 0.0 { format!("{:.1}", n / t) } else { "-".to_string() };
+        let workers = |k: &str| self.summary.stage_workers.get(k).copied().unwrap_or(1);
         let msg = format!(
-            "img/s: decode {:.1} model {:.1} write {:.1}",
+            "img/s per worker: decode {} x{}, model {}, write {} x{}",
             rate(s.decode),
+            workers("decode"),
             rate(s.forward + s.backward + s.caa),
-            rate(s.write)
+            rate(s.write),
+            workers("write")
         );
         self.bar.set_message(msg.clone());
         if self.bar.is_hidden() && self.last_line.elapsed() > Duration::from_secs(10) {
             eprintln!(
-                "{} / {} images, {:.2} images/s ({msg})",
+                "{} / {} images, {} ({msg})",
                 self.bar.position(),
                 self.bar.length().unwrap_or(0),
-                self.bar.position() as f64 / self.start.elapsed().as_secs_f64()
+                crate::progress::rate_text(
+                    Some(self.bar.position() as f64 / self.start.elapsed().as_secs_f64().max(1e-9)),
+                    "image"
+                )
             );
             self.last_line = Instant::now();
         }
@@ -440,7 +492,8 @@ impl<'a> Run<'a> {
                 reason: e.to_string(),
             })
             .collect();
-        write_failures(&self.opts.out, &failures, &self.attempted)?;
+        let failures_file = self.opts.out.join(self.opts.shard.file_name("failures", "jsonl"));
+        write_failures_file(&failures_file, &failures, &self.attempted)?;
         let mut s = self.summary;
         s.seconds = self.start.elapsed().as_secs_f64();
         s.images_per_s = s.done as f64 / s.seconds.max(1e-9);

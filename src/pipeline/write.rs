@@ -14,6 +14,7 @@ pub(super) fn write_outputs(
     maps: &ImageMaps,
     opts: &GenerateOptions,
     palette: &[u8],
+    class_names: &[String],
 ) -> Result<()> {
     let keys: Vec<i64> = maps.keys.iter().map(|&k| k as i64).collect();
     let (w, h) = (img.width(), img.height());
@@ -32,7 +33,9 @@ pub(super) fn write_outputs(
     if opts.save_cams {
         let raw = maps.raw.as_ref().context("internal: maps were not copied to the host")?;
         let archive = CamArchive { keys: keys.clone(), cams: refined()?.clone(), raw_cams: raw.clone() };
-        archive.write(&output_path(&opts.out, "cams", &item.id, "npz")?)?;
+        let names: Vec<String> =
+            keys.iter().map(|&k| class_names.get(k as usize).cloned().unwrap_or_default()).collect();
+        archive.write_named(&output_path(&opts.out, "cams", &item.id, "npz")?, Some(&names))?;
     }
     if opts.overlays {
         write_overlay(&output_path(&opts.out, "overlays", &item.id, "jpg")?, img, &labels, palette, 0.55)?;

@@ -8,7 +8,7 @@ use crate::config::DatasetConfig;
 use crate::datasets::{find_image, scores_path_for, ScoresFile};
 use crate::failures::Failure;
 use crate::files::write_atomic;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -46,7 +46,7 @@ pub fn tag_images(
     stop: Option<&AtomicBool>,
 ) -> TagRun {
     let mut run = TagRun::default();
-    let bar = crate::progress::progress_bar(items.len() as u64);
+    let bar = crate::progress::progress_bar(items.len() as u64, "image");
     bar.set_message("tagging");
     for (id, path) in items {
         if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
@@ -82,8 +82,18 @@ pub fn tag_images(
 
 /// Writes the labels and the scores (atomically). Entries of an earlier run at the same paths
 /// that this run did not attempt are kept (an interrupted rerun must not lose them); this run's
-/// outcome replaces the entries of the ids it attempted.
+/// outcome replaces the entries of the ids it attempted. Shards of one run merge into the same
+/// files this way, one at a time under a lock on the labels file's directory.
 pub fn write_outputs(run: &TagRun, cfg: &DatasetConfig, threshold: f64, labels: &Path, scores: &Path) -> Result<()> {
+    let dir = labels.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let lock = std::fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    lock.lock().with_context(|| format!("cannot lock {}", dir.display()))?;
+    let written = merge_and_write(run, cfg, threshold, labels, scores);
+    let _ = lock.unlock();
+    written
+}
+
+fn merge_and_write(run: &TagRun, cfg: &DatasetConfig, threshold: f64, labels: &Path, scores: &Path) -> Result<()> {
     let classes: Vec<String> = cfg.class_names().iter().map(|s| s.to_string()).collect();
     let mut all_labels = run.labels.clone();
     let mut all_scores = run.scores.clone();

@@ -139,6 +139,7 @@ fn classify(model: &str, image: &Path, env: &[(&str, &Path)], extra: &[(&str, &s
 }
 
 fn probs(stdout: &str) -> Vec<f64> {
+    crate::json_schemas::assert_valid("classify", stdout);
     let v: serde_json::Value = serde_json::from_str(stdout.lines().next().expect("a JSON line")).unwrap();
     let mut p: Vec<(String, f64)> =
         v["probs"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap())).collect();
@@ -200,7 +201,7 @@ fn hub_repo_ids_download_into_the_hf_cache_and_work_offline() {
     // A repo that is not cached, offline: one line naming the cache.
     let (code, _, err) = classify("test-org/absent", &image, &[("HF_HOME", &home)], &[("HF_HUB_OFFLINE", "1")]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("HF_HUB_OFFLINE") && err.trim().lines().count() == 1, "{err}");
+    assert!(err.contains("HF_HUB_OFFLINE") && message_lines(&err).len() == 1, "{err}");
 }
 
 #[test]
@@ -356,6 +357,7 @@ fn eval_reads_gray_palette_and_rgb_ground_truth() {
             .unwrap();
         assert!(out.status.success(), "{kind}: {}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        crate::json_schemas::assert_valid("eval", &v.to_string());
         mious.push(v["miou"].as_f64().unwrap());
     }
     assert!(mious.iter().all(|m| (m - mious[0]).abs() < 1e-12), "{mious:?}");

@@ -52,10 +52,13 @@ fn runs_are_compared_with_their_differences_to_the_first() {
     fixture(tmp.path());
     let r = eval(tmp.path(), &["--json"]);
     assert_eq!(r.code, Some(0), "{}", r.show());
+    crate::json_schemas::assert_valid("eval", &r.stdout);
     let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
     let runs = v["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 3);
     assert_eq!(v["images"], 2);
+    // The first run's scores at top level too.
+    assert_eq!((&v["miou"], &v["per_class_iou"]), (&runs[0]["miou"], &runs[0]["per_class_iou"]));
     let expect = [(1.0, 0.0, [1.0, 1.0, 1.0]), (0.5, 0.0, [0.0, 0.5, 1.0]), (2.5 / 3.0, 4.0 / 32.0, [1.0, 0.5, 1.0])];
     for (run, (miou, ignored, ious)) in runs.iter().zip(expect) {
         assert!(close(run["miou"].as_f64().unwrap(), miou), "{run}");
@@ -126,6 +129,7 @@ fn label_and_cam_runs_are_compared_together() {
     c.arg("--gt").arg(d.join("gt")).args(["--alpha", "1,2", "--json"]);
     let r = run(&mut c);
     assert_eq!(r.code, Some(0), "{}", r.show());
+    crate::json_schemas::assert_valid("eval", &r.stdout);
     let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
     let runs = v["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 3);

@@ -145,6 +145,7 @@ fn absent_classes_are_null_and_not_averaged() {
 
     let text = report.to_json().unwrap();
     assert!(text.contains("\"per_class_iou\":{\"background\":0.6"), "background first: {text}");
+    crate::json_schemas::assert_valid("eval", &text);
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert!(v["per_class_iou"]["car"].is_null());
     assert!(v["per_class_iou"]["aeroplane"].is_null());
@@ -263,6 +264,10 @@ fn alpha_sweep_matches_numpy() {
         ]);
         let ours: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
         assert_eq!(ours["best_alpha"].as_f64(), reference["best_alpha"].as_f64(), "best alpha ({key_name})");
+        // The best alpha's scores at top level, as for label PNGs.
+        let best = reference["alphas"].as_array().unwrap().iter().find(|a| a["alpha"] == reference["best_alpha"]);
+        close(json_f64(&ours, "miou"), json_f64(best.unwrap(), "miou"), "top-level mIoU = the best alpha's");
+        crate::json_schemas::assert_valid("eval", &report.to_json().unwrap());
         for (i, (v, r)) in report.variants.iter().zip(reference["alphas"].as_array().unwrap()).enumerate() {
             // Same labels pixel for pixel.
             for id in &ids {
@@ -322,7 +327,7 @@ fn voc_sample_against_itself_is_perfect() {
     assert_eq!(m.pixel_accuracy, 1.0);
     assert_eq!(m.fw_iou, 1.0);
     assert!(m.classes_in_gt > 10, "the sample covers many classes");
-    assert_eq!(eval::run(&args, false).unwrap(), 0);
+    assert!(!eval::run(&args, false).unwrap().is_empty());
 }
 
 #[test]
@@ -402,17 +407,29 @@ fn missing_and_extra_ids_are_listed() {
         write_png(&gt, id, &[0, 1, 1, 0], 2, 2);
     }
     write_png(&pred, "im0", &[0, 1, 1, 0], 2, 2);
+    // Ground truth a superset of the predictions (VOC's SegmentationClass against train): the
+    // predicted id is scored, the 7 others are left out and counted, not skipped.
     let args = EvalOptions::new(&pred, &gt, "voc12");
-    let e = err_text(&args);
+    let report = eval::evaluate(&args).unwrap();
+    assert_eq!((report.images, report.skipped.len(), report.gt_left_out), (1, 0, 7));
+    assert_eq!(report.best_metrics().miou, 1.0);
+    let v: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+    assert_eq!((v["skipped"].as_u64(), v["gt_left_out"].as_u64()), (Some(0), Some(7)));
+    crate::json_schemas::assert_valid("eval", &report.to_json().unwrap());
+
+    // Strict: every ground-truth id needs a prediction.
+    let mut strict = args.clone();
+    strict.strict = true;
+    let e = err_text(&strict);
     assert!(e.contains("7 of 8 ids have no prediction"), "{e}");
     assert!(e.contains("im1, im2, im3, im4, im5 and 2 more"), "{e}");
     assert!(e.contains("--allow-missing"), "{e}");
 
-    let mut lenient = args.clone();
+    let mut lenient = strict.clone();
     lenient.allow_missing = true;
     let report = eval::evaluate(&lenient).unwrap();
     assert_eq!(report.images, 1);
-    assert_eq!(report.skipped.len(), 7);
+    assert_eq!((report.skipped.len(), report.gt_left_out), (7, 0));
     assert_eq!(report.best_metrics().miou, 1.0);
     let v: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
     assert_eq!(v["skipped"], 7);
@@ -566,7 +583,7 @@ fn report_lists_images_worst_first() {
     for photos in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let (args, worst_first) = report_fixture(dir.path(), photos);
-        assert_eq!(eval::run(&args, false).unwrap(), 0);
+        assert!(!eval::run(&args, false).unwrap().is_empty());
         let report = dir.path().join("report");
         let html = std::fs::read_to_string(report.join("index.html")).unwrap();
         let pos: Vec<usize> = worst_first.iter().map(|id| html.find(&format!("thumbs/{id}.")).unwrap()).collect();

@@ -32,6 +32,7 @@ fn every_model_command_runs_in_fp16_on_cpu() {
     c.arg(images.join("im0.png"));
     let out = ok(&mut c);
     let line = out.lines().find(|l| l.starts_with('{')).expect("a JSON line");
+    crate::json_schemas::assert_valid("classify", line);
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
     let probs: Vec<f64> = v["probs"].as_object().unwrap().values().map(|p| p.as_f64().unwrap()).collect();
     assert_eq!(probs.len(), 20);
@@ -75,10 +76,11 @@ fn every_model_command_runs_in_fp16_on_cpu() {
         .arg(&templates);
     common(&mut c);
     let out = ok(&mut c);
-    let json_start = out.find('[').expect("a JSON list");
+    let json_start = out.find('{').expect("a JSON object");
     let ranked: serde_json::Value =
         serde_json::Deserializer::from_str(&out[json_start..]).into_iter().next().unwrap().unwrap();
-    let ranked = ranked.as_array().unwrap();
+    crate::json_schemas::assert_valid("prompts-rank", &ranked.to_string());
+    let ranked = ranked["templates"].as_array().unwrap();
     assert_eq!(ranked.len(), 2);
     assert!(ranked.iter().all(|r| r["sharpness"].as_f64().is_some_and(f64::is_finite)), "{ranked:?}");
 }

@@ -520,8 +520,9 @@ fn a_large_image_is_downscaled_for_the_model_and_the_mask_keeps_its_size() {
     assert_eq!((m.width, m.height), (3000, 2000));
     let allowed = [0u8, 13, 15];
     assert!(m.values.iter().all(|v| allowed.contains(v)));
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("s.json")).unwrap()).unwrap();
+    let text = std::fs::read_to_string(tmp.path().join("s.json")).unwrap();
+    crate::json_schemas::assert_valid("generate-summary", &text);
+    let s: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(s["done"], 1);
     eprintln!("peak RSS {} MiB", s["peak_rss_mib"]);
 }
@@ -679,7 +680,11 @@ fn rerun_skips_overwrite_redoes_and_shards_cover_the_list_exactly() {
     assert_eq!(summary(&r0.stderr), (3, 3, 0, 0), "{}", r0.show());
     let r1 = run(cmd(&sharded).args(["--shard", "1/2"]));
     assert_eq!(summary(&r1.stderr), (2, 2, 0, 0), "{}", r1.show());
-    let (a, b) = (outputs(&full), outputs(&sharded));
+    // Each shard also leaves its own summary; the images' files are the full run's.
+    let (a, mut b) = (outputs(&full), outputs(&sharded));
+    for i in 0..2 {
+        assert!(b.remove(Path::new(&format!("summary.{i}-of-2.json"))).is_some(), "shard {i}'s summary");
+    }
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     let differing: Vec<&PathBuf> = a.iter().filter(|(p, bytes)| b[*p] != **bytes).map(|(p, _)| p).collect();
     assert!(differing.is_empty(), "sharded outputs differ from the full run: {differing:?}");
@@ -698,7 +703,7 @@ fn shards_into_one_directory_keep_every_failure() {
         save_png(&imgs, id, 64, 48, 500 + k as u64);
     }
     let lf = tmp.path().join("labels.json");
-    // Sorted ids a, b, c, d: shard 0/2 = a, c (c fails), shard 1/2 = b, d (all good).
+    // c fails (unknown class); each id belongs to shard hash(id) mod 2.
     write_json(
         &tmp.path().join("labels.json"),
         &serde_json::json!({"a": ["dog"], "b": ["cat"], "c": ["unicorn"], "d": ["car"]}),
@@ -707,8 +712,19 @@ fn shards_into_one_directory_keep_every_failure() {
     for s in ["0/2", "1/2"] {
         let _ = run(generate_cmd(tmp.path(), &imgs, &out).arg("--labels").arg(&lf).args(["--shard", s]));
     }
-    let f = failures(&out);
-    assert_eq!(f.len(), 1, "the failure of shard 0/2 must survive shard 1/2: {f:?}");
+    // Each shard has its own failures file; c's is in its shard's (c fails in exactly one).
+    let per_shard: Vec<Vec<serde_json::Value>> = (0..2)
+        .map(|i| {
+            let Ok(text) = std::fs::read_to_string(out.join(format!("failures.{i}-of-2.jsonl"))) else { return vec![] };
+            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        })
+        .collect();
+    let all: Vec<&serde_json::Value> = per_shard.iter().flatten().collect();
+    assert_eq!(all.len(), 1, "c's failure must be kept by its shard's file: {per_shard:?}");
+    assert_eq!(all[0]["id"], "c");
+    let c_shard = clipmask::cluster::shard_of("c", 2);
+    assert_eq!(per_shard[c_shard].len(), 1, "in shard {c_shard}'s file");
+    assert!(!out.join("failures.jsonl").exists(), "shards never write the run's failures.jsonl");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -118,12 +118,14 @@ fn classify_json(cache: &Path, model: &Path, images: &[PathBuf]) -> Vec<(String,
 }
 
 fn parse_json_lines(stdout: &str) -> Vec<(String, BTreeMap<String, f64>)> {
+    crate::json_schemas::assert_valid("classify", stdout);
     stdout
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
             let obj = v.as_object().expect("object per line");
-            assert_eq!(obj.len(), 2, "exactly `image` and `probs`: {l}");
+            assert_eq!(obj.len(), 3, "exactly `schema`, `image` and `probs`: {l}");
+            assert_eq!(obj["schema"], 1, "{l}");
             let image = obj["image"].as_str().expect("image is a string").to_string();
             let probs = obj["probs"]
                 .as_object()
@@ -211,7 +213,7 @@ fn classify_json_prints_one_object_per_image_and_goes_on_after_a_missing_one() {
         assert!((s - 1.0).abs() <= 1e-4, "{img}: probabilities sum to {s}");
         assert!(probs.values().all(|&p| (0.0..=1.0).contains(&p)));
     }
-    let err: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let err = message_lines(&r.stderr);
     assert_eq!(err.len(), 1, "{}", r.show());
     assert!(err[0].starts_with("error: ") && err[0].contains("missing.jpg"), "{}", r.show());
     for m in PANIC_MARKERS {

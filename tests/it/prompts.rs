@@ -130,7 +130,11 @@ fn ranking_is_stable_and_writes_a_config() {
         .args(extra);
         let out = c.output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+        let text = String::from_utf8(out.stdout).unwrap();
+        crate::json_schemas::assert_valid("prompts-rank", &text);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["schema"], 1);
+        v["templates"].as_array().unwrap().clone()
     };
     let a = run(&[]);
     let b = run(&["--write-config", out_cfg.to_str().unwrap()]);

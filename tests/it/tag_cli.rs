@@ -91,6 +91,7 @@ fn generate_labels_auto_equals_tag_then_generate_labels() {
     c.arg("--labels-gt").arg(voc.join("labels.json")).arg("--split").arg(&split);
     let r = run(&mut c);
     assert_eq!(r.code, Some(0), "{}", r.show());
+    crate::json_schemas::assert_valid("eval-labels", &r.stdout);
     let rep: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(rep["images"], 3);
     assert!(rep["map"].is_number(), "the scores file next to the labels gives the mAP\n{}", r.stdout);
@@ -224,6 +225,7 @@ fn eval_labels_pred_reads_every_ground_truth_source() {
             .arg(d.join("pred.json"))
             .args(&source));
         assert_eq!(r.code, Some(0), "{source:?}\n{}", r.show());
+        crate::json_schemas::assert_valid("eval-labels", &r.stdout);
         let rep: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
         assert_eq!(rep["images"], 4);
         check_hand_made(&rep, &NAMES);
@@ -258,6 +260,7 @@ fn eval_labels_pred_reads_every_ground_truth_source() {
         .arg("--labels-gt")
         .arg(d.join("gt2.json")));
     assert_eq!(r.code, Some(0), "{}", r.show());
+    crate::json_schemas::assert_valid("eval-labels", &r.stdout);
     let rep: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    assert_eq!(rep["skipped"], serde_json::json!(["img9"]));
+    assert_eq!((&rep["skipped"], &rep["skipped_ids"]), (&serde_json::json!(1), &serde_json::json!(["img9"])));
 }

@@ -65,11 +65,17 @@ pub fn run(cmd: &mut Command) -> Run {
 
 pub const PANIC_MARKERS: &[&str] = &["panicked", "stack backtrace", "Exception raised from", "RUST_BACKTRACE"];
 
-/// Exit code `code`, exactly one non-empty line on stderr, starting with "error:", no panic or
-/// C++ backtrace text. Returns the line.
+/// The lines of `stderr` that are neither empty nor the step lines a command logs before its
+/// work when stderr is not a terminal ("clipmask: loading ...", `progress::STEP_PREFIX`).
+pub fn message_lines(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| !l.trim().is_empty() && !l.starts_with(clipmask::progress::STEP_PREFIX)).collect()
+}
+
+/// Exit code `code`, exactly one message line on stderr (step lines aside), starting with
+/// "error:", no panic or C++ backtrace text. Returns the line.
 pub fn assert_one_line_error(r: &Run, code: i32) -> String {
     assert_eq!(r.code, Some(code), "expected exit {code}\n{}", r.show());
-    let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines = message_lines(&r.stderr);
     assert_eq!(lines.len(), 1, "expected exactly one line on stderr\n{}", r.show());
     for m in PANIC_MARKERS {
         assert!(!r.stderr.contains(m), "stderr contains {m:?}\n{}", r.show());
