@@ -58,7 +58,7 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
                  {} (org/name, such as {})",
                 crate::errors::format_error(&e),
                 cache_dir().display(),
-                super::hub::cache_dir().display(),
+                hf_cache_dir().display(),
                 hub_equivalent(name)
             )
         })?;
@@ -162,4 +162,17 @@ pub fn download(url: &str, dest: &Path, expected_sha: &str) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// The Hugging Face hub cache (read by `hub.rs`, named in download errors): HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
+pub fn hf_cache_dir() -> PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = var("HF_HUB_CACHE") {
+        return d;
+    }
+    if let Some(d) = var("HF_HOME") {
+        return d.join("hub");
+    }
+    let home = var("HOME").unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("huggingface").join("hub")
 }

@@ -29,19 +29,6 @@ pub fn is_repo_id(spec: &str) -> bool {
     legal(org) && legal(name)
 }
 
-/// The Hugging Face hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
-pub fn cache_dir() -> PathBuf {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(d) = var("HF_HUB_CACHE") {
-        return d;
-    }
-    if let Some(d) = var("HF_HOME") {
-        return d.join("hub");
-    }
-    let home = var("HOME").unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("huggingface").join("hub")
-}
-
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
@@ -54,7 +41,7 @@ const OPENCLIP_WEIGHTS: &[&str] =
 
 /// Resolves a Hub repo id to a local weights file, downloading into the HF cache when needed.
 pub fn fetch(repo_id: &str) -> Result<HubModel> {
-    let dir = cache_dir();
+    let dir = super::download::hf_cache_dir();
     let cache = hf_hub::Cache::new(dir.clone());
     let cached = cache.model(repo_id.to_string());
     let api = if offline() {
