@@ -143,7 +143,7 @@ import sys, json, numpy as np
 out = {}
 for p in sys.argv[1:]:
     z = np.load(p)
-    out[p] = {"files": sorted(z.files), "keys": z["keys"].tolist(),
+    out[p] = {"files": sorted(z.files), "keys": z["keys"].tolist(), "class_names": z["class_names"].tolist(),
               "dtypes": {k: str(z[k].dtype) for k in z.files},
               "shapes": {k: list(z[k].shape) for k in z.files},
               "finite": bool(np.isfinite(z["cams"]).all() and np.isfinite(z["raw_cams"]).all())}
@@ -156,8 +156,14 @@ print(json.dumps(out))
     for ((id, w, h), p) in sizes.iter().zip(&paths) {
         let e = &v[p.to_str().unwrap()];
         let k = labels[id].len() as u64;
-        assert_eq!(e["files"], serde_json::json!(["cams", "keys", "raw_cams"]), "{id}");
-        assert_eq!(e["dtypes"], serde_json::json!({"keys": "int64", "cams": "float32", "raw_cams": "float32"}), "{id}");
+        assert_eq!(e["files"], serde_json::json!(["cams", "class_names", "keys", "raw_cams"]), "{id}");
+        let longest = labels[id].iter().map(|n| n.chars().count()).max().unwrap();
+        assert_eq!(
+            e["dtypes"],
+            serde_json::json!({"keys": "int64", "cams": "float32", "raw_cams": "float32", "class_names": format!("<U{longest}")}),
+            "{id}"
+        );
+        assert_eq!(e["class_names"], serde_json::json!(labels[id]), "{id}: the label names, in label order");
         assert_eq!(e["shapes"]["cams"], serde_json::json!([k, h, w]), "{id}");
         assert_eq!(e["shapes"]["raw_cams"], serde_json::json!([k, h, w]), "{id}");
         assert_eq!(e["shapes"]["keys"], serde_json::json!([k]), "{id}");
