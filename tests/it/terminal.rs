@@ -196,7 +196,7 @@ fn prompts_show_into_a_closed_pipe_ends_quietly() {
 
 #[test]
 fn eval_into_a_closed_pipe_ends_quietly() {
-    // eval prints its table with println!: the closed pipe is caught there too.
+    // eval prints its table through the CLI's print_line: a closed pipe ends it quietly too.
     let tmp = tempfile::tempdir().unwrap();
     let (pred, gt) = (tmp.path().join("pred"), tmp.path().join("gt"));
     for d in [&pred, &gt] {
