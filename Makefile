@@ -6,9 +6,10 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 export CLIPMASK_PYTHON := $(VENV)/bin/python
+export PYO3_PYTHON := $(VENV)/bin/python
 BIN := target/release/clipmask
 
-.PHONY: all venv build test lint demo bench gpu-check clean
+.PHONY: all venv build wheel test test-python lint demo bench gpu-check clean
 
 all: build
 
@@ -18,15 +19,24 @@ venv:
 build: venv
 	cargo build --release
 
+# The Python wheel (dist/): maturin over crates/clipmask-py, against .venv's torch.
+wheel: venv
+	bash scripts/build-wheel.sh
+
 test: venv
 	@bash scripts/setup-system.sh
 	cargo build --release
 	cargo test --release -- --test-threads=1
+	$(MAKE) test-python
+
+# The wheel, installed into a fresh venv, against the binary (tests/wheel, pytest).
+test-python: wheel
+	bash scripts/test-wheel.sh
 
 # Format, lints and docs, warnings as errors (CI runs it after the tests).
 lint: venv
 	cargo fmt --check
-	cargo clippy --release --all-targets -- -D warnings
+	cargo clippy --release --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps
 
 demo: build

@@ -85,7 +85,8 @@ impl DatasetConfig {
         Self::parse(&text, &path.display().to_string())
     }
 
-    fn parse(text: &str, origin: &str) -> Result<Self> {
+    /// A config from its JSON text (the Python API's `Config(dict)`); `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let cfg: DatasetConfig = serde_json::from_str(text).with_context(|| format!("invalid config {origin}"))?;
         cfg.validate().with_context(|| format!("invalid config {origin}"))?;
         Ok(cfg)

@@ -271,8 +271,12 @@ pub fn rank_templates(
 
 /// Zero-shot probabilities over the config's classes, in config order.
 pub fn zero_shot(model: &Clip, text: &TextFeatures, path: &std::path::Path) -> Result<Vec<f32>> {
-    let img = crate::image_input::load_rgb(path)?;
-    let f = model.image_feature(&img);
+    zero_shot_image(model, text, &crate::image_input::load_rgb(path)?)
+}
+
+/// [`zero_shot`] of a decoded image.
+pub fn zero_shot_image(model: &Clip, text: &TextFeatures, img: &image::RgbImage) -> Result<Vec<f32>> {
+    let f = model.image_feature(img);
     let logits = f.matmul(&text.classes.to_kind(Kind::Float).transpose(0, 1)) * model.logit_scale;
     let probs = logits.softmax(-1, Kind::Float).get(0).to_device(tch::Device::Cpu);
     Ok(Vec::<f32>::try_from(probs)?)

@@ -1,7 +1,7 @@
 //! `clipmask generate`: the main job. Image-level labels in, pixel pseudo-masks out.
 use super::args::{CrfArgs, ImageSetArgs, ModelArgs, ShardArgs};
 use crate::datasets::{read_labels, read_split, run_items, LabelSource};
-use crate::pipeline::{generate_with, GenerateOptions, MapOptions};
+use crate::pipeline::{GenerateOptions, MapOptions};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -133,12 +133,28 @@ pub struct GenerateArgs {
     pub summary_json: Option<PathBuf>,
 }
 
-pub fn run(args: &GenerateArgs) -> Result<i32> {
-    // Everything that can fail for the whole run is checked before the model loads.
+/// What [`check`] establishes before any model loads.
+pub struct Checked {
+    pub cfg: crate::config::DatasetConfig,
+    /// `--labels auto`: the labels come from the tagger once the model is loaded.
+    pub auto: bool,
+    pub split: Option<Vec<String>>,
+    pub labels: BTreeMap<String, Result<Vec<String>, String>>,
+    pub shard: crate::cluster::Shard,
+    pub crf: Option<crate::label_maps::CrfOptions>,
+}
+
+/// Everything that can fail for the whole run, checked before the model loads: the config,
+/// the labels, the split and shard, the CRF settings, the numbers, and the output folders
+/// (created; none inside an input). `cfg`: the config to use instead of `--config`'s.
+pub fn check(args: &GenerateArgs, cfg: Option<crate::config::DatasetConfig>) -> Result<Checked> {
     if !args.input.images.is_dir() {
         bail!("--images {}: not a directory", args.input.images.display());
     }
-    let cfg = crate::config::DatasetConfig::resolve(&args.model.config)?;
+    let cfg = match cfg {
+        Some(c) => c,
+        None => crate::config::DatasetConfig::resolve(&args.model.config)?,
+    };
     let auto = super::tag::is_auto(args.labels.as_deref());
     // The split is read first: a labels file is then parsed for its ids only.
     let split = args.input.split.as_deref().map(read_split).transpose()?;
@@ -160,7 +176,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
         }
     };
     let shard = args.shard.shard()?;
-    let mut crf = if args.crf { Some(args.crf_settings.options(&cfg)?) } else { None };
+    let crf = if args.crf { Some(args.crf_settings.options(&cfg)?) } else { None };
     let masks_dir = args.out.join("masks");
     std::fs::create_dir_all(&masks_dir)
         .with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
@@ -179,14 +195,6 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
         crate::files::check_final_name(&args.out.join(name))?;
     }
     crate::files::check_writable(&args.out)?;
-
-    // From here a signal stops the run cleanly: during the model load (or download) the run
-    // then ends before its first image with the summary and the signal's exit status; a second
-    // signal quits at once.
-    let interrupt = crate::signals::Interrupt::install(crate::pipeline::temp_dirs(&args.out))?;
-    if let Some(c) = crf.as_mut() {
-        c.stop = Some(interrupt.stop_flag());
-    }
     if let Some(s) = args.scales.iter().find(|s| !s.is_finite() || **s <= 0.0 || **s > 4.0) {
         bail!("--scales {s}: each scale must be in (0, 4]");
     }
@@ -202,12 +210,72 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     if auto {
         super::tag::check_threshold("--tag-threshold", args.tag_threshold)?;
     }
+    Ok(Checked { cfg, auto, split, labels, shard, crf })
+}
+
+/// The map settings the flags ask for.
+pub fn map_options(args: &GenerateArgs, cfg: &crate::config::DatasetConfig) -> MapOptions {
+    MapOptions {
+        box_threshold: args.box_threshold.unwrap_or(cfg.box_threshold),
+        max_side: Some(args.max_side),
+        round_pos_fp16: !args.exact_positions,
+        source: args.cam_source,
+        scales: args.scales.clone(),
+        flip: args.flip,
+    }
+}
+
+pub fn run(args: &GenerateArgs) -> Result<i32> {
+    let checked = check(args, None)?;
+    // From here a signal stops the run cleanly: during the model load (or download) the run
+    // then ends before its first image with the summary and the signal's exit status; a second
+    // signal quits at once.
+    let interrupt = crate::signals::Interrupt::install(crate::pipeline::temp_dirs(&args.out))?;
     let (device, device_from) = args.model.device()?;
     if args.shard.shard.is_some() {
         // The first line of a scheduled run: which part it takes and where, and why.
+        let shard = &checked.shard;
         eprintln!("shard {}/{} ({}), device {device:?} ({device_from})", shard.index, shard.count, shard.source);
     }
-    let model = args.model.load_model_on(device)?;
+    let mut model = args.model.load_model_on(device)?;
+    let maps = map_options(args, &checked.cfg);
+    let mut text = crate::prompts::text_features(&model, &checked.cfg)?;
+    // The text tower is not needed any more, and large (unless the tagger runs first).
+    if !checked.auto {
+        model.text = None;
+    }
+    text.classes = text.classes.to_device(model.device);
+    let (shard, allow_failures) = (checked.shard.clone(), args.allow_failures);
+    let Some(s) = run_with(args, checked, &model, &text, maps, interrupt.stop_flag())? else {
+        return Ok(interrupt.exit_code());
+    };
+    if s.failed > 0 {
+        eprintln!("failures are listed in {}", args.out.join(shard.file_name("failures", "jsonl")).display());
+    }
+    Ok(if s.interrupted {
+        interrupt.exit_code()
+    } else if s.failed > 0 && !allow_failures {
+        1
+    } else {
+        0
+    })
+}
+
+/// The run with a loaded model and its text features: labels (tagged first with `--labels
+/// auto`), the work list, the pipeline, the summary line and files. `None` when stopped while
+/// tagging (no mask was started). The Python API's `Generator.run` calls this too.
+pub fn run_with(
+    args: &GenerateArgs,
+    checked: Checked,
+    model: &crate::clip::Clip,
+    text: &crate::prompts::TextFeatures,
+    maps: MapOptions,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<Option<crate::pipeline::Summary>> {
+    let Checked { cfg, auto, split, labels, shard, mut crf } = checked;
+    if let Some(c) = crf.as_mut() {
+        c.stop = Some(stop.clone());
+    }
     let patch = model.visual.patch as u32;
     if args.max_side < 2 * patch {
         bail!("--max-side {}: at least 2 patches ({} px) for this model (patch {patch} px)", args.max_side, 2 * patch);
@@ -219,13 +287,12 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
             round_pos_fp16: !args.exact_positions,
             ..Default::default()
         };
-        let stop = interrupt.stop_flag();
         let labels =
-            crate::tagclip::auto_labels(&model, &cfg, &args.input.images, split.as_deref(), &args.out, &opts, &stop)?;
+            crate::tagclip::auto_labels(model, &cfg, &args.input.images, split.as_deref(), &args.out, &opts, &stop)?;
         if stop.load(std::sync::atomic::Ordering::SeqCst) {
             // Tagged ids are saved in OUT/labels.json; no mask was started.
             eprintln!("stopped while tagging: the labels so far are in {}", args.out.join("labels.json").display());
-            return Ok(interrupt.exit_code());
+            return Ok(None);
         }
         labels
     } else {
@@ -234,14 +301,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     let items = run_items(&cfg, &args.input.images, &labels, split.as_deref(), &shard);
     let opts = GenerateOptions {
         out: args.out.clone(),
-        maps: MapOptions {
-            box_threshold: args.box_threshold.unwrap_or(cfg.box_threshold),
-            max_side: Some(args.max_side),
-            round_pos_fp16: !args.exact_positions,
-            source: args.cam_source,
-            scales: args.scales.clone(),
-            flip: args.flip,
-        },
+        maps,
         alpha: args.alpha,
         crf,
         save_cams: args.save_cams,
@@ -256,7 +316,7 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
         },
         shard: shard.clone(),
     };
-    let s = generate_with(model, &cfg, items, &opts, interrupt.stop_flag())?;
+    let s = crate::pipeline::generate(model, text, &cfg, items, &opts, stop)?;
     eprintln!(
         "{} images: {} done, {} skipped (already complete), {} failed{} in {:.1} s ({})",
         s.total,
@@ -276,14 +336,5 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
         let p = args.out.join(shard.file_name("summary", "json"));
         crate::files::write_atomic(&p, |w| Ok(std::io::Write::write_all(w, json.as_bytes())?))?;
     }
-    if s.failed > 0 {
-        eprintln!("failures are listed in {}", args.out.join(shard.file_name("failures", "jsonl")).display());
-    }
-    Ok(if s.interrupted {
-        interrupt.exit_code()
-    } else if s.failed > 0 && !args.allow_failures {
-        1
-    } else {
-        0
-    })
+    Ok(Some(s))
 }

@@ -97,14 +97,20 @@ pub fn is_stdout_closed_panic(message: &str) -> bool {
     message.contains("failed printing to stdout") && message.contains("Broken pipe")
 }
 
-/// Parses the command line and runs it; returns the process exit code.
+/// Parses the process's command line and runs it; returns the process exit code.
 pub fn run() -> Result<i32> {
+    run_from(std::env::args_os().collect())
+}
+
+/// Parses `args` (the program name first) and runs the command; returns the exit code.
+/// Usage errors, `--help` and `--version` print and exit as clap does.
+pub fn run_from(args: Vec<std::ffi::OsString>) -> Result<i32> {
     // Checked before clap, so that CUDA is only probed when the version is asked for.
-    if matches!(std::env::args().nth(1).as_deref(), Some("--version" | "-V")) {
+    if matches!(args.get(1).and_then(|a| a.to_str()), Some("--version" | "-V")) {
         print_line(version_text())?;
         return Ok(0);
     }
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(args);
     match cli.command {
         Command::Classify(a) => classify::run(&a),
         Command::Generate(a) => generate::run(&a),
@@ -117,3 +123,42 @@ pub fn run() -> Result<i32> {
 }
 
 pub use crate::errors::format_error;
+
+/// The whole program for `args` (the program name first): what `main` of the binary and the
+/// Python package's console command both run, so that they behave the same. Returns the exit
+/// code: 0 done, 1 some images failed (the command's own rule), 2 an error (one line on
+/// stderr, never a backtrace), 130/143 interrupted.
+pub fn main(args: Vec<std::ffi::OsString>) -> i32 {
+    // libtorch prints C++ backtraces with its errors unless told not to.
+    if std::env::var_os("TORCH_SHOW_CPP_STACKTRACES").is_none() {
+        std::env::set_var("TORCH_SHOW_CPP_STACKTRACES", "0");
+    }
+    // Panics are caught per image; print one line, never a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = crate::errors::panic_message(info.payload());
+        if std::env::var_os("CLIPMASK_DEBUG").is_some() {
+            eprintln!("internal error: {msg} ({:?})", info.location());
+        }
+    }));
+    let code = match std::panic::catch_unwind(|| run_from(args)) {
+        Err(p) => {
+            let msg = crate::errors::panic_message(p.as_ref());
+            // `println!` on a pipe its reader closed (`| head`): a quiet end, as Unix tools do.
+            if is_stdout_closed_panic(&msg) {
+                return 0;
+            }
+            eprintln!("error: {msg}");
+            return 2;
+        }
+        Ok(r) => r,
+    };
+    match code {
+        Ok(code) => code,
+        // Standard output closed by its reader: stop quietly, exit 0.
+        Err(e) if is_stdout_closed(&e) => 0,
+        Err(e) => {
+            eprintln!("error: {}", format_error(&e));
+            2
+        }
+    }
+}

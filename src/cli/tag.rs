@@ -71,7 +71,7 @@ pub fn is_auto(labels: Option<&Path>) -> bool {
     labels.is_some_and(|p| p.as_os_str() == "auto")
 }
 
-pub(super) fn check_threshold(name: &str, t: f64) -> Result<()> {
+pub fn check_threshold(name: &str, t: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&t) {
         bail!("{name} must be in [0, 1], got {t}");
     }

@@ -143,21 +143,6 @@ pub fn temp_dirs(out: &std::path::Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// [`generate`] with the model as loaded: encodes the text features, then drops the text
-/// tower (not needed any more, and large) before the run.
-pub fn generate_with(
-    mut model: Clip,
-    cfg: &DatasetConfig,
-    items: Vec<Item>,
-    opts: &GenerateOptions,
-    stop: Arc<AtomicBool>,
-) -> Result<Summary> {
-    let mut text = crate::prompts::text_features(&model, cfg)?;
-    model.text = None;
-    text.classes = text.classes.to_device(model.device);
-    generate(&model, &text, cfg, items, opts, stop)
-}
-
 /// Runs the whole dataset (see the module docs). A bad image is recorded in
 /// `OUT/failures.jsonl` and skipped; `stop` (set by the first signal, [`crate::signals`]) ends
 /// the run after the batch in flight.
@@ -391,42 +376,11 @@ impl<'a> Run<'a> {
                 Err(e) => out.push((item, Err(e))),
             }
         }
-        // Inputs (image, variant) grouped by grid size, in order.
-        let mut groups: BTreeMap<(i64, i64), Vec<(usize, usize)>> = BTreeMap::new();
-        for (i, (_, _, variants, _)) in ready.iter().enumerate() {
-            for (v, p) in variants.iter().enumerate() {
-                groups.entry((p.gh, p.gw)).or_default().push((i, v));
-            }
-        }
-        let mut unit_maps: Vec<Vec<Option<Result<UnitMaps, ImageError>>>> =
-            ready.iter().map(|r| (0..r.2.len()).map(|_| None).collect()).collect();
-        let batch = opts.batch_size.max(1);
-        for members in groups.values() {
-            for part in members.chunks(batch) {
-                let units: Vec<Unit> =
-                    part.iter().map(|&(i, v)| Unit { prepared: &ready[i].2[v], labels: &ready[i].3 }).collect();
-                let results = match guarded(|| compute_batch(model, text, &units, &opts.maps)) {
-                    Ok(maps) => maps.into_iter().map(Ok).collect(),
-                    // Alone, each input fails (or not) for its own reasons.
-                    Err(_) if units.len() > 1 => units
-                        .iter()
-                        .map(|u| {
-                            guarded(|| compute_batch(model, text, std::slice::from_ref(u), &opts.maps))
-                                .map(|mut m| m.remove(0))
-                        })
-                        .collect(),
-                    Err(e) => vec![Err(e)],
-                };
-                for (&(i, v), r) in part.iter().zip(results) {
-                    unit_maps[i][v] = Some(r);
-                }
-            }
-        }
-        for ((item, img, _, labels), units) in ready.into_iter().zip(unit_maps) {
-            let units: Result<Vec<UnitMaps>, ImageError> =
-                units.into_iter().map(|u| u.unwrap_or_else(|| Err(ImageError::Model("not computed".into())))).collect();
-            let r = units.and_then(|units| guarded(|| finish_image(&labels, units, host))).map(|maps| (img, maps));
-            out.push((item, r));
+        let inputs: Vec<(&[Prepared], &[usize])> =
+            ready.iter().map(|(_, _, variants, labels)| (variants.as_slice(), labels.as_slice())).collect();
+        let maps = images_maps(model, text, &inputs, &opts.maps, opts.batch_size, host);
+        for ((item, img, _, _), r) in ready.into_iter().zip(maps) {
+            out.push((item, r.map(|maps| (img, maps))));
         }
         out
     }
@@ -514,6 +468,60 @@ impl<'a> Run<'a> {
         s.peak_rss_mib = peak_rss_mib();
         Ok(s)
     }
+}
+
+/// Maps of several images, each given as its prepared inputs (every scale and flip, from
+/// [`prepare_variants`]) and its labels: inputs grouped by grid size into batches of at most
+/// `batch_size`, in order; a batch that fails is retried one input at a time, so that only the
+/// input at fault fails (with its image). One result per image, in order. The model stage of
+/// [`generate`], and the Python API's batch form.
+pub fn images_maps(
+    model: &Clip,
+    text: &TextFeatures,
+    images: &[(&[Prepared], &[usize])],
+    opts: &MapOptions,
+    batch_size: usize,
+    host: HostCopies,
+) -> Vec<Result<ImageMaps, ImageError>> {
+    // Inputs (image, variant) grouped by grid size, in order.
+    let mut groups: BTreeMap<(i64, i64), Vec<(usize, usize)>> = BTreeMap::new();
+    for (i, (variants, _)) in images.iter().enumerate() {
+        for (v, p) in variants.iter().enumerate() {
+            groups.entry((p.gh, p.gw)).or_default().push((i, v));
+        }
+    }
+    let mut unit_maps: Vec<Vec<Option<Result<UnitMaps, ImageError>>>> =
+        images.iter().map(|r| (0..r.0.len()).map(|_| None).collect()).collect();
+    let batch = batch_size.max(1);
+    for members in groups.values() {
+        for part in members.chunks(batch) {
+            let units: Vec<Unit> =
+                part.iter().map(|&(i, v)| Unit { prepared: &images[i].0[v], labels: images[i].1 }).collect();
+            let results = match guarded(|| compute_batch(model, text, &units, opts)) {
+                Ok(maps) => maps.into_iter().map(Ok).collect(),
+                // Alone, each input fails (or not) for its own reasons.
+                Err(_) if units.len() > 1 => units
+                    .iter()
+                    .map(|u| {
+                        guarded(|| compute_batch(model, text, std::slice::from_ref(u), opts)).map(|mut m| m.remove(0))
+                    })
+                    .collect(),
+                Err(e) => vec![Err(e)],
+            };
+            for (&(i, v), r) in part.iter().zip(results) {
+                unit_maps[i][v] = Some(r);
+            }
+        }
+    }
+    images
+        .iter()
+        .zip(unit_maps)
+        .map(|((_, labels), units)| {
+            let units: Result<Vec<UnitMaps>, ImageError> =
+                units.into_iter().map(|u| u.unwrap_or_else(|| Err(ImageError::Model("not computed".into())))).collect();
+            units.and_then(|units| guarded(|| finish_image(labels, units, host)))
+        })
+        .collect()
 }
 
 /// Runs `f`, turning an error or a panic (tch reports libtorch errors, such as running out of
