@@ -135,3 +135,25 @@ def test_tag_is_tag(model, voc, ids, work, tmp_path):
     ref = json.loads(out.read_text())
     for i, g in zip(ids[:2], got):
         assert g["labels"] == ref[i]
+
+
+def test_readme_python_example_runs_as_written(tmp_path, voc, ids, labels, monkeypatch):
+    """The README's Python API example, extracted from README.md, with the test model and the
+    sample photos in place of ViT-B/16 and VOC2012."""
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'clipmask.Model("ViT-B/16")' in code and 'Path("VOC2012/JPEGImages")' in code
+    code = code.replace('"ViT-B/16"', repr(MODEL) + ', device="cpu"').replace(
+        '"VOC2012/JPEGImages"', repr(str(voc / "JPEGImages")))
+    (tmp_path / "labels.json").write_text(json.dumps({i: labels[i] for i in ids[:2]}))
+    monkeypatch.chdir(tmp_path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    exec(compile(code, "README.md", "exec"), {})
+    for i in ids[:2]:
+        assert read_mask(tmp_path / "pseudo_masks" / f"{i}.png").shape == np.asarray(Image.open(image_path(voc, i))).shape[:2]
+    assert (tmp_path / "overlay.png").stat().st_size > 0

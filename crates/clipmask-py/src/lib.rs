@@ -116,9 +116,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A model moving from the loading thread (Clip is Send).
-struct SendClip(Clip);
-
 /// A loaded CLIP model (weights on one device at one precision).
 #[pyclass(frozen, module = "clipmask._native")]
 struct Model {
@@ -154,14 +151,13 @@ impl Model {
                 || name.starts_with('/')
                 || name.starts_with('~')
                 || [".pt", ".pth", ".bin", ".safetensors"].iter().any(|x| name.ends_with(x)));
-        let clip = interruptible(py, stop, false, move || args.load_model_on(dev).map(SendClip))?.map_err(|e| {
+        let clip = interruptible(py, stop, false, move || args.load_model_on(dev))?.map_err(|e| {
             if looks_like_file {
                 PyFileNotFoundError::new_err(clipmask::errors::format_error(&e))
             } else {
                 py_err(e, true)
             }
         })?;
-        let clip = clip.0;
         let device = clipmask::device::device_name(clip.device);
         let precision = clipmask::device::kind_name(clip.kind);
         let patch = clip.visual.patch;
