@@ -61,12 +61,15 @@ impl Formulation {
     /// Fused attention and batched kernels (the CUDA default).
     pub const FAST: Formulation = Formulation { fused_attention: true, batched: true };
 
-    /// The default on a device: [`Self::FAST`] on CUDA, [`Self::REFERENCE`] elsewhere.
+    /// The default on a device: [`Self::FAST`] on CUDA, [`Self::REFERENCE`] elsewhere; the
+    /// environment variable `CLIPMASK_FORMULATION=fast|reference` overrides it (so that
+    /// `scripts/gpu-check.sh --dry-run` runs the CUDA formulation on the CPU).
     pub fn for_device(device: Device) -> Formulation {
-        if device.is_cuda() {
-            Formulation::FAST
-        } else {
-            Formulation::REFERENCE
+        match std::env::var("CLIPMASK_FORMULATION").as_deref() {
+            Ok("fast") => Formulation::FAST,
+            Ok("reference") => Formulation::REFERENCE,
+            _ if device.is_cuda() => Formulation::FAST,
+            _ => Formulation::REFERENCE,
         }
     }
 }

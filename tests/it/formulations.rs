@@ -9,7 +9,7 @@ use clipmask::clip::layers::Formulation;
 use clipmask::clip::Clip;
 use clipmask::config::DatasetConfig;
 use clipmask::image_input::{load_rgb, prepare, Prepared};
-use clipmask::pipeline::{compute_maps, MapOptions};
+use clipmask::pipeline::{compute_batch, compute_maps, MapOptions, Unit};
 use clipmask::prompts::{all_sentences, encode_groups, text_features};
 use tch::{Device, Kind, Tensor};
 
@@ -27,9 +27,8 @@ const FUSED: Formulation = Formulation { fused_attention: true, batched: false }
 /// Synthetic images of two grid sizes and a VOC photo when the sample is there.
 fn images(dir: &std::path::Path) -> Vec<(Prepared, Vec<usize>)> {
     let mut out = Vec::new();
-    for (i, (w, h, labels)) in [(224u32, 160u32, vec![14usize]), (200, 130, vec![11, 14]), (97, 250, vec![0, 6, 18])]
-        .into_iter()
-        .enumerate()
+    for (i, (w, h, labels)) in
+        [(224u32, 160u32, vec![14usize]), (200, 130, vec![11, 14]), (97, 250, vec![0, 6, 18])].into_iter().enumerate()
     {
         let p = save_png(dir, &format!("f{i}"), w, h, 40 + i as u64);
         out.push((prepare(&load_rgb(&p).unwrap(), 16, None), labels));
@@ -126,7 +125,9 @@ fn fused_attention_gives_the_explicit_attention_numbers_on_the_cpu() {
     let tag_text = clipmask::tagclip::text_features(&model, &cfg, false, None).unwrap();
     let tag = |model: &Clip| {
         let opts = clipmask::tagclip::TagOptions::default();
-        imgs.iter().flat_map(|(p, _)| clipmask::tagclip::tag_image(model, &tag_text, p, &opts).unwrap().scores).collect::<Vec<f32>>()
+        imgs.iter()
+            .flat_map(|(p, _)| clipmask::tagclip::tag_image(model, &tag_text, p, &opts).unwrap().scores)
+            .collect::<Vec<f32>>()
     };
     let vis_ref: Vec<_> = imgs.iter().map(|(p, _)| vision(&model, p)).collect();
     let tag_ref = tag(&model);
@@ -193,3 +194,140 @@ fn fused_attention_gives_the_explicit_attention_numbers_on_the_cpu() {
     assert!(d_text > 0.0 || d_tok > 0.0, "fused attention gave identical bits: was it used?");
 }
 
+/// One fp16 ulp at `x` (normal range; 2⁻²⁴ below it).
+fn ulp16(x: f32) -> f32 {
+    let a = x.abs();
+    if a < 2f32.powi(-14) {
+        2f32.powi(-24)
+    } else {
+        2f32.powi(a.log2().floor() as i32 - 10)
+    }
+}
+
+fn randn(shape: &[i64], seed: i64, kind: Kind) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_kind(kind)
+}
+
+/// The attention score product: one batched product (CUDA) against one image at a time (the CPU
+/// fp16 path), and both against the exact product.
+#[test]
+fn batched_score_product_equals_the_per_image_product() {
+    let (a, b) = (randn(&[5, 2, 61, 64], 1, Kind::Half), randn(&[5, 2, 61, 64], 2, Kind::Half));
+    let per = clipmask::clip::layers::scores(&a, &b, false);
+    let batched = clipmask::clip::layers::scores(&a, &b, true);
+    let (a64, b64) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let exact = to_vec(&a64.matmul(&b64.transpose(-2, -1)));
+    let abs_sum = to_vec(&a64.abs().matmul(&b64.abs().transpose(-2, -1)));
+    let (per, batched) = (vec_of(&per), vec_of(&batched));
+    let d = a.size()[3] as f32;
+    let (mut worst, mut differ) = (0f32, 0usize);
+    for i in 0..per.len() {
+        // Each is the exact product within fp16 summation rounding: d · u · Σ|a b| (u = 2⁻¹¹)
+        // plus the final rounding; so the two differ by at most twice that.
+        let bound = d * 2f32.powi(-11) * abs_sum[i] + ulp16(exact[i]);
+        let (p, q, e) = (per[i], batched[i], exact[i]);
+        assert!((p - e).abs() <= bound && (q - e).abs() <= bound, "{p} {q} exact {e}, bound {bound:.1e}");
+        worst = worst.max((p - q).abs() / bound);
+        differ += (p != q) as usize;
+    }
+    eprintln!("fp16 scores, batched vs per image: {differ} of {} differ, at most {worst:.2} of the bound", per.len());
+    assert!(worst <= 2.0);
+    // fp32 is one product either way.
+    let (a32, b32) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+    assert_eq!(
+        vec_of(&clipmask::clip::layers::scores(&a32, &b32, false)),
+        vec_of(&clipmask::clip::layers::scores(&a32, &b32, true))
+    );
+}
+
+/// GradCAM's fp16 channel sum: one fp32 reduction rounded once (CUDA) against NumPy's
+/// one-channel-at-a-time fp16 accumulation (the CPU path), within the loop's rounding bound,
+/// and the batched sum within one ulp of the exact sum of the same rounded products.
+#[test]
+fn batched_fp16_channel_sum_is_within_the_loops_rounding() {
+    for (k, n, d) in [(3i64, 50i64, 128i64), (2, 30, 768)] {
+        let act = randn(&[k, n, d], 3, Kind::Half);
+        let g = randn(&[k, n, d], 4, Kind::Half) * 0.01;
+        let looped = vec_of(&clipmask::cam::gradcam::weighted_sum_fp16(&act, &g, false));
+        let batched = vec_of(&clipmask::cam::gradcam::weighted_sum_fp16(&act, &g, true));
+        // The rounded products, as both forms compute them.
+        let w = g.to_kind(Kind::Float).mean_dim(1, true, Kind::Float).to_kind(Kind::Half);
+        let products = (act * w).to_kind(Kind::Double);
+        let exact = to_vec(&products.sum_dim_intlist(2, false, Kind::Double));
+        let abs_sum = to_vec(&products.abs().sum_dim_intlist(2, false, Kind::Double));
+        let u = 2f64.powi(-11);
+        let gamma = (d - 1) as f64 * u / (1.0 - (d - 1) as f64 * u);
+        let mut worst = 0f64;
+        for i in 0..looped.len() {
+            assert!((batched[i] - exact[i]).abs() <= ulp16(exact[i]), "{} vs exact {}", batched[i], exact[i]);
+            let bound = gamma * abs_sum[i] as f64 + u * exact[i].abs() as f64 + ulp16(exact[i]) as f64;
+            let diff = (batched[i] - looped[i]).abs() as f64;
+            assert!(diff <= bound, "D {d}: batched {} vs loop {} beyond {bound:.2e}", batched[i], looped[i]);
+            worst = worst.max(diff / abs_sum[i].max(1e-30) as f64);
+        }
+        eprintln!("fp16 channel sum over D = {d}: batched vs loop, worst |diff| / sum|products| = {worst:.1e}");
+    }
+}
+
+/// The batched CAA affinity of a batch against one image at a time, fp32 and fp16 attention.
+#[test]
+fn batched_affinity_equals_the_per_image_affinity() {
+    for kind in [Kind::Float, Kind::Half] {
+        let (b, l) = (4i64, 37i64);
+        // Row-stochastic attention maps, 9 blocks (the last 8 are used).
+        let blocks: Vec<Tensor> =
+            (0..9).map(|i| randn(&[b, l, l], 10 + i, Kind::Float).softmax(-1, Kind::Float).to_kind(kind)).collect();
+        let batched = clipmask::affinity::affinity_batch(&blocks);
+        let mut worst = 0f32;
+        for i in 0..b {
+            let one: Vec<Tensor> = blocks.iter().map(|a| a.get(i)).collect();
+            let r = clipmask::affinity::affinity(&one);
+            worst = worst.max(max_abs_diff(&vec_of(&batched.get(i)), &vec_of(&r)));
+        }
+        eprintln!("{kind:?}: batched affinity vs per image: max |diff| {worst:.1e}");
+        assert!(worst <= 1e-6, "{kind:?}: batched affinity differs by {worst:.2e}");
+    }
+}
+
+/// A batch of inputs of one grid size through `compute_batch`: the batched formulation (CUDA's
+/// affinity for the batch, fp16 score product and channel sum) against the per-image one, fp32
+/// (<= 1e-6, what batching itself is held to) and fp16 (masks within the fp16 bar: the fp16 maps
+/// against the fp16 Python reference are checked in parity.rs).
+#[test]
+fn batched_formulation_in_compute_batch_equals_the_per_image_path() {
+    tch::set_num_threads(2);
+    let fx = fixture("tiny", 0, false);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = DatasetConfig::resolve("voc12").unwrap();
+    let ps: Vec<Prepared> = (0..3)
+        .map(|i| prepare(&load_rgb(&save_png(tmp.path(), &format!("b{i}"), 160, 120, 70 + i)).unwrap(), 16, None))
+        .collect();
+    let labels = [vec![14usize], vec![11, 14], vec![0, 6, 18]];
+    let batched = Formulation { fused_attention: false, batched: true };
+    for kind in [Kind::Float, Kind::Half] {
+        let mut model = Clip::load_path(&fx.join("model.safetensors"), Device::Cpu, kind).unwrap();
+        let text = text_features(&model, &cfg).unwrap();
+        let opts = MapOptions { box_threshold: cfg.box_threshold, ..Default::default() };
+        let units: Vec<Unit> = ps.iter().zip(&labels).map(|(p, l)| Unit { prepared: p, labels: l }).collect();
+        let maps = |model: &Clip| {
+            compute_batch(model, &text, &units, &opts)
+                .unwrap()
+                .into_iter()
+                .map(|u| (vec_of(&u.raw), vec_of(&u.refined)))
+                .collect::<Vec<_>>()
+        };
+        let want = maps(&model);
+        model.set_formulation(batched);
+        let got = maps(&model);
+        let (mut d_raw, mut d_ref) = (0f32, 0f32);
+        for ((raw, refined), (raw0, refined0)) in got.iter().zip(&want) {
+            d_raw = d_raw.max(max_abs_diff(raw, raw0));
+            d_ref = d_ref.max(max_abs_diff(refined, refined0));
+        }
+        eprintln!("{kind:?}: batched vs per-image formulation, batch of 3: raw {d_raw:.1e}, refined {d_ref:.1e}");
+        if kind == Kind::Float {
+            assert!(d_raw <= 1e-6 && d_ref <= 1e-6, "fp32: {d_raw:.2e} / {d_ref:.2e}");
+        }
+    }
+}
