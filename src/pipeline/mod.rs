@@ -8,10 +8,14 @@
 //! 3. labels (CRF) and files on a pool of writer threads (`Run::spawn_writers`).
 //!
 //! A failure (bad file, model error, full disk) fails its image, never the batch or the run.
+mod batches;
 pub mod crf;
 mod maps;
 mod write;
 
+pub use batches::{
+    attention_bytes, resolve_budget as batches_budget, split_by_budget, AttentionShape, MemoryBudget, BUCKET_WINDOW,
+};
 pub use maps::{
     compute_batch, compute_maps, finish_image, image_maps, prepare_variants, HostCopies, HostMaps, ImageMaps,
     MapOptions, StageTimes, Unit, UnitMaps,
@@ -54,6 +58,9 @@ pub struct GenerateOptions {
     pub mask_format: crate::outputs::MaskFormat,
     /// Model inputs per batch (images of one grid size; each scale and flip is an input).
     pub batch_size: usize,
+    /// Device bytes a batch's attention may take (`--max-gpu-mem`, resolved): a batch whose
+    /// estimate ([`attention_bytes`]) is larger runs as several smaller ones. None: no bound.
+    pub max_gpu_mem: Option<u64>,
     /// This process's shard: its failures go to `failures.I-of-N.jsonl` (the whole run's to
     /// `failures.jsonl`), so that shards never write the same file.
     pub shard: crate::cluster::Shard,
@@ -81,6 +88,9 @@ pub struct Summary {
     pub stage_workers: BTreeMap<String, usize>,
     /// Model inputs per batch.
     pub batch_size: usize,
+    /// Batches the model ran (`compute_batch` calls, retries of a failed batch not counted):
+    /// more than the inputs / batch size when grid sizes or `--max-gpu-mem` split them.
+    pub model_batches: usize,
     /// Peak resident memory of the process, MiB (Linux).
     pub peak_rss_mib: Option<f64>,
 }
@@ -322,11 +332,13 @@ impl<'a> Run<'a> {
         to_write: &mpsc::SyncSender<ToWrite>,
         outcomes: &mpsc::Receiver<Outcome>,
     ) {
-        let batch = self.opts.batch_size.max(1);
+        // A window of a few batches' images, so that inputs of one grid size fill batches
+        // (bucketing, pipeline/batches.rs).
+        let window = self.opts.batch_size.max(1) * BUCKET_WINDOW;
         loop {
             let Ok(first) = decoded.recv() else { break };
             let mut chunk = vec![first];
-            while chunk.len() < batch {
+            while chunk.len() < window {
                 match decoded.recv() {
                     Ok(d) => chunk.push(d),
                     Err(_) => break,
@@ -391,18 +403,30 @@ impl<'a> Run<'a> {
                 Err(e) => out.push((item, Err(e))),
             }
         }
-        // Inputs (image, variant) grouped by grid size, in order.
-        let mut groups: BTreeMap<(i64, i64), Vec<(usize, usize)>> = BTreeMap::new();
-        for (i, (_, _, variants, _)) in ready.iter().enumerate() {
-            for (v, p) in variants.iter().enumerate() {
-                groups.entry((p.gh, p.gw)).or_default().push((i, v));
-            }
-        }
+        // Inputs (image, variant) grouped by grid size, in order; batches of at most
+        // --batch-size, split further under --max-gpu-mem.
+        let grids: Vec<Vec<(i64, i64)>> = ready.iter().map(|r| r.2.iter().map(|p| (p.gh, p.gw)).collect()).collect();
+        let groups = batches::group_by_grid(&grids);
         let mut unit_maps: Vec<Vec<Option<Result<UnitMaps, ImageError>>>> =
             ready.iter().map(|r| (0..r.2.len()).map(|_| None).collect()).collect();
         let batch = opts.batch_size.max(1);
+        let shape = AttentionShape {
+            heads: model.config.vision_heads as u64,
+            elem_bytes: model.kind.elt_size_in_bytes() as u64,
+            kept_blocks: crate::affinity::AFFINITY_BLOCKS as u64,
+            backward: opts.maps.source.needs_backward(),
+        };
         for members in groups.values() {
-            for part in members.chunks(batch) {
+            let costs: Vec<u64> = members
+                .iter()
+                .map(|&(i, v)| {
+                    let p = &ready[i].2[v];
+                    attention_bytes((p.gh * p.gw + 1) as u64, ready[i].3.len() as u64, &shape)
+                })
+                .collect();
+            for range in split_by_budget(&costs, batch, opts.max_gpu_mem) {
+                let part = &members[range];
+                self.summary.model_batches += 1;
                 let units: Vec<Unit> =
                     part.iter().map(|&(i, v)| Unit { prepared: &ready[i].2[v], labels: &ready[i].3 }).collect();
                 let results = match guarded(|| compute_batch(model, text, &units, &opts.maps)) {
