@@ -32,7 +32,9 @@ passed, 1 otherwise (the report says which).
    also in the dry run): maps in fp16 at batch 8 and 32 and fp32 at batch 8, and maps + CRF
    with the CRF on the CPU (the only CRF clipmask has: "crf_device": "cpu"); per-stage images/s
    from the run's --summary-json; nvidia-smi samples GPU memory and utilisation; CPU use from
-   the process times.
+   the process times. One more fp16 run with --max-gpu-mem 1K must run every input alone
+   (the summary's model_batches). The dry run's throughput runs take the CUDA formulation
+   (CLIPMASK_FORMULATION=fast: fused attention, batched kernels) on the CPU, so CI runs it.
 4. The PyTorch pipeline (per-label backward, as the original) on the same device, fp16 and fp32,
    on at most --baseline-images images.
 With --dry-run every step runs on the CPU (the device is "cpu" for both sides), on the same code
@@ -368,7 +370,7 @@ class Check:
                 "gpu": s.summary()}
 
     def generate(self, name, labels, device, precision, extra=(), tf32_off=False, sample=False, expect=None,
-                 cap=240, section=None, meta=None, out_name=None):
+                 cap=240, section=None, meta=None, out_name=None, formulation=None):
         """One `generate` run over self.images with `labels`; expects `expect` images done and
         none failed. Returns the run's figures (summary fields included), and stores them in
         self.res[section][name] also when the run fails (with "error")."""
@@ -382,6 +384,9 @@ class Check:
         env = dict(os.environ, CLIPMASK_CACHE=self.cache)
         if tf32_off:
             env["NVIDIA_TF32_OVERRIDE"] = "0"
+        if formulation:
+            # The CUDA formulation (fused attention, batched kernels) also on the CPU (dry run).
+            env["CLIPMASK_FORMULATION"] = formulation
         text_dir = os.path.join(self.cache, "text")
         text_before = set(os.listdir(text_dir)) if os.path.isdir(text_dir) else set()
         r = self.run_timed(cmd, env, sample, cap)
@@ -396,7 +401,7 @@ class Check:
         if s is not None:
             # images/s over the run itself (model load and text features excluded, as for the baseline).
             for k in ("total", "done", "failed", "skipped", "seconds", "images_per_s", "stage_images_per_s",
-                      "stages", "batch_size", "peak_rss_mib"):
+                      "stages", "batch_size", "model_batches", "peak_rss_mib"):
                 rec[k] = s.get(k)
             st = {k: v for k, v in (s.get("stage_images_per_s") or {}).items() if k in ("decode", "model", "write")}
             rec["slowest_stage"] = min(st, key=st.get) if st else None
@@ -633,16 +638,23 @@ class Check:
         for crf_dev in CRF_DEVICES:
             for precision, batch in [("fp16", 8), ("fp16", 32), ("fp32", 8)]:
                 plan.append((f"{precision}-b{batch}-crf-{crf_dev}", precision, batch, crf_dev))
+        # --max-gpu-mem: a budget of one input per batch, so that the split runs (issue 26).
+        plan.append(("fp16-b8-memsplit", "fp16", 8, None))
         for name, precision, batch, crf_dev in plan:
             extra = ["--batch-size", str(batch)] + (CRF_FLAGS[crf_dev] if crf_dev else [])
-            meta = {"what": "maps" + (f" + CRF ({crf_dev.upper()} CRF)" if crf_dev else ""), "crf": bool(crf_dev),
-                    "crf_device": crf_dev, "precision": precision, "requested_batch": batch}
+            if name.endswith("memsplit"):
+                extra += ["--max-gpu-mem", "1K"]
+            meta = {"what": "maps" + (f" + CRF ({crf_dev.upper()} CRF)" if crf_dev else "")
+                    + (", --max-gpu-mem 1K" if name.endswith("memsplit") else ""), "crf": bool(crf_dev),
+                    "crf_device": crf_dev, "precision": precision, "requested_batch": batch,
+                    "formulation": "fast" if self.dry else "device default (fast on CUDA)"}
             # A row for every planned run, also when its step fails or is skipped.
             self.res["clipmask"][name] = dict(meta, error="not run yet")
             self.step(f"throughput: generate {name}",
                       lambda name=name, precision=precision, extra=extra, meta=meta: self.generate(
                           name, self.labels_all, dev, precision, extra, sample=not self.dry, expect=n_tp, cap=240,
-                          section="clipmask", meta=meta, out_name="tp-" + name))
+                          section="clipmask", meta=meta, out_name="tp-" + name,
+                          formulation="fast" if self.dry else None))
             if self.res["clipmask"][name].get("error") == "not run yet":
                 self.res["clipmask"][name]["error"] = "not run; see errors"
 
@@ -691,6 +703,8 @@ class Check:
                 r["clipmask"][k].get("done") == n_tp and not r["clipmask"][k].get("failed")
                 and not r["clipmask"][k].get("error") for k in tp),
             "fixture_well_conditioned": bool(p.get("well_conditioned")),
+            # --max-gpu-mem 1K: every input ran alone (the split of issue 26).
+            "max_gpu_mem_split_every_input": (r["clipmask"].get("fp16-b8-memsplit") or {}).get("model_batches") == n_tp,
             f"cuda_vs_cpu_raw_le_{RAW_MAX:g}": le(c.get("raw_max_diff"), RAW_MAX),
             f"cuda_vs_cpu_refined_max_le_{REFINED_MAX:g}": le(c.get("refined_max_diff"), REFINED_MAX),
             f"cuda_vs_cpu_refined_mean_le_{REFINED_MEAN:g}": le(c.get("refined_mean_diff"), REFINED_MEAN),

@@ -27,6 +27,26 @@ pub fn affinity(attentions: &[Tensor]) -> Tensor {
     s.matmul(&s)
 }
 
+/// [`affinity`] for a batch of images in one set of kernels (the CUDA form, docs/method.md
+/// "Which steps differ on CUDA"): `attentions` are the blocks' (B, n+1, n+1) maps, the last
+/// `AFFINITY_BLOCKS` used, and image b's R is row b of the result (B, n, n). The same
+/// operations per image as [`affinity`]: the block mean in the attentions' precision, three
+/// Sinkhorn rounds in fp32, symmetrisation and one squaring.
+pub fn affinity_batch(attentions: &[Tensor]) -> Tensor {
+    let start = attentions.len().saturating_sub(AFFINITY_BLOCKS);
+    let kind = attentions[start].kind();
+    let used: Vec<Tensor> = attentions[start..].iter().map(|a| a.to_kind(kind)).collect();
+    let w = Tensor::stack(&used, 1).mean_dim(1, false, kind).to_kind(Kind::Float);
+    let n = w.size()[1];
+    let mut t = w.narrow(1, 1, n - 1).narrow(2, 1, n - 1);
+    for _ in 0..3 {
+        t = &t / t.sum_dim_intlist(1, true, Kind::Float);
+        t = &t / t.sum_dim_intlist(2, true, Kind::Float);
+    }
+    let s = (&t + t.transpose(1, 2)) / 2.0;
+    s.bmm(&s)
+}
+
 /// Bounding boxes (x0, y0, x1, y1), end-exclusive, of the 8-connected components of `fg` on an
 /// h x w grid: what OpenCV's findContours(RETR_EXTERNAL) + boundingRect give for a binary map
 /// (components nested in another's hole lie inside its box, so dropping them changes nothing).

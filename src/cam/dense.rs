@@ -60,20 +60,32 @@ pub fn dense_features(vit: &VisionTransformer, tokens: &Tensor, source: CamSourc
     let (q, k, v) = attn.qkv(&block.ln_1.forward(tokens));
     let s = attn.scale();
     let kind = v.kind();
+    let f = vit.formulation();
     let self_attention = |a: &Tensor, b: &Tensor, bias: Option<&Tensor>| {
-        let mut scores = scores(a, b) * s;
+        let mut scores = scores(a, b, f.batched) * s;
         if let Some(bias) = bias {
             scores += bias;
         }
         scores.softmax(-1, kind)
     };
+    // Nothing reads these probabilities: with fused attention, softmax(a bᵀ s + bias) v is one
+    // kernel (SCLIP's sum of two softmaxes times v is the sum of two such products).
+    let fused = |a: &Tensor, b: &Tensor, bias: Option<&Tensor>| {
+        Tensor::scaled_dot_product_attention(a, b, &v, bias, 0.0, false, s, false)
+    };
     let heads = match source {
-        CamSource::MaskClip => v,
+        CamSource::MaskClip => v.shallow_clone(),
+        CamSource::Sclip if f.fused_attention => fused(&q, &q, None) + fused(&k, &k, None),
         CamSource::Sclip => (self_attention(&q, &q, None) + self_attention(&k, &k, None)).matmul(&v),
+        CamSource::ClearClip if f.fused_attention => fused(&q, &q, None),
         CamSource::ClearClip => self_attention(&q, &q, None).matmul(&v),
         CamSource::Naclip => {
             let bias = gaussian_addition(gh, gw, NACLIP_STD, v.device()).to_kind(kind);
-            self_attention(&k, &k, Some(&bias)).matmul(&v)
+            if f.fused_attention {
+                fused(&k, &k, Some(&bias))
+            } else {
+                self_attention(&k, &k, Some(&bias)).matmul(&v)
+            }
         }
         CamSource::GradCam => unreachable!("GradCAM is not a dense source"),
     };

@@ -118,7 +118,11 @@ pub fn grad_cam_batch(
     let _g = tch::no_grad_guard();
     let g = grads[0].narrow(1, 1, l - 1); // (ΣK, n, D)
     let act = a.detach().narrow(1, 1, l - 1); // (ΣK, n, D)
-    let cam = if kind == Kind::Half { weighted_sum_fp16(&act, &g) } else { weighted_sum_fp32(&act, &g) };
+    let cam = if kind == Kind::Half {
+        weighted_sum_fp16(&act, &g, vit.formulation().batched)
+    } else {
+        weighted_sum_fp32(&act, &g)
+    };
     // ReLU, then the reference's `.astype(np.float32)` before scaling.
     let cam = cam.relu().to_kind(Kind::Float);
     let mut out = Vec::with_capacity(requests.len());
@@ -145,9 +149,17 @@ fn weighted_sum_fp32(act: &Tensor, g: &Tensor) -> Tensor {
 /// over a non-innermost axis, adds one channel at a time into an fp16 result, rounding after
 /// every addition (measured: bit-identical to that loop, not to an fp32 accumulation).
 /// (K, n), fp16.
-fn weighted_sum_fp16(act: &Tensor, g: &Tensor) -> Tensor {
+///
+/// `batched` (the CUDA form, docs/method.md "Which steps differ on CUDA"): the same rounded
+/// products summed in one fp32 reduction and rounded to fp16 once, instead of D small kernels;
+/// it differs from the loop by the loop's own accumulated rounding (at most (D−1)·u·Σ|products|
+/// with u = 2⁻¹¹, the recursive-summation bound).
+pub fn weighted_sum_fp16(act: &Tensor, g: &Tensor, batched: bool) -> Tensor {
     let weights = g.to_kind(Kind::Float).mean_dim(1, true, Kind::Float).to_kind(Kind::Half);
     let products = act.to_kind(Kind::Half) * weights; // fp16 x fp16 -> fp16, rounded per element
+    if batched {
+        return products.sum_dim_intlist(2, false, Kind::Float).to_kind(Kind::Half);
+    }
     let d = products.size()[2];
     let mut sum = products.select(2, 0).copy();
     for c in 1..d {

@@ -111,6 +111,12 @@ pub struct GenerateArgs {
     /// 0 (default): 8 on CUDA, 1 on CPU (where batching does not pay).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub batch_size: usize,
+    /// Bound on the device memory a batch's attention may take, e.g. 20G or 512M (K, M, G, T
+    /// are powers of 1024): CAA keeps n² attention per block, so a batch of large inputs whose
+    /// estimate passes the bound runs as several smaller ones (same results). auto (default):
+    /// 80 % of the GPU's memory on CUDA, no bound on the CPU.
+    #[arg(long, default_value = "auto", value_name = "SIZE|auto")]
+    pub max_gpu_mem: crate::pipeline::MemoryBudget,
 
     /// Refine the label maps with a dense CRF (method §6: unary -log P on P = [bg; maps], Potts
     /// Gaussian + bilateral kernels, 10 mean-field iterations; parameters from the config's
@@ -314,6 +320,7 @@ pub fn run_with(
             0 => 1,
             n => n,
         },
+        max_gpu_mem: crate::pipeline::batches_budget(args.max_gpu_mem, model.device),
         shard: shard.clone(),
     };
     let s = crate::pipeline::generate(model, text, &cfg, items, &opts, stop)?;

@@ -4,7 +4,7 @@
 use super::layout::Activation;
 use crate::clip::Weights;
 use anyhow::Result;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// LayerNorm that runs in fp32 whatever the activations are, as OpenAI's CLIP does.
 pub struct LayerNorm {
@@ -42,11 +42,44 @@ impl Linear {
     }
 }
 
+/// Which of two formulations runs where clipmask has both (docs/method.md, "Which steps differ
+/// on CUDA"). They agree to rounding; the CPU default is the one the parity tests hold bit for
+/// bit against the reference, and tests select the other on the CPU to prove the two agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Formulation {
+    /// `scaled_dot_product_attention` (flash / memory-efficient kernels) in the blocks whose
+    /// attention probabilities nothing reads; explicit softmax where CAA or GradCAM reads them.
+    pub fused_attention: bool,
+    /// One batched kernel where the reference path loops over images, labels or channels only
+    /// for CPU bit-parity (the fp16 score product, GradCAM's fp16 channel sum).
+    pub batched: bool,
+}
+
+impl Formulation {
+    /// The reference's computation, loops and explicit softmax included (the CPU default).
+    pub const REFERENCE: Formulation = Formulation { fused_attention: false, batched: false };
+    /// Fused attention and batched kernels (the CUDA default).
+    pub const FAST: Formulation = Formulation { fused_attention: true, batched: true };
+
+    /// The default on a device: [`Self::FAST`] on CUDA, [`Self::REFERENCE`] elsewhere; the
+    /// environment variable `CLIPMASK_FORMULATION=fast|reference` overrides it (so that
+    /// `scripts/gpu-check.sh --dry-run` runs the CUDA formulation on the CPU).
+    pub fn for_device(device: Device) -> Formulation {
+        match std::env::var("CLIPMASK_FORMULATION").as_deref() {
+            Ok("fast") => Formulation::FAST,
+            Ok("reference") => Formulation::REFERENCE,
+            _ if device.is_cuda() => Formulation::FAST,
+            _ => Formulation::REFERENCE,
+        }
+    }
+}
+
 /// `nn.MultiheadAttention` with packed in-projection, returning head-averaged probabilities.
 pub struct Attention {
     in_proj: Linear,
     out_proj: Linear,
     heads: i64,
+    pub formulation: Formulation,
 }
 
 impl Attention {
@@ -58,21 +91,41 @@ impl Attention {
             },
             out_proj: Linear::new(w, &format!("{prefix}.out_proj"))?,
             heads,
+            formulation: Formulation::for_device(w.device()),
         })
     }
 
     /// x: (B, L, D). Returns the output (B, L, D) and the attention probabilities averaged
-    /// over heads (B, L, L), which CAA needs (docs/method.md §5).
+    /// over heads (B, L, L), which CAA needs (docs/method.md §5). Always the explicit softmax.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> (Tensor, Tensor) {
         let (q, k, v) = self.qkv(x);
+        let probs = self.probs(&q, &k, mask);
+        (self.project_out(&probs.matmul(&v)), probs.mean_dim(1, false, probs.kind()))
+    }
+
+    /// The output alone (B, L, D), for blocks whose probabilities nothing reads: fused
+    /// attention when the formulation asks for it, else [`Self::forward`]'s explicit softmax.
+    /// With `causal`, `mask` is the causal mask (the explicit form adds it; the fused form
+    /// passes `is_causal`, which flash kernels take and an explicit mask tensor is not).
+    pub fn output(&self, x: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
+        let (q, k, v) = self.qkv(x);
+        if self.formulation.fused_attention {
+            let mask = if causal { None } else { mask };
+            let heads = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, self.scale(), false);
+            return self.project_out(&heads);
+        }
+        self.project_out(&self.probs(&q, &k, mask).matmul(&v))
+    }
+
+    /// softmax(q s kᵀ + mask) per head, (B, heads, L, L).
+    fn probs(&self, q: &Tensor, k: &Tensor, mask: Option<&Tensor>) -> Tensor {
         // Scale q before the product, as nn.MultiheadAttention does.
         let q = q * self.scale();
-        let mut scores = scores(&q, &k);
+        let mut scores = scores(&q, k, self.formulation.batched);
         if let Some(m) = mask {
             scores += m;
         }
-        let probs = scores.softmax(-1, scores.kind());
-        (self.project_out(&probs.matmul(&v)), probs.mean_dim(1, false, probs.kind()))
+        scores.softmax(-1, scores.kind())
     }
 
     /// Queries, keys and values per head, each (B, heads, L, D / heads).
@@ -96,12 +149,13 @@ impl Attention {
 }
 
 /// `a bᵀ` over (B, heads, L, d) tensors. In fp16, libtorch's CPU product on the transposed view
-/// rounds differently with the batch size (one fp16 ulp, which GradCAM amplifies), so a batch is
-/// computed one image at a time, exactly as a single image (which is also what PyTorch's
-/// nn.MultiheadAttention computes). fp32 is batch-invariant and runs as one product.
-pub fn scores(a: &Tensor, b: &Tensor) -> Tensor {
+/// rounds differently with the batch size (one fp16 ulp, which GradCAM amplifies), so unless
+/// `batched`, a batch is computed one image at a time, exactly as a single image (which is also
+/// what PyTorch's nn.MultiheadAttention computes). fp32 is batch-invariant and runs as one
+/// product; so does `batched` (the CUDA form: one kernel, exact to fp16 rounding).
+pub fn scores(a: &Tensor, b: &Tensor, batched: bool) -> Tensor {
     let n = a.size()[0];
-    if a.kind() != tch::Kind::Half || n == 1 {
+    if batched || a.kind() != tch::Kind::Half || n == 1 {
         return a.matmul(&b.transpose(-2, -1));
     }
     let per: Vec<Tensor> = (0..n).map(|i| a.narrow(0, i, 1).matmul(&b.narrow(0, i, 1).transpose(-2, -1))).collect();
@@ -136,6 +190,13 @@ impl ResidualBlock {
 
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> (Tensor, Tensor) {
         self.forward_from_ln1(x, &self.ln_1.forward(x), mask)
+    }
+
+    /// The block's output alone, for blocks whose attention nothing reads ([`Attention::output`]:
+    /// fused where the formulation asks for it).
+    pub fn output(&self, x: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
+        let x = x + self.attn.output(&self.ln_1.forward(x), mask, causal);
+        &x + self.mlp(&self.ln_2.forward(&x))
     }
 
     /// The block given its input `x` and `a = ln_1(x)` computed by the caller, so the caller

@@ -52,6 +52,15 @@ impl Clip {
         l2_normalize(&self.visual.encode_standard(&x).to_kind(Kind::Float))
     }
 
+    /// Runs both towers in `f` from now on (the default is [`layers::Formulation::for_device`]);
+    /// tests select [`layers::Formulation::FAST`] on the CPU to compare it with the reference's.
+    pub fn set_formulation(&mut self, f: layers::Formulation) {
+        self.visual.set_formulation(f);
+        if let Some(t) = &mut self.text {
+            t.set_formulation(f);
+        }
+    }
+
     /// `spec` is a path, a released name such as `ViT-B/16` (see [`download::resolve`]) or a
     /// Hugging Face Hub repo id such as `openai/clip-vit-base-patch16` (see [`hub`]).
     pub fn load(spec: &str, device: Device, kind: Kind) -> Result<Self> {

@@ -1,5 +1,5 @@
 //! The CLIP text transformer (docs/method.md §3): causal mask, EOT pooling, projection.
-use super::layers::{LayerNorm, ResidualBlock};
+use super::layers::{Formulation, LayerNorm, ResidualBlock};
 use super::{ClipConfig, Weights};
 use anyhow::Result;
 use tch::{Kind, Tensor};
@@ -33,6 +33,13 @@ impl TextTransformer {
         })
     }
 
+    /// Runs every block in `f` from now on.
+    pub fn set_formulation(&mut self, f: Formulation) {
+        for b in &mut self.blocks {
+            b.attn.formulation = f;
+        }
+    }
+
     /// tokens: (N, context) int64 -> (N, E) unnormalised text features.
     pub fn encode(&self, tokens: &Tensor) -> Tensor {
         let _guard = tch::no_grad_guard();
@@ -43,8 +50,9 @@ impl TextTransformer {
             -1,
         ]);
         x += &self.positional_embedding;
+        // Nothing reads the text tower's attention: fused where the formulation asks for it.
         for block in &self.blocks {
-            x = block.forward(&x, Some(&self.mask)).0;
+            x = block.output(&x, Some(&self.mask), true);
         }
         let x = self.ln_final.forward(&x);
         // EOT is the largest token id in each row.

@@ -1,5 +1,5 @@
 //! The CLIP vision transformer for any input size (docs/method.md §1–2).
-use super::layers::{LayerNorm, ResidualBlock};
+use super::layers::{Formulation, LayerNorm, ResidualBlock};
 use super::{ClipConfig, Weights};
 use anyhow::Result;
 use tch::{Kind, Tensor};
@@ -52,6 +52,18 @@ impl VisionTransformer {
         self.blocks.len()
     }
 
+    /// The formulation the blocks run ([`Formulation::for_device`] unless set).
+    pub fn formulation(&self) -> Formulation {
+        self.blocks.first().map_or(Formulation::REFERENCE, |b| b.attn.formulation)
+    }
+
+    /// Runs every block in `f` from now on.
+    pub fn set_formulation(&mut self, f: Formulation) {
+        for b in &mut self.blocks {
+            b.attn.formulation = f;
+        }
+    }
+
     /// Positional table for an gh x gw grid (docs/method.md §1): the G x G part resized bilinearly
     /// (align_corners = false), class row first; `round_fp16` reproduces the reference, which
     /// rounds the interpolated table to fp16 even in fp32.
@@ -90,16 +102,20 @@ impl VisionTransformer {
     }
 
     /// As [`Self::trunk`], keeping only the last `keep` blocks' attention (n² each: for large
-    /// inputs, keeping all would dominate memory).
+    /// inputs, keeping all would dominate memory). The blocks before those run
+    /// [`ResidualBlock::output`]: fused attention where the formulation asks for it, since
+    /// nothing reads their probabilities.
     pub fn trunk_keeping(&self, x: Tensor, upto: usize, keep: usize) -> Trunk {
         let _guard = tch::no_grad_guard();
         let mut x = x;
         let mut attentions = Vec::with_capacity(keep.min(upto));
         for (i, block) in self.blocks[..upto].iter().enumerate() {
-            let (y, a) = block.forward(&x, None);
-            x = y;
             if i + keep >= upto {
+                let (y, a) = block.forward(&x, None);
+                x = y;
                 attentions.push(a);
+            } else {
+                x = block.output(&x, None, false);
             }
         }
         Trunk { tokens: x, attentions }
@@ -129,7 +145,7 @@ impl VisionTransformer {
         let (_, _, h, w) = images.size4().expect("images are (B,3,H,W)");
         let pos = self.positional(h / self.patch, w / self.patch, false);
         let x = self.embed(images, &pos);
-        let t = self.trunk(x, self.layers());
+        let t = self.trunk_keeping(x, self.layers(), 0);
         self.class_pool(&t.tokens)
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Images of the same grid size are computed as one batch: one trunk forward, one GradCAM
 //! backward for every label of every image (or one dense forward), then CAA per image.
-use crate::affinity::{affinity, box_mask, refine, AFFINITY_BLOCKS};
+use crate::affinity::{affinity, affinity_batch, box_mask, refine, AFFINITY_BLOCKS};
 use crate::cam::dense::{dense_features, dense_maps, patch_probs, temperature};
 use crate::cam::gradcam::{grad_cam_batch, CamRequest};
 use crate::cam::CamSource;
@@ -118,6 +118,7 @@ pub fn prepare_variants(img: &RgbImage, patch: i64, opts: &MapOptions) -> Vec<Pr
 }
 
 /// One input of a batch: its prepared tensor and the image's labels.
+#[derive(Clone, Copy)]
 pub struct Unit<'a> {
     pub prepared: &'a Prepared,
     pub labels: &'a [usize],
@@ -193,21 +194,38 @@ pub fn compute_batch(model: &Clip, text: &TextFeatures, units: &[Unit], opts: &M
 
     let t2 = Instant::now();
     let _g = tch::no_grad_guard();
+    // CAA's R: for the whole batch in one set of kernels where the formulation is batched
+    // (CUDA), else one image at a time as the reference (docs/method.md "Which steps differ on CUDA").
+    let r_batch = vit.formulation().batched.then(|| {
+        let mut attentions: Vec<Tensor> = trunk.attentions.iter().map(|a| a.shallow_clone()).collect();
+        attentions.push(Tensor::stack(&cams.iter().map(|c| &c.1).collect::<Vec<_>>(), 0));
+        affinity_batch(&attentions)
+    });
+    // The boxes need the maps on the host (OpenCV's contour rules, docs/method.md §5); they
+    // are K grid-sized maps per input, small next to the full-size ones: one copy for the batch.
+    let all_maps = Tensor::cat(&cams.iter().map(|c| c.0.reshape([-1])).collect::<Vec<_>>(), 0);
+    let host_maps: Vec<f32> = Vec::<f32>::try_from(all_maps.to_device(Device::Cpu).to_kind(Kind::Float))?;
+    // The box masks of the whole batch, uploaded in one copy.
+    let (ghu, gwu) = (gh as usize, gw as usize);
+    let mut masks = Vec::with_capacity(host_maps.len());
+    for map in host_maps.chunks(ghu * gwu) {
+        masks.extend(box_mask(map, ghu, gwu, opts.box_threshold));
+    }
+    let masks = Tensor::from_slice(&masks).reshape([-1, (ghu * gwu) as i64]).to_device(device);
+    let mut offset = 0;
     let mut out = Vec::with_capacity(units.len());
     for (i, (u, (maps, last_attention, probs))) in units.iter().zip(cams).enumerate() {
-        let mut attentions: Vec<Tensor> = trunk.attentions.iter().map(|a| a.get(i as i64)).collect();
-        attentions.push(last_attention);
-        let r = affinity(&attentions);
-        let k = u.labels.len();
-        let (ghu, gwu) = (gh as usize, gw as usize);
-        // The boxes need the maps on the host (OpenCV's contour rules, docs/method.md §5); they
-        // are K grid-sized maps, small next to the full-size ones.
-        let raw_cpu: Vec<f32> = Vec::<f32>::try_from(maps.to_device(Device::Cpu).reshape([-1]))?;
-        let mut masks = Vec::with_capacity(k * ghu * gwu);
-        for c in 0..k {
-            masks.extend(box_mask(&raw_cpu[c * ghu * gwu..(c + 1) * ghu * gwu], ghu, gwu, opts.box_threshold));
-        }
-        let masks = Tensor::from_slice(&masks).reshape([k as i64, (ghu * gwu) as i64]);
+        let r = match &r_batch {
+            Some(r) => r.get(i as i64),
+            None => {
+                let mut attentions: Vec<Tensor> = trunk.attentions.iter().map(|a| a.get(i as i64)).collect();
+                attentions.push(last_attention);
+                affinity(&attentions)
+            }
+        };
+        let k = u.labels.len() as i64;
+        let masks = masks.narrow(0, offset, k);
+        offset += k;
         let refined = refine(&r, &maps, &masks);
         let p = u.prepared;
         let (mut raw, mut refined) = (upsample(&maps, p.height, p.width), upsample(&refined, p.height, p.width));

@@ -8,10 +8,14 @@
 //! 3. labels (CRF) and files on a pool of writer threads (`Run::spawn_writers`).
 //!
 //! A failure (bad file, model error, full disk) fails its image, never the batch or the run.
+mod batches;
 pub mod crf;
 mod maps;
 mod write;
 
+pub use batches::{
+    attention_bytes, resolve_budget as batches_budget, split_by_budget, AttentionShape, MemoryBudget, BUCKET_WINDOW,
+};
 pub use maps::{
     compute_batch, compute_maps, finish_image, image_maps, prepare_variants, HostCopies, HostMaps, ImageMaps,
     MapOptions, StageTimes, Unit, UnitMaps,
@@ -54,6 +58,9 @@ pub struct GenerateOptions {
     pub mask_format: crate::outputs::MaskFormat,
     /// Model inputs per batch (images of one grid size; each scale and flip is an input).
     pub batch_size: usize,
+    /// Device bytes a batch's attention may take (`--max-gpu-mem`, resolved): a batch whose
+    /// estimate ([`attention_bytes`]) is larger runs as several smaller ones. None: no bound.
+    pub max_gpu_mem: Option<u64>,
     /// This process's shard: its failures go to `failures.I-of-N.jsonl` (the whole run's to
     /// `failures.jsonl`), so that shards never write the same file.
     pub shard: crate::cluster::Shard,
@@ -81,6 +88,9 @@ pub struct Summary {
     pub stage_workers: BTreeMap<String, usize>,
     /// Model inputs per batch.
     pub batch_size: usize,
+    /// Batches the model ran (`compute_batch` calls, retries of a failed batch not counted):
+    /// more than the inputs / batch size when grid sizes or `--max-gpu-mem` split them.
+    pub model_batches: usize,
     /// Peak resident memory of the process, MiB (Linux).
     pub peak_rss_mib: Option<f64>,
 }
@@ -307,11 +317,13 @@ impl<'a> Run<'a> {
         to_write: &mpsc::SyncSender<ToWrite>,
         outcomes: &mpsc::Receiver<Outcome>,
     ) {
-        let batch = self.opts.batch_size.max(1);
+        // A window of a few batches' images, so that inputs of one grid size fill batches
+        // (bucketing, pipeline/batches.rs).
+        let window = self.opts.batch_size.max(1) * BUCKET_WINDOW;
         loop {
             let Ok(first) = decoded.recv() else { break };
             let mut chunk = vec![first];
-            while chunk.len() < batch {
+            while chunk.len() < window {
                 match decoded.recv() {
                     Ok(d) => chunk.push(d),
                     Err(_) => break,
@@ -378,7 +390,8 @@ impl<'a> Run<'a> {
         }
         let inputs: Vec<(&[Prepared], &[usize])> =
             ready.iter().map(|(_, _, variants, labels)| (variants.as_slice(), labels.as_slice())).collect();
-        let maps = images_maps(model, text, &inputs, &opts.maps, opts.batch_size, host);
+        let (maps, batches) = images_maps(model, text, &inputs, &opts.maps, opts.batch_size, opts.max_gpu_mem, host);
+        self.summary.model_batches += batches;
         for ((item, img, _, _), r) in ready.into_iter().zip(maps) {
             out.push((item, r.map(|maps| (img, maps))));
         }
@@ -472,29 +485,42 @@ impl<'a> Run<'a> {
 
 /// Maps of several images, each given as its prepared inputs (every scale and flip, from
 /// [`prepare_variants`]) and its labels: inputs grouped by grid size into batches of at most
-/// `batch_size`, in order; a batch that fails is retried one input at a time, so that only the
-/// input at fault fails (with its image). One result per image, in order. The model stage of
-/// [`generate`], and the Python API's batch form.
+/// `batch_size`, split further so that a batch's attention estimate stays within
+/// `max_gpu_mem` (pipeline/batches.rs); a batch that fails is retried one input at a time, so
+/// that only the input at fault fails (with its image). One result per image, in order, and
+/// the number of batches run. The model stage of [`generate`], and the Python API's batch form.
 pub fn images_maps(
     model: &Clip,
     text: &TextFeatures,
     images: &[(&[Prepared], &[usize])],
     opts: &MapOptions,
     batch_size: usize,
+    max_gpu_mem: Option<u64>,
     host: HostCopies,
-) -> Vec<Result<ImageMaps, ImageError>> {
-    // Inputs (image, variant) grouped by grid size, in order.
-    let mut groups: BTreeMap<(i64, i64), Vec<(usize, usize)>> = BTreeMap::new();
-    for (i, (variants, _)) in images.iter().enumerate() {
-        for (v, p) in variants.iter().enumerate() {
-            groups.entry((p.gh, p.gw)).or_default().push((i, v));
-        }
-    }
+) -> (Vec<Result<ImageMaps, ImageError>>, usize) {
+    let grids: Vec<Vec<(i64, i64)>> = images.iter().map(|r| r.0.iter().map(|p| (p.gh, p.gw)).collect()).collect();
+    let groups = batches::group_by_grid(&grids);
     let mut unit_maps: Vec<Vec<Option<Result<UnitMaps, ImageError>>>> =
         images.iter().map(|r| (0..r.0.len()).map(|_| None).collect()).collect();
     let batch = batch_size.max(1);
+    let shape = AttentionShape {
+        heads: model.config.vision_heads as u64,
+        elem_bytes: model.kind.elt_size_in_bytes() as u64,
+        kept_blocks: crate::affinity::AFFINITY_BLOCKS as u64,
+        backward: opts.source.needs_backward(),
+    };
+    let mut n_batches = 0;
     for members in groups.values() {
-        for part in members.chunks(batch) {
+        let costs: Vec<u64> = members
+            .iter()
+            .map(|&(i, v)| {
+                let p = &images[i].0[v];
+                attention_bytes((p.gh * p.gw + 1) as u64, images[i].1.len() as u64, &shape)
+            })
+            .collect();
+        for range in split_by_budget(&costs, batch, max_gpu_mem) {
+            let part = &members[range];
+            n_batches += 1;
             let units: Vec<Unit> =
                 part.iter().map(|&(i, v)| Unit { prepared: &images[i].0[v], labels: images[i].1 }).collect();
             let results = match guarded(|| compute_batch(model, text, &units, opts)) {
@@ -513,7 +539,7 @@ pub fn images_maps(
             }
         }
     }
-    images
+    let maps = images
         .iter()
         .zip(unit_maps)
         .map(|((_, labels), units)| {
@@ -521,7 +547,8 @@ pub fn images_maps(
                 units.into_iter().map(|u| u.unwrap_or_else(|| Err(ImageError::Model("not computed".into())))).collect();
             units.and_then(|units| guarded(|| finish_image(labels, units, host)))
         })
-        .collect()
+        .collect();
+    (maps, n_batches)
 }
 
 /// Runs `f`, turning an error or a panic (tch reports libtorch errors, such as running out of

@@ -215,7 +215,7 @@ pub fn tag_image(model: &Clip, text: &TagText, p: &Prepared, opts: &TagOptions) 
     let eye_mask = ((Tensor::ones([l1, l1], (Kind::Float, dev)) - Tensor::eye(l1, (Kind::Float, dev)))
         * SELF_ATTENTION_MASK)
         .to_kind(trunk.tokens.kind());
-    let (tokens, _) = last.forward(&trunk.tokens, Some(&eye_mask));
+    let tokens = last.output(&trunk.tokens, Some(&eye_mask), false);
 
     // Coarse patch-level classification: softmax over classes and background words.
     let feats = vit.class_pool(&tokens.transpose(0, 1)).to_kind(Kind::Float); // (n+1, E)
@@ -314,7 +314,7 @@ fn crop_score(
     let mut x = vit.embed(&crop, &pos);
     let mask = Tensor::from_slice(&mask).reshape([l1 as i64, l1 as i64]).to_device(dev).to_kind(x.kind());
     for block in &vit.blocks {
-        x = block.forward(&x, Some(&mask)).0;
+        x = block.output(&x, Some(&mask), false);
     }
     let f = vit.class_pool(&x).to_kind(Kind::Float);
     let f = crate::clip::l2_normalize(&f);

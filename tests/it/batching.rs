@@ -180,6 +180,10 @@ fn gpu_check_dry_run_writes_its_json_and_markdown() {
         assert_eq!(r["crf_device"], if crf { serde_json::json!("cpu") } else { serde_json::Value::Null }, "{run}");
     }
     assert_eq!(v["gpu_crf"]["images_per_s"], serde_json::Value::Null);
+    // The CUDA formulation ran on the CPU, and --max-gpu-mem 1K ran every input alone.
+    assert_eq!(v["clipmask"]["fp16-b8"]["formulation"], "fast", "{v}");
+    assert_eq!(v["clipmask"]["fp16-b8-memsplit"]["model_batches"], 24, "{v}");
+    assert_eq!(v["checks"]["max_gpu_mem_split_every_input"], true, "{v}");
     assert!(v["pytorch_baseline_images_per_s"]["fp32"].as_f64().unwrap() > 0.0);
     assert!(md.contains("| generate fp16-b8-crf-cpu | maps + CRF (CPU CRF) | cpu |"), "{md}");
     assert!(md.contains("Label probabilities covered"), "{md}");
@@ -188,4 +192,88 @@ fn gpu_check_dry_run_writes_its_json_and_markdown() {
         std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     assert_eq!(names, ["gpu-check.json", "gpu-check.md"]);
+}
+
+fn summary(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The outputs of two runs: identical masks (bytes of the PNGs' label maps) and maps within
+/// MAP_TOL; returns whether the maps were bit-identical too.
+fn assert_same_outputs(a: &Path, b: &Path, what: &str) -> bool {
+    let (x, y) = (outputs(a), outputs(b));
+    assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>(), "{what}");
+    let mut bitwise = true;
+    for (id, (mask, refined, raw)) in &x {
+        let (m, r, w) = &y[id];
+        assert_eq!(mask, m, "{what}: {id}'s mask differs");
+        let d = max_abs_diff(refined, r).max(max_abs_diff(raw, w));
+        assert!(d <= MAP_TOL, "{what}: {id}'s maps differ by {d:.1e}");
+        bitwise &= refined == r && raw == w;
+    }
+    bitwise
+}
+
+/// `--max-gpu-mem`: a budget below one input's estimated attention memory runs every input
+/// alone (the summary counts the model's batches), with the outputs of an unbounded run.
+#[test]
+fn a_tiny_gpu_memory_budget_splits_batches_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let labels = dataset(tmp.path());
+    let mut runs = Vec::new();
+    for budget in ["1K", "100G"] {
+        let out = tmp.path().join(format!("out-{budget}"));
+        let s = tmp.path().join(format!("summary-{budget}.json"));
+        let mut c = generate_cmd(&tmp.path().join("cache"), &tmp.path().join("images"), &out);
+        c.args(["--save-cams", "--batch-size", "8", "--max-gpu-mem", budget, "--labels"]).arg(&labels);
+        c.arg("--summary-json").arg(&s);
+        let r = run(&mut c);
+        assert_eq!(r.code, Some(0), "{}", r.show());
+        runs.push((out, summary(&s)));
+    }
+    // 8 inputs: alone under 1K; under 100G one batch per grid size (8x10, 10x8, 13x10, 10x13).
+    assert_eq!(runs[0].1["model_batches"], 8, "{}", runs[0].1);
+    assert_eq!(runs[1].1["model_batches"], 4, "{}", runs[1].1);
+    let bitwise = assert_same_outputs(&runs[0].0, &runs[1].0, "--max-gpu-mem 1K vs 100G");
+    eprintln!("--max-gpu-mem 1K vs 100G: masks identical, maps bit-identical: {bitwise}");
+    // A size that is not one is refused by the flag parser (clap's error line names it).
+    let mut c = generate_cmd(&tmp.path().join("cache"), &tmp.path().join("images"), &tmp.path().join("bad"));
+    c.args(["--max-gpu-mem", "20X", "--labels"]).arg(&labels);
+    let r = run(&mut c);
+    assert_eq!(r.code, Some(2), "{}", r.show());
+    let first = message_lines(&r.stderr)[0];
+    assert!(first.starts_with("error: ") && first.contains("unknown unit 'X' in '20X'"), "{}", r.show());
+}
+
+/// Bucketing by grid size over a window of images: 16 images alternating two grid sizes, batch
+/// size 4, run as 4 full batches (the 4-image chunks of before made 8 half-full ones), with the
+/// outputs of batch size 1.
+#[test]
+fn mixed_sizes_are_bucketed_into_full_batches_with_the_same_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let mut labels = serde_json::Map::new();
+    for i in 0..16u64 {
+        let (w, h) = if i % 2 == 0 { (160, 120) } else { (120, 160) };
+        synthetic_image(w, h, 300 + i).save(images.join(format!("m{i:02}.png"))).unwrap();
+        labels.insert(format!("m{i:02}"), serde_json::json!(if i % 3 == 0 { vec!["dog", "cat"] } else { vec!["car"] }));
+    }
+    let labels_path = tmp.path().join("labels.json");
+    std::fs::write(&labels_path, serde_json::Value::Object(labels).to_string()).unwrap();
+    let mut runs = Vec::new();
+    for batch in [1, 4] {
+        let out = tmp.path().join(format!("b{batch}"));
+        let s = tmp.path().join(format!("summary-{batch}.json"));
+        let mut c = generate_cmd(&tmp.path().join("cache"), &images, &out);
+        c.args(["--save-cams", "--batch-size", &batch.to_string(), "--labels"]).arg(&labels_path);
+        c.arg("--summary-json").arg(&s);
+        let r = run(&mut c);
+        assert_eq!(r.code, Some(0), "{}", r.show());
+        runs.push((out, summary(&s)));
+    }
+    assert_eq!(runs[0].1["model_batches"], 16);
+    assert_eq!(runs[1].1["model_batches"], 4, "{}", runs[1].1);
+    let bitwise = assert_same_outputs(&runs[0].0, &runs[1].0, "bucketed batch 4 vs batch 1");
+    eprintln!("bucketed batch 4 vs batch 1: masks identical, maps bit-identical: {bitwise}");
 }

@@ -1,9 +1,12 @@
 """Writes a random-weight CLIP ViT with OpenAI's parameter names and shapes, as a TorchScript
 archive (model.pt, like OpenAI's releases) and as safetensors (model.safetensors).
 
-  make_fixture.py OUT_DIR [--seed S] [--size tiny|b16] [--fp16] [--logit-scale 10]
+  make_fixture.py OUT_DIR [--seed S] [--size tiny|tiny-soft|b16] [--fp16] [--logit-scale 10]
 
 tiny: patch 16, vision width 128, 12 layers; text width 128, 3 layers; vocab 49408; embed 64.
+tiny-soft: tiny with half the attention gain (in_proj 1.5 instead of 3): attention less peaked,
+      so a rounding-level change stays rounding-level through the blocks (the peaked tiny model
+      amplifies one about 2x per block); the fused-vs-explicit formulation tests use it.
 b16:  ViT-B/16's dimensions (vision 768 x 12, text 512 x 12, embed 512), for benchmarks.
 Weights are scaled so attention is peaked and maps have structure (unlike a zero-ish init).
 exp(logit_scale) defaults to 10: with OpenAI's 100, random weights give present labels
@@ -23,12 +26,16 @@ from clip_reference import CLIP  # noqa: E402
 SIZES = {
     "tiny": dict(embed_dim=64, resolution=224, v_layers=12, v_width=128, patch=16, ctx=77, vocab=49408,
                  t_width=128, t_heads=2, t_layers=3),
+    "tiny-soft": dict(embed_dim=64, resolution=224, v_layers=12, v_width=128, patch=16, ctx=77, vocab=49408,
+                      t_width=128, t_heads=2, t_layers=3),
     "b16": dict(embed_dim=512, resolution=224, v_layers=12, v_width=768, patch=16, ctx=77, vocab=49408,
                 t_width=512, t_heads=8, t_layers=12),
 }
+# The in_proj weights' gain: peaked attention (maps with structure) by default.
+ATTENTION_GAIN = {"tiny-soft": 1.5}
 
 
-def randomize(model, seed, logit_scale):
+def randomize(model, seed, logit_scale, attention_gain=3.0):
     g = torch.Generator().manual_seed(seed)
     sd = model.state_dict()
     out = {}
@@ -42,7 +49,7 @@ def randomize(model, seed, logit_scale):
         elif name == "logit_scale":
             v = torch.tensor(float(np.log(logit_scale)))
         elif name.endswith("in_proj_weight"):
-            v = 3.0 * torch.randn(shape, generator=g) / shape[1] ** 0.5
+            v = attention_gain * torch.randn(shape, generator=g) / shape[1] ** 0.5
         elif name.endswith("conv1.weight"):
             fan = shape[1] * shape[2] * shape[3]
             v = 2.0 * torch.randn(shape, generator=g) / fan ** 0.5
@@ -72,7 +79,7 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(a.seed)
     model = CLIP(**SIZES[a.size]).eval()
-    sd = randomize(model, a.seed, a.logit_scale)
+    sd = randomize(model, a.seed, a.logit_scale, ATTENTION_GAIN.get(a.size, 3.0))
     if a.fp16:
         model = model.half()
         sd = {k: v.half() for k, v in sd.items()}

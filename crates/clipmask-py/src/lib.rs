@@ -373,7 +373,10 @@ impl Generator {
                 let inputs: Vec<(&[clipmask::image_input::Prepared], &[usize])> =
                     decoded.iter().zip(&keys).map(|(d, k)| (d.2.as_slice(), k.as_slice())).collect();
                 let host = HostCopies { maps: true, labels_alpha: None };
-                let maps = clipmask::pipeline::images_maps(&model, &text, &inputs, &opts, batch_size, host);
+                // GPU memory bounded as `generate --max-gpu-mem auto` bounds it.
+                let budget = clipmask::pipeline::batches_budget(clipmask::pipeline::MemoryBudget::Auto, model.device);
+                let (maps, _) =
+                    clipmask::pipeline::images_maps(&model, &text, &inputs, &opts, batch_size, budget, host);
                 decoded
                     .iter()
                     .zip(maps)
