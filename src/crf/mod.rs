@@ -64,6 +64,7 @@ mod keytable;
 mod lattice;
 mod mean_field;
 mod simplex;
+pub mod tensor;
 
 use mean_field::{mean_field, Kernel};
 
