@@ -160,7 +160,8 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
         }
     };
     let shard = args.shard.shard()?;
-    let mut crf = if args.crf { Some(args.crf_settings.options(&cfg)?) } else { None };
+    let (device, device_from) = args.model.device()?;
+    let mut crf = if args.crf { Some(args.crf_settings.options(&cfg, Some(device))?) } else { None };
     let masks_dir = args.out.join("masks");
     std::fs::create_dir_all(&masks_dir)
         .with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
@@ -202,7 +203,6 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     if auto {
         super::tag::check_threshold("--tag-threshold", args.tag_threshold)?;
     }
-    let (device, device_from) = args.model.device()?;
     if args.shard.shard.is_some() {
         // The first line of a scheduled run: which part it takes and where, and why.
         eprintln!("shard {}/{} ({}), device {device:?} ({device_from})", shard.index, shard.count, shard.source);

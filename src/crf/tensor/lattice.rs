@@ -100,7 +100,8 @@ fn simplices(features: &Tensor, d: usize) -> (Tensor, Tensor) {
     // b[0] = v[rank d] + (1 - v[rank 0]), b[p] = v[rank d-p] - v[rank d-p+1].
     let v: Vec<Tensor> = elevated.iter().zip(&rem0).map(|(e, r)| (e - r) * inv_dp1).collect();
     let rank_t = Tensor::stack(&rank, 1);
-    let by_rank = Tensor::zeros([n, d as i64 + 1], opts).scatter(1, &rank_t.to_kind(Kind::Int64), &Tensor::stack(&v, 1));
+    let by_rank =
+        Tensor::zeros([n, d as i64 + 1], opts).scatter(1, &rank_t.to_kind(Kind::Int64), &Tensor::stack(&v, 1));
     let col = |k: usize| by_rank.select(1, k as i64);
     let mut b = vec![col(d) + (1.0 - col(0))];
     for p in 1..=d {
@@ -184,6 +185,7 @@ impl TensorLattice {
     }
 
     /// Number of vertices.
+    #[cfg(test)]
     pub(super) fn m(&self) -> i64 {
         self.m
     }

@@ -15,7 +15,7 @@
 
 mod lattice;
 
-use super::{CrfParams, Cancelled};
+use super::{Cancelled, CrfParams};
 use anyhow::{ensure, Result};
 use lattice::{Order, TensorLattice};
 use std::sync::atomic::{AtomicBool, Ordering};
