@@ -36,6 +36,10 @@ fn tensor_crf_agrees_with_pydensecrf_and_the_cpu_crf_on_photos() {
         let (cw, ch) = (cw.min(*w), ch.min(*h));
         cases.push((format!("{id} crop"), crop(rgb, *w, (w - cw) / 2, (h - ch) / 2, cw, ch), cw, ch, labels));
     }
+    // One libtorch thread: the tensor CRF's operations are short and, on a busy machine, more
+    // threads spin against each other (4x slower on 2 loaded cores). Restored at the end.
+    let threads = tch::get_num_threads();
+    tch::set_num_threads(1);
     let mut failures = vec![];
     println!("| case | size | labels | image | labels vs pydensecrf | labels vs CPU CRF | max |d conf| vs CPU CRF |");
     println!("|---|---|---|---|---|---|---|");
@@ -72,5 +76,6 @@ fn tensor_crf_agrees_with_pydensecrf_and_the_cpu_crf_on_photos() {
             }
         }
     }
+    tch::set_num_threads(threads);
     assert!(failures.is_empty(), "tensor CRF differs:\n{}", failures.join("\n"));
 }

@@ -10,7 +10,7 @@
 //!   de-duplicated by `unique` with its inverse (a pixel's vertex rows);
 //! - blur neighbours: a neighbour's packed key is the vertex's plus a constant per direction
 //!   (the margin keeps every digit in range), looked up by `searchsorted`; absent ones are row 0;
-//! - splat, blur and slice: `index_add`, `index_select`, elementwise maths, with all labels of a
+//! - splat, blur and slice: `scatter_add`, `index_select`, elementwise maths, with all labels of a
 //!   pixel in one row, so that every step is one tensor operation for all labels.
 //!
 //! Vertex ids are ranks of packed keys rather than first-use order: that changes no number, only
@@ -196,7 +196,11 @@ impl TensorLattice {
         let l = values.size()[1];
         let dp1 = self.d as i64 + 1;
         let contrib = (values.unsqueeze(1) * self.bary.view([self.n, dp1, 1])).reshape([self.n * dp1, l]);
-        Tensor::zeros([self.m + 1, l], (Kind::Float, values.device())).index_add(0, &self.offset, &contrib)
+        // scatter_add, the elementwise form of index_add: libtorch's CPU index_add of rows runs
+        // one add per index (seconds per image); scatter_add is one pass, in index order on the
+        // CPU (pydensecrf's order), atomic on CUDA.
+        let index = self.offset.unsqueeze(1).expand([self.n * dp1, l], false);
+        Tensor::zeros([self.m + 1, l], (Kind::Float, values.device())).scatter_add(0, &index, &contrib)
     }
 
     /// Blur along the d+1 directions in order: v + 0.5 (n1 + n2) per direction.
