@@ -79,3 +79,69 @@ fn tensor_crf_agrees_with_pydensecrf_and_the_cpu_crf_on_photos() {
     tch::set_num_threads(threads);
     assert!(failures.is_empty(), "tensor CRF differs:\n{}", failures.join("\n"));
 }
+
+/// `clipmask crf --crf-device tensor-cpu` (the GPU's CRF, on the CPU) against `--crf-device
+/// cpu` on maps of real photos: masks (with their 255 pixels) agree on >= 99.9 % of pixels and
+/// the confidence maps to 1e-3. Without CUDA, `--crf-device cuda` is a one-line error.
+#[test]
+fn crf_cli_tensor_cpu_agrees_with_cpu() {
+    use crate::support::{assert_one_line_error, clipmask, run, shared_cache, voc_sample};
+    let voc = voc_sample().expect("../shared/data/voc-sample is needed for the tensor CRF's CLI check");
+    let tmp = tempfile::tempdir().unwrap();
+    let (images, cams) = (tmp.path().join("images"), tmp.path().join("cams"));
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::create_dir_all(&cams).unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(voc.join("JPEGImages")).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    // Three photos, CLIP-ES-like maps (min-max normalised blobs) for 1, 2 and 3 classes.
+    let keys_of: [&[i64]; 3] = [&[14], &[11, 14], &[2, 6, 14]];
+    for (k, (p, keys)) in names.iter().skip(4).zip(keys_of).enumerate() {
+        let id = p.file_stem().unwrap().to_string_lossy().into_owned();
+        std::fs::copy(p, images.join(format!("{id}.jpg"))).unwrap();
+        let (w, h) = image::image_dimensions(p).unwrap();
+        let (w, h) = (w as usize, h as usize);
+        let probs = clip_es_probs(w, h, keys.len() + 1, 70 + k as u64);
+        let maps = ndarray::Array3::from_shape_vec((keys.len(), h, w), probs[w * h..].to_vec()).unwrap();
+        let archive = clipmask::outputs::CamArchive { keys: keys.to_vec(), cams: maps.clone(), raw_cams: maps };
+        archive.write_named(&cams.join(format!("{id}.npz")), None).unwrap();
+    }
+    let crf = |device: &str, out: &std::path::Path| {
+        let mut cmd = clipmask(&shared_cache());
+        cmd.args(["crf", "--cams", cams.to_str().unwrap(), "--images", images.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--save-confidence", "--crf-device", device])
+            // One libtorch thread (see the test above): fast on a busy machine, same numbers.
+            .env("OMP_NUM_THREADS", "1");
+        run(&mut cmd)
+    };
+    let (a, b) = (tmp.path().join("cpu"), tmp.path().join("tensor"));
+    let r = crf("cpu", &a);
+    assert_eq!(r.code, Some(0), "{}", r.show());
+    let r = crf("tensor-cpu", &b);
+    assert_eq!(r.code, Some(0), "{}", r.show());
+    let mut ids: Vec<String> = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().path().file_stem().unwrap().to_string_lossy().into())
+        .collect();
+    ids.sort();
+    assert_eq!(ids.len(), 3);
+    for id in &ids {
+        let (la, _, _) = clipmask::outputs::read_label_png(&a.join(format!("masks/{id}.png"))).unwrap();
+        let (lb, _, _) = clipmask::outputs::read_label_png(&b.join(format!("masks/{id}.png"))).unwrap();
+        let ca: ndarray::Array2<f32> = ndarray_npy::read_npy(a.join(format!("confidence/{id}.npy"))).unwrap();
+        let cb: ndarray::Array2<f32> = ndarray_npy::read_npy(b.join(format!("confidence/{id}.npy"))).unwrap();
+        let agree = agreement(&la, &lb);
+        let d = ca.iter().zip(cb.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let ignored = la.iter().filter(|&&l| l == 255).count() as f64 / la.len() as f64;
+        println!(
+            "{id}: masks agree on {:.4} % ({:.1} % ignored), confidence max |diff| {d:.2e}",
+            100.0 * agree,
+            100.0 * ignored
+        );
+        assert!(agree >= MIN_AGREEMENT && d <= TOL_CONFIDENCE, "{id}: masks {agree}, confidence {d}");
+    }
+    if !tch::Cuda::is_available() {
+        let r = crf("cuda", &tmp.path().join("cuda"));
+        let line = assert_one_line_error(&r, 2);
+        assert!(line.contains("--crf-device cuda") && line.contains("--crf-device cpu"), "{line}");
+    }
+}
