@@ -149,7 +149,7 @@ pub enum CrfDevice {
     Auto,
     /// The CPU CRF: pydensecrf's arithmetic, one image per core.
     Cpu,
-    /// The tensor CRF ([`tensor`]) on the GPU: the model's when it runs on CUDA, else the first.
+    /// The tensor CRF on the GPU: the model's when it runs on CUDA, else the first.
     Cuda,
     /// The tensor CRF on the CPU: checks the GPU algorithm's answers without a GPU.
     #[value(hide = true)]
