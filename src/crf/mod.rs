@@ -53,7 +53,9 @@
 //! - `kernels`: the hot loops (splat, blur, slice), their instruction-set variants, and every
 //!   `unsafe` block that indexes lattice rows, each resting on the lattice's invariant;
 //! - `eigen`: Eigen's `pexp` and sum reduction, and the softmax built from them;
-//! - `mean_field`: the kernels with their normalisation, and the inference loop.
+//! - `mean_field`: the kernels with their normalisation, and the inference loop;
+//! - `tensor`: the same CRF from tch tensor operations, for the GPU (docs/method.md §6, "The CRF
+//!   as tensors"); [`CrfDevice`] and [`CrfBackend`] choose between the two.
 
 // Index loops mirror the C++ being reproduced, which makes them easier to check against it.
 #![allow(clippy::needless_range_loop)]

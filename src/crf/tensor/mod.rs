@@ -148,10 +148,10 @@ fn inference(
             return Err(Cancelled.into());
         }
         // tmp = -unary - Σ_k (-w_k) norm_k ⊙ K_k(norm_k ⊙ Q) (Potts: -w times the message).
-        let mut tmp = neg_unary.shallow_clone();
+        let mut tmp = neg_unary.copy(); // updated in place below
         for k in &kernels {
             let message = k.lattice.filter(&(&q * &k.norm), order);
-            tmp = tmp - (message * &k.norm) * (-k.weight) as f64;
+            tmp -= (message * &k.norm) * (-k.weight) as f64;
         }
         q = softmax_rows(&tmp);
     }
