@@ -6,7 +6,7 @@
 # even when steps fail (each failure is an entry of the report's "errors").
 #
 #   scripts/gpu-check.sh             on a CUDA machine (about 3 minutes on one H200, at most ~6)
-#   scripts/gpu-check.sh --dry-run   the same steps on the CPU with a tiny model (CI, < 1 minute)
+#   scripts/gpu-check.sh --dry-run   the same steps on the CPU with a tiny model (CI, about 2 minutes)
 #
 # Exit status: 0 when every step ran and every check passed, 1 otherwise, 2 when the python
 # script could not run at all (a minimal report says why).

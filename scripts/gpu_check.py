@@ -7,7 +7,7 @@ pipeline on the same GPU.
 
 Defaults: on the device 200 throughput images, 8 correctness images, 40 for the PyTorch
 pipeline, ViT-B/16 dimensions, a 300 s budget (no step starts after it; about 3 minutes are
-expected on one H200); --dry-run: 24, 8, 4, tiny, 150 s (about 25 s on 2 CPU cores).
+expected on one H200); --dry-run: 24, 8, 4, tiny, 210 s (about 110 s on 2 busy CPU cores).
 
 Only gpu-check.json and gpu-check.md are written under DIR (the device tool brings back a few
 files only); the model, the images and the runs go to a scratch directory (--work, default a
@@ -29,8 +29,11 @@ passed, 1 otherwise (the report says which).
    of these images (the GradCAM targets, computed here in fp32 with the reference model and
    clipmask's own text features) are recorded: the range the check covers.
 3. images/s of `generate` over the throughput set (--images, larger than the correctness set
-   also in the dry run): maps in fp16 at batch 8 and 32 and fp32 at batch 8, and maps + CRF
-   with the CRF on the CPU (the only CRF clipmask has: "crf_device": "cpu"); per-stage images/s
+   also in the dry run): maps in fp16 at batch 8 and 32 and fp32 at batch 8; maps + CRF with
+   the CPU CRF (`--crf-device cpu`) at the same settings, and with the GPU CRF (`--crf-device
+   cuda`; `tensor-cpu`, the same tensor code on the CPU, in the dry run) in fp16 at batch 8 and
+   32: "gpu_crf" holds its images/s against the CPU CRF's, and its masks against the CPU
+   CRF's (labels >= 99.9 % identical, a check); per-stage images/s
    from the run's --summary-json; nvidia-smi samples GPU memory and utilisation; CPU use from
    the process times. One more fp16 run with --max-gpu-mem 1K must run every input alone
    (the summary's model_batches). The dry run's throughput runs take the CUDA formulation
@@ -93,12 +96,12 @@ RAW_MAX = 1e-5
 REFINED_MAX = 1e-3
 REFINED_MEAN = 1e-5
 LABELS_MIN = 0.999
-# Where the dense CRF runs in `generate --crf`. Only "cpu" exists (the writer threads, one per
-# core). A GPU CRF would add "cuda" here, with the generate flag that selects it in CRF_FLAGS;
-# until then the report says "not available" for it and shows no number.
-CRF_DEVICES = ["cpu"]
-CRF_FLAGS = {"cpu": ["--crf"]}
-GPU_CRF_NOTE = "not available: clipmask has no GPU CRF yet (the CRF runs on CPU writer threads)"
+# Where the dense CRF runs in `generate --crf` (`--crf-device`): the CPU CRF (writer threads,
+# one per core) and the GPU CRF (the tensor CRF on the device; in the dry run the same tensor
+# code on the CPU, `tensor-cpu`). The GPU CRF runs at these settings only (fp16, as users run
+# the GPU), each compared with the CPU CRF at the same settings.
+CPU_CRF = "cpu"
+GPU_CRF_SETTINGS = [("fp16", 8), ("fp16", 32)]
 
 
 class StepFailed(Exception):
@@ -203,7 +206,7 @@ class Check:
         self.n = args.images or (24 if self.dry else 200)
         self.n_correct = args.correct
         self.n_base = args.baseline_images or (4 if self.dry else 40)
-        self.budget = args.budget_s or (150 if self.dry else 300)
+        self.budget = args.budget_s or (210 if self.dry else 300)
         self.t0 = time.time()
         self.model_dir = os.path.join(self.work, "model")
         self.model = os.path.join(self.model_dir, "model.safetensors")
@@ -223,13 +226,17 @@ class Check:
             "correctness_images": self.n_correct, "throughput_images": self.n, "baseline_images": None,
             "budget_s": self.budget, "work_dir": self.work,
             "env": {}, "fixture": {}, "runs": {}, "cuda_vs_cpu_fp32": None, "fp16_vs_fp32": None,
-            "label_probabilities": None, "clipmask": {}, "crf_devices": {d: "measured" for d in CRF_DEVICES},
-            "gpu_crf": {"images_per_s": None, "status": GPU_CRF_NOTE},
+            "label_probabilities": None, "clipmask": {},
+            "crf_devices": {"cpu": CPU_CRF, "gpu": self.gpu_crf_device()},
+            "gpu_crf": {"device": self.gpu_crf_device(), "images_per_s": None, "cpu_crf_images_per_s": None,
+                        "vs_cpu_crf": None, "labels_identical_vs_cpu_crf": None},
             "pytorch_baseline_images_per_s": {}, "ratio_maps": {}, "checks": {},
             "steps": [], "errors": [],
         }
-        if "cuda" not in CRF_DEVICES:
-            self.res["crf_devices"]["cuda"] = GPU_CRF_NOTE
+
+    def gpu_crf_device(self):
+        """`--crf-device` of the GPU CRF rows: cuda, or its tensor code on the CPU when dry."""
+        return "tensor-cpu" if self.dry else "cuda"
 
     # ---- bookkeeping -----------------------------------------------------------------------
 
@@ -635,16 +642,19 @@ class Check:
         plan = []
         for precision, batch in [("fp16", 8), ("fp16", 32), ("fp32", 8)]:
             plan.append((f"{precision}-b{batch}", precision, batch, None))
-        for crf_dev in CRF_DEVICES:
-            for precision, batch in [("fp16", 8), ("fp16", 32), ("fp32", 8)]:
-                plan.append((f"{precision}-b{batch}-crf-{crf_dev}", precision, batch, crf_dev))
+        for precision, batch in [("fp16", 8), ("fp16", 32), ("fp32", 8)]:
+            plan.append((f"{precision}-b{batch}-crf-{CPU_CRF}", precision, batch, CPU_CRF))
+        gpu_crf = self.gpu_crf_device()
+        for precision, batch in GPU_CRF_SETTINGS:
+            plan.append((f"{precision}-b{batch}-crf-{gpu_crf}", precision, batch, gpu_crf))
         # --max-gpu-mem: a budget of one input per batch, so that the split runs (issue 26).
         plan.append(("fp16-b8-memsplit", "fp16", 8, None))
         for name, precision, batch, crf_dev in plan:
-            extra = ["--batch-size", str(batch)] + (CRF_FLAGS[crf_dev] if crf_dev else [])
+            extra = ["--batch-size", str(batch)] + (["--crf", "--crf-device", crf_dev] if crf_dev else [])
             if name.endswith("memsplit"):
                 extra += ["--max-gpu-mem", "1K"]
-            meta = {"what": "maps" + (f" + CRF ({crf_dev.upper()} CRF)" if crf_dev else "")
+            kind = "CPU CRF" if crf_dev == CPU_CRF else "GPU CRF"
+            meta = {"what": ("maps + CRF (" + kind + ")" if crf_dev else "maps")
                     + (", --max-gpu-mem 1K" if name.endswith("memsplit") else ""), "crf": bool(crf_dev),
                     "crf_device": crf_dev, "precision": precision, "requested_batch": batch,
                     "formulation": "fast" if self.dry else "device default (fast on CUDA)"}
@@ -657,6 +667,10 @@ class Check:
                           formulation="fast" if self.dry else None))
             if self.res["clipmask"][name].get("error") == "not run yet":
                 self.res["clipmask"][name]["error"] = "not run; see errors"
+
+        # The GPU CRF against the CPU CRF: images/s at the same settings, and their masks.
+        self.step("throughput: GPU CRF vs CPU CRF", lambda: self.compare_crf(n_tp),
+                  lambda v: self.res["gpu_crf"].update(v), always=True)
 
         # 4. The PyTorch pipeline on the same device.
         ids_b = self.ids[:min(n_tp, self.n_base)]
@@ -674,6 +688,34 @@ class Check:
         if not self.args.keep_work:
             shutil.rmtree(self.work, ignore_errors=True)
         return self.res["checks"].get("all_passed", False)
+
+    def compare_crf(self, n_tp):
+        """images/s of the GPU CRF rows against the CPU CRF rows at the same settings, and the
+        share of identical mask pixels (255 included) over every throughput image."""
+        gpu = self.gpu_crf_device()
+        out = {"by_setting": {}}
+        same = total = 0
+        for precision, batch in GPU_CRF_SETTINGS:
+            key = f"{precision}-b{batch}-crf-"
+            c, g = self.res["clipmask"].get(key + CPU_CRF) or {}, self.res["clipmask"].get(key + gpu) or {}
+            if c.get("images_per_s") and g.get("images_per_s"):
+                out["by_setting"][f"{precision}-b{batch}"] = {
+                    "cpu_crf_images_per_s": c["images_per_s"], "gpu_crf_images_per_s": g["images_per_s"],
+                    "vs_cpu_crf": g["images_per_s"] / c["images_per_s"]}
+            a_dir, b_dir = os.path.join(self.runs, "tp-" + key + CPU_CRF), os.path.join(self.runs, "tp-" + key + gpu)
+            for i in self.ids[:n_tp]:
+                pa, pb = os.path.join(a_dir, "masks", i + ".png"), os.path.join(b_dir, "masks", i + ".png")
+                if not (os.path.exists(pa) and os.path.exists(pb)):
+                    raise StepFailed(f"{i}: a mask of the CRF runs {key}{CPU_CRF} / {key}{gpu} is missing")
+                ma, mb = np.array(Image.open(pa)), np.array(Image.open(pb))
+                same += int((ma == mb).sum())
+                total += ma.size
+        best = max(out["by_setting"].values(), key=lambda v: v["gpu_crf_images_per_s"], default=None)
+        if best:
+            out.update(images_per_s=best["gpu_crf_images_per_s"], cpu_crf_images_per_s=best["cpu_crf_images_per_s"],
+                       vs_cpu_crf=best["vs_cpu_crf"])
+        out["labels_identical_vs_cpu_crf"] = same / max(total, 1)
+        return out
 
     def summarize(self, nc, n_tp):
         base = self.res["pytorch_baseline_images_per_s"]
@@ -710,6 +752,8 @@ class Check:
             f"cuda_vs_cpu_refined_mean_le_{REFINED_MEAN:g}": le(c.get("refined_mean_diff"), REFINED_MEAN),
             f"cuda_vs_cpu_labels_ge_{100 * LABELS_MIN:g}": c.get("labels_identical") is not None
             and c["labels_identical"] >= LABELS_MIN,
+            f"gpu_crf_vs_cpu_crf_labels_ge_{100 * LABELS_MIN:g}":
+                (r["gpu_crf"].get("labels_identical_vs_cpu_crf") or 0) >= LABELS_MIN,
             "no_step_errors": not r["errors"],
         }
         out["all_passed"] = all(out.values())
@@ -783,11 +827,16 @@ class Check:
                       f" / {f(st.get('backward'), '{:.0f}')} / {f(st.get('caa'), '{:.0f}')}) | {f(st.get('write'), '{:.1f}')}"
                       f" | {t.get('slowest_stage') or 'n/a'} | {f(t.get('peak_gpu_mem_mib'), '{:.0f}')} | "
                       f"{f(t.get('gpu_busy_fraction'))} | {t['cpu_cores_busy']:.1f} |")
-        if "cuda" not in CRF_DEVICES:
-            md.append(f"| (GPU CRF) | maps + CRF (GPU CRF) | cuda | | | {GPU_CRF_NOTE} | | | | | | | | |")
         for prec in ["fp16", "fp32"]:
             v = base.get(prec)
             md.append(f"| PyTorch pipeline {prec} | per-label backward | - | {prec} | 1 | {f(v)} | 1.0x | | | | | | | |")
+        g = r["gpu_crf"]
+        rows = "; ".join(f"{k}: {v['cpu_crf_images_per_s']:.2f} vs {v['gpu_crf_images_per_s']:.2f} images/s "
+                         f"({v['vs_cpu_crf']:.2f}x)" for k, v in (g.get("by_setting") or {}).items())
+        same = g.get("labels_identical_vs_cpu_crf")
+        md += ["", f"CPU CRF vs GPU CRF (`--crf-device cpu` vs `{g['device']}`, same run): {rows or 'n/a'}; "
+               f"masks {f(None if same is None else 100 * same, '{:.4f}')} % identical (target >= "
+               f"{100 * LABELS_MIN:g} %)."]
         md += ["", "Checks: " + ", ".join(f"{k} **{'yes' if v else 'NO'}**" for k, v in r["checks"].items())
                if r["checks"] else "Checks: not computed (run incomplete)."]
         if r["errors"]:
@@ -818,7 +867,7 @@ def main():
     p.add_argument("--work", default=None, help="scratch directory (default: a new temporary one)")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch directory")
     p.add_argument("--budget-s", type=float, default=0,
-                   help="no step starts after this many seconds (default 300; 150 dry)")
+                   help="no step starts after this many seconds (default 300; 210 dry)")
     args = p.parse_args()
     chk = Check(args)
     try:

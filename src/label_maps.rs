@@ -60,6 +60,8 @@ pub fn label_map_from_cams(cams: &Array3<f32>, keys: &[i64], alpha: f32) -> Vec<
 pub struct CrfOptions {
     pub params: crate::crf::CrfParams,
     pub image: crate::crf::CrfImage,
+    /// Which CRF runs, and where (`--crf-device`).
+    pub backend: crate::crf::CrfBackend,
     /// Pixels whose largest marginal is below this become 255 (ignore).
     pub confidence: f32,
     /// Also write OUT/confidence/<id>.npy (largest marginal per pixel, float32 H x W).
@@ -69,8 +71,8 @@ pub struct CrfOptions {
 }
 
 /// Pseudo-labels from the CRF: P = [(1 - max_c M_c)^alpha; M_1..M_K] (alpha = 1 in CLIP-ES),
-/// marginals Q, argmax with ids [0, key_1 + 1, ...], 255 where max Q < confidence. Returns the
-/// labels and the largest marginal per pixel.
+/// marginals Q (the CPU CRF or the tensor CRF, `crf.backend`), argmax with ids [0, key_1 + 1,
+/// ...], 255 where max Q < confidence. Returns the labels and the largest marginal per pixel.
 pub fn crf_label_map(
     img: &RgbImage,
     maps: &Array3<f32>,
@@ -89,10 +91,20 @@ pub fn crf_label_map(
     }
     probs[n..].copy_from_slice(flat);
     let image = crate::crf::crf_image(img.as_raw(), crf.image);
-    let q = crate::crf::dense_crf_cancellable(&image, w, h, &probs, k + 1, &crf.params, crf.stop.as_deref())?;
     let mut ids = vec![0u8];
     ids.extend(label_ids(keys)?);
-    Ok(crate::crf::labels_from_marginals(&q, k + 1, &ids, crf.confidence))
+    let stop = crf.stop.as_deref();
+    match crf.backend {
+        crate::crf::CrfBackend::Cpu => {
+            let q = crate::crf::dense_crf_cancellable(&image, w, h, &probs, k + 1, &crf.params, stop)?;
+            Ok(crate::crf::labels_from_marginals(&q, k + 1, &ids, crf.confidence))
+        }
+        crate::crf::CrfBackend::Tensor(device) => {
+            let run = crate::crf::tensor::TensorRun { device, stop };
+            let q = crate::crf::tensor::dense_crf(&image, w, h, &probs, k + 1, &crf.params, run)?;
+            crate::crf::tensor::labels_from_marginals(&q, &ids, crf.confidence)
+        }
+    }
 }
 
 /// Label PNG values of 0-based class keys: key + 1 (0 is background, 255 ignore).

@@ -123,16 +123,34 @@ pub struct CrfArgs {
     /// losses that weight pixels instead of cutting them.
     #[arg(long)]
     pub save_confidence: bool,
+    /// Where the dense CRF runs: auto (the GPU when the model runs on CUDA, else the CPU), cpu
+    /// (the CPU CRF, one image per core) or cuda (the tensor CRF on the GPU; an error without
+    /// one).
+    ///
+    /// Both give the same labels on >= 99.9 % of pixels (docs/method.md §6). `crf` reads its
+    /// maps from files, so there auto is the CPU CRF. tensor-cpu runs the GPU's algorithm on the
+    /// CPU, to check its answers on a machine without a GPU (slower than cpu).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub crf_device: crate::crf::CrfDevice,
 }
 
 impl CrfArgs {
-    pub fn options(&self, cfg: &crate::config::DatasetConfig) -> Result<crate::label_maps::CrfOptions> {
+    /// The CRF settings for maps on `maps_device` (None: maps read from files).
+    pub fn options(
+        &self,
+        cfg: &crate::config::DatasetConfig,
+        maps_device: Option<tch::Device>,
+    ) -> Result<crate::label_maps::CrfOptions> {
         if !(0.0..=1.0).contains(&self.confidence) {
             bail!("--confidence must be in [0, 1], got {}", self.confidence);
         }
+        let backend = self.crf_device.resolve(maps_device).map_err(|e| {
+            anyhow::anyhow!("--crf-device cuda: {e}; use --crf-device cpu (the CPU CRF gives the same labels)")
+        })?;
         Ok(crate::label_maps::CrfOptions {
             params: cfg.crf,
             image: self.crf_image,
+            backend,
             confidence: self.confidence,
             save_confidence: self.save_confidence,
             stop: None,

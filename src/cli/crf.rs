@@ -54,7 +54,7 @@ pub struct CrfCmdArgs {
 pub fn run(args: &CrfCmdArgs) -> Result<i32> {
     // Everything that can fail for the whole run is checked before any image.
     let cfg = DatasetConfig::resolve(&args.config)?;
-    let crf = args.crf.options(&cfg)?;
+    let crf = args.crf.options(&cfg, None)?;
     if !(args.alpha.is_finite() && args.alpha > 0.0) {
         bail!("--alpha must be a finite number > 0, got {}", args.alpha);
     }

@@ -152,8 +152,13 @@ pub struct Checked {
 
 /// Everything that can fail for the whole run, checked before the model loads: the config,
 /// the labels, the split and shard, the CRF settings, the numbers, and the output folders
-/// (created; none inside an input). `cfg`: the config to use instead of `--config`'s.
-pub fn check(args: &GenerateArgs, cfg: Option<crate::config::DatasetConfig>) -> Result<Checked> {
+/// (created; none inside an input). `cfg`: the config to use instead of `--config`'s;
+/// `device`: the model's device when it is already loaded (else `--device`'s).
+pub fn check(
+    args: &GenerateArgs,
+    cfg: Option<crate::config::DatasetConfig>,
+    device: Option<tch::Device>,
+) -> Result<Checked> {
     if !args.input.images.is_dir() {
         bail!("--images {}: not a directory", args.input.images.display());
     }
@@ -182,7 +187,12 @@ pub fn check(args: &GenerateArgs, cfg: Option<crate::config::DatasetConfig>) -> 
         }
     };
     let shard = args.shard.shard()?;
-    let crf = if args.crf { Some(args.crf_settings.options(&cfg)?) } else { None };
+    // The CRF's device follows the model's (`--crf-device auto`).
+    let device = match device {
+        Some(d) => d,
+        None => args.model.device()?.0,
+    };
+    let crf = if args.crf { Some(args.crf_settings.options(&cfg, Some(device))?) } else { None };
     let masks_dir = args.out.join("masks");
     std::fs::create_dir_all(&masks_dir)
         .with_context(|| format!("cannot create output directory {}", masks_dir.display()))?;
@@ -232,7 +242,7 @@ pub fn map_options(args: &GenerateArgs, cfg: &crate::config::DatasetConfig) -> M
 }
 
 pub fn run(args: &GenerateArgs) -> Result<i32> {
-    let checked = check(args, None)?;
+    let checked = check(args, None, None)?;
     // From here a signal stops the run cleanly: during the model load (or download) the run
     // then ends before its first image with the summary and the signal's exit status; a second
     // signal quits at once.

@@ -53,7 +53,9 @@
 //! - `kernels`: the hot loops (splat, blur, slice), their instruction-set variants, and every
 //!   `unsafe` block that indexes lattice rows, each resting on the lattice's invariant;
 //! - `eigen`: Eigen's `pexp` and sum reduction, and the softmax built from them;
-//! - `mean_field`: the kernels with their normalisation, and the inference loop.
+//! - `mean_field`: the kernels with their normalisation, and the inference loop;
+//! - `tensor`: the same CRF from tch tensor operations, for the GPU (docs/method.md §6, "The CRF
+//!   as tensors"); [`CrfDevice`] and [`CrfBackend`] choose between the two.
 
 // Index loops mirror the C++ being reproduced, which makes them easier to check against it.
 #![allow(clippy::needless_range_loop)]
@@ -64,6 +66,7 @@ mod keytable;
 mod lattice;
 mod mean_field;
 mod simplex;
+pub mod tensor;
 
 use mean_field::{mean_field, Kernel};
 
@@ -139,6 +142,60 @@ pub enum CrfImage {
     Faithful,
     /// The plain RGB image.
     Rgb,
+}
+
+/// Where the dense CRF runs (`--crf-device`; docs/method.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CrfDevice {
+    /// The GPU when the maps are on one (the model runs on CUDA), else the CPU CRF.
+    Auto,
+    /// The CPU CRF: pydensecrf's arithmetic, one image per core.
+    Cpu,
+    /// The tensor CRF on the GPU: the model's when it runs on CUDA, else the first.
+    Cuda,
+    /// The tensor CRF on the CPU: checks the GPU algorithm's answers without a GPU.
+    #[value(hide = true)]
+    TensorCpu,
+}
+
+/// Which CRF runs: the CPU CRF ([`dense_crf`]) or the tensor CRF ([`tensor::dense_crf`]) on a
+/// device. [`CrfDevice`] resolved against where the maps are.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CrfBackend {
+    Cpu,
+    Tensor(tch::Device),
+}
+
+impl CrfBackend {
+    /// Images worth running at once: the CPU CRF runs an image on one thread, so one per core;
+    /// the tensor CRF on the CPU parallelises inside each operation, so one; on a GPU a few, so
+    /// that one image's host work (inputs, copies, files) overlaps another's kernels.
+    pub fn concurrent_images(self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        match self {
+            CrfBackend::Cpu => cores,
+            CrfBackend::Tensor(tch::Device::Cpu) => 1,
+            CrfBackend::Tensor(_) => cores.min(4),
+        }
+    }
+}
+
+impl CrfDevice {
+    /// The backend for maps on `maps_device` (None: maps read from files, on the host). `cuda`
+    /// without a CUDA device is an error; `auto` is the tensor CRF on the maps' GPU, else the CPU CRF.
+    pub fn resolve(self, maps_device: Option<tch::Device>) -> anyhow::Result<CrfBackend> {
+        let maps_gpu = maps_device.filter(|d| d.is_cuda());
+        Ok(match self {
+            CrfDevice::Auto => maps_gpu.map_or(CrfBackend::Cpu, CrfBackend::Tensor),
+            CrfDevice::Cpu => CrfBackend::Cpu,
+            CrfDevice::TensorCpu => CrfBackend::Tensor(tch::Device::Cpu),
+            CrfDevice::Cuda => match maps_gpu {
+                Some(d) => CrfBackend::Tensor(d),
+                None if tch::Cuda::is_available() => CrfBackend::Tensor(tch::Device::Cuda(0)),
+                None => anyhow::bail!("no CUDA device is available to libtorch"),
+            },
+        })
+    }
 }
 
 /// BGR means that CLIP-ES subtracts before handing the image to the CRF.

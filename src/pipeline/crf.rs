@@ -83,54 +83,66 @@ pub fn run_crf(cfg: &DatasetConfig, opts: &CrfRunOptions, stop: Arc<AtomicBool>)
     let png_palette = (opts.mask_format == MaskFormat::Palette).then_some(&palette[..]);
     let bar = progress_bar(ids.len() as u64, "image");
     let start = std::time::Instant::now();
+    // As many images at once as the CRF's backend runs well (one per core for the CPU CRF).
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(crf.backend.concurrent_images())
+        .build()
+        .context("cannot start the CRF threads")?;
     // Each id: Some(Ok) done, Some(Err) failed, None not started (stopped by a signal).
-    let results: Vec<(&String, Option<Result<(), Failure>>)> = ids
-        .par_iter()
-        .map(|id| {
-            if stop.load(Ordering::SeqCst) {
-                return (id, None);
-            }
-            let npz = opts.cams.join(format!("{id}.npz"));
-            let mut path = npz.clone();
-            let r = (|| -> Result<()> {
-                crate::datasets::validate_id(id).map_err(anyhow::Error::msg)?;
-                let mut a = CamArchive::read(&npz)?;
-                a.validate(opts.cam_key.name(), cfg.classes.len()).with_context(|| format!("{}", npz.display()))?;
-                let maps = if opts.cam_key == CamKey::Cams { a.cams } else { a.raw_cams };
-                path = find_image(&opts.images, id)
-                    .ok_or_else(|| anyhow::anyhow!(missing_image_reason(&opts.images, id)))?;
-                let img = load_rgb_limited(&path, opts.max_pixels)?;
-                let (_, h, w) = maps.dim();
-                if (img.width() as usize, img.height() as usize) != (w, h) {
-                    bail!(
-                        "image {} is {}x{} but its maps {} are {}x{}",
-                        path.display(),
-                        img.width(),
-                        img.height(),
-                        npz.display(),
-                        w,
-                        h
-                    );
+    let results: Vec<(&String, Option<Result<(), Failure>>)> = pool.install(|| {
+        ids.par_iter()
+            .map(|id| {
+                if stop.load(Ordering::SeqCst) {
+                    return (id, None);
                 }
-                let (labels, conf) = crf_label_map(&img, &maps, &a.keys, opts.alpha, &crf)?;
-                if crf.save_confidence {
-                    write_confidence(&output_path(&opts.out, "confidence", id, "npy")?, conf, h as u32, w as u32)?;
+                let npz = opts.cams.join(format!("{id}.npz"));
+                let mut path = npz.clone();
+                let r = (|| -> Result<()> {
+                    crate::datasets::validate_id(id).map_err(anyhow::Error::msg)?;
+                    let mut a = CamArchive::read(&npz)?;
+                    a.validate(opts.cam_key.name(), cfg.classes.len()).with_context(|| format!("{}", npz.display()))?;
+                    let maps = if opts.cam_key == CamKey::Cams { a.cams } else { a.raw_cams };
+                    path = find_image(&opts.images, id)
+                        .ok_or_else(|| anyhow::anyhow!(missing_image_reason(&opts.images, id)))?;
+                    let img = load_rgb_limited(&path, opts.max_pixels)?;
+                    let (_, h, w) = maps.dim();
+                    if (img.width() as usize, img.height() as usize) != (w, h) {
+                        bail!(
+                            "image {} is {}x{} but its maps {} are {}x{}",
+                            path.display(),
+                            img.width(),
+                            img.height(),
+                            npz.display(),
+                            w,
+                            h
+                        );
+                    }
+                    let (labels, conf) = crf_label_map(&img, &maps, &a.keys, opts.alpha, &crf)?;
+                    if crf.save_confidence {
+                        write_confidence(&output_path(&opts.out, "confidence", id, "npy")?, conf, h as u32, w as u32)?;
+                    }
+                    write_label_png(
+                        &output_path(&opts.out, "masks", id, "png")?,
+                        &labels,
+                        w as u32,
+                        h as u32,
+                        png_palette,
+                    )
+                })();
+                bar.inc(1);
+                if r.as_ref().is_err_and(|e| e.downcast_ref::<crate::crf::Cancelled>().is_some()) {
+                    return (id, None); // stopped by a signal mid-CRF: not attempted
                 }
-                write_label_png(&output_path(&opts.out, "masks", id, "png")?, &labels, w as u32, h as u32, png_palette)
-            })();
-            bar.inc(1);
-            if r.as_ref().is_err_and(|e| e.downcast_ref::<crate::crf::Cancelled>().is_some()) {
-                return (id, None); // stopped by a signal mid-CRF: not attempted
-            }
-            let r = r.map_err(|e| Failure {
-                id: id.clone(),
-                path: path.display().to_string(),
-                stage: "crf".to_string(),
-                reason: crate::errors::format_error(&e),
-            });
-            (id, Some(r))
-        })
-        .collect();
+                let r = r.map_err(|e| Failure {
+                    id: id.clone(),
+                    path: path.display().to_string(),
+                    stage: "crf".to_string(),
+                    reason: crate::errors::format_error(&e),
+                });
+                (id, Some(r))
+            })
+            .collect()
+    });
     bar.finish_and_clear();
     let attempted: HashSet<String> = results.iter().filter(|(_, r)| r.is_some()).map(|(id, _)| (*id).clone()).collect();
     let failures: Vec<Failure> = results.into_iter().filter_map(|(_, r)| r.and_then(|r| r.err())).collect();

@@ -128,13 +128,10 @@ fn decode_chunk(batch: usize) -> usize {
     batch.max(4)
 }
 
-/// Writer threads: one per core with the CRF (about as costly as the model on CPU), else one.
+/// Writer threads: with the CRF as many as its backend runs images at once (one per core for
+/// the CPU CRF, about as costly as the model on CPU), else one.
 fn writer_threads(opts: &GenerateOptions) -> usize {
-    if opts.crf.is_some() {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        1
-    }
+    opts.crf.as_ref().map_or(1, |c| c.backend.concurrent_images())
 }
 
 /// Threads working on each stage at once (`Summary::stage_workers`).

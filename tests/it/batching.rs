@@ -169,21 +169,41 @@ fn gpu_check_dry_run_writes_its_json_and_markdown() {
     }
     assert_eq!(v["cuda_vs_cpu_fp32"]["labels_identical"].as_f64(), Some(1.0), "{v}");
     assert_eq!(v["cuda_vs_cpu_fp32"]["images"], 8);
-    // Throughput over the larger set: maps and maps + CPU CRF, stage speeds from the summary.
+    // Throughput over the larger set: maps, maps + CPU CRF and maps + GPU CRF (its tensor code
+    // on the CPU when dry), stage speeds from the summary.
     assert_eq!(v["throughput_images"], 24);
-    for run in ["fp16-b8", "fp16-b32", "fp32-b8", "fp16-b8-crf-cpu", "fp16-b32-crf-cpu", "fp32-b8-crf-cpu"] {
+    let runs = [
+        ("fp16-b8", None),
+        ("fp16-b32", None),
+        ("fp32-b8", None),
+        ("fp16-b8-crf-cpu", Some("cpu")),
+        ("fp16-b32-crf-cpu", Some("cpu")),
+        ("fp32-b8-crf-cpu", Some("cpu")),
+        ("fp16-b8-crf-tensor-cpu", Some("tensor-cpu")),
+        ("fp16-b32-crf-tensor-cpu", Some("tensor-cpu")),
+    ];
+    for (run, crf_device) in runs {
         let r = &v["clipmask"][run];
         assert_eq!(r["done"], 24, "{run}: {v}");
         assert!(r["images_per_s"].as_f64().unwrap() > 0.0);
         assert!(r["stage_images_per_s"]["model"].as_f64().unwrap() > 0.0, "{run}: {r}");
-        let crf = run.contains("crf");
-        assert_eq!(r["crf_device"], if crf { serde_json::json!("cpu") } else { serde_json::Value::Null }, "{run}");
+        assert_eq!(r["crf_device"], serde_json::json!(crf_device), "{run}");
+        let args = r["args"].to_string();
+        match crf_device {
+            Some(d) => assert!(args.contains(&format!(r#""--crf","--crf-device","{d}""#)), "{run}: {args}"),
+            None => assert!(!args.contains("--crf"), "{run}: {args}"),
+        }
     }
-    assert_eq!(v["gpu_crf"]["images_per_s"], serde_json::Value::Null);
     // The CUDA formulation ran on the CPU, and --max-gpu-mem 1K ran every input alone.
     assert_eq!(v["clipmask"]["fp16-b8"]["formulation"], "fast", "{v}");
     assert_eq!(v["clipmask"]["fp16-b8-memsplit"]["model_batches"], 24, "{v}");
     assert_eq!(v["checks"]["max_gpu_mem_split_every_input"], true, "{v}");
+    // CPU CRF vs GPU CRF: a ratio from the same run, and the same masks.
+    let g = &v["gpu_crf"];
+    assert_eq!(g["device"], "tensor-cpu");
+    assert!(g["images_per_s"].as_f64().unwrap() > 0.0 && g["vs_cpu_crf"].as_f64().unwrap() > 0.0, "{g}");
+    assert!(g["labels_identical_vs_cpu_crf"].as_f64().unwrap() >= 0.999, "{g}");
+    assert!(md.contains("CPU CRF vs GPU CRF (`--crf-device cpu` vs `tensor-cpu`, same run): fp16-b8:"), "{md}");
     assert!(v["pytorch_baseline_images_per_s"]["fp32"].as_f64().unwrap() > 0.0);
     assert!(md.contains("| generate fp16-b8-crf-cpu | maps + CRF (CPU CRF) | cpu |"), "{md}");
     assert!(md.contains("Label probabilities covered"), "{md}");

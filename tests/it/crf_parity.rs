@@ -17,7 +17,7 @@ fn script() -> PathBuf {
     root().join("tests/python/crf_reference.py")
 }
 
-fn spawn_python(args: &[String]) -> Child {
+pub(crate) fn spawn_python(args: &[String]) -> Child {
     python_cmd()
         .arg(script())
         .args(args)
@@ -27,7 +27,7 @@ fn spawn_python(args: &[String]) -> Child {
         .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", python()))
 }
 
-fn wait_python(child: Child, what: &str) {
+pub(crate) fn wait_python(child: Child, what: &str) {
     let out = child.wait_with_output().expect("wait for python");
     assert!(
         out.status.success(),
@@ -44,7 +44,7 @@ fn synthetic_rgb(w: usize, h: usize, seed: u64) -> Vec<u8> {
 
 /// CLIP-ES-like probabilities P = [bg; maps], C x H x W, not renormalised: each map is a few
 /// Gaussian blobs min-max normalised to [0, 1] (as CAMs are), bg = 1 - max_k map_k.
-fn clip_es_probs(w: usize, h: usize, n_labels: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn clip_es_probs(w: usize, h: usize, n_labels: usize, seed: u64) -> Vec<f32> {
     let mut rng = rng(seed ^ 0x5eed);
     let n = w * h;
     let mut p = vec![0f32; n_labels * n];
@@ -80,7 +80,7 @@ fn clip_es_probs(w: usize, h: usize, n_labels: usize, seed: u64) -> Vec<f32> {
     p
 }
 
-fn crop(rgb: &[u8], w: usize, x0: usize, y0: usize, cw: usize, ch: usize) -> Vec<u8> {
+pub(crate) fn crop(rgb: &[u8], w: usize, x0: usize, y0: usize, cw: usize, ch: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(cw * ch * 3);
     for y in y0..y0 + ch {
         out.extend_from_slice(&rgb[(y * w + x0) * 3..(y * w + x0 + cw) * 3]);
@@ -116,9 +116,9 @@ fn params(k: Kernels) -> CrfParams {
 }
 
 /// (name, RGB bytes, width, height)
-type Photo = (String, Vec<u8>, usize, usize);
+pub(crate) type Photo = (String, Vec<u8>, usize, usize);
 
-fn voc_photos() -> Option<Vec<Photo>> {
+pub(crate) fn voc_photos() -> Option<Vec<Photo>> {
     let dir = root().join("../shared/data/voc-sample/JPEGImages");
     let mut names: Vec<_> = std::fs::read_dir(&dir).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
     names.retain(|p| p.extension().is_some_and(|e| e == "jpg"));
@@ -202,7 +202,7 @@ fn cases() -> Vec<Case> {
     out
 }
 
-fn write_u8(path: &Path, data: &[u8], h: usize, w: usize) {
+pub(crate) fn write_u8(path: &Path, data: &[u8], h: usize, w: usize) {
     write_npy(path, &ArrayView3::from_shape((h, w, 3), data).unwrap()).unwrap();
 }
 

@@ -7,6 +7,7 @@ mod support;
 mod batching;
 mod crf_cli;
 mod crf_parity;
+mod crf_tensor;
 mod docs;
 mod ecosystem;
 mod eval_compare;

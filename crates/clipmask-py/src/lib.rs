@@ -121,6 +121,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Model {
     clip: Shared<Clip>,
     patch: i64,
+    device_v: tch::Device,
     #[pyo3(get)]
     name: String,
     #[pyo3(get)]
@@ -160,8 +161,8 @@ impl Model {
         })?;
         let device = clipmask::device::device_name(clip.device);
         let precision = clipmask::device::kind_name(clip.kind);
-        let patch = clip.visual.patch;
-        Ok(Model { clip: Arc::new(Mutex::new(clip)), patch, name, device, precision })
+        let (patch, device_v) = (clip.visual.patch, clip.device);
+        Ok(Model { clip: Arc::new(Mutex::new(clip)), patch, device_v, name, device, precision })
     }
 
     #[getter]
@@ -251,6 +252,7 @@ fn load_image(arg: ImageArg, max_pixels: u64) -> Result<image::RgbImage> {
 #[pyclass(frozen, module = "clipmask._native")]
 struct Generator {
     model: Shared<Clip>,
+    device: tch::Device,
     cfg: Arc<DatasetConfig>,
     text: Shared<TextFeatures>,
     opts: MapOptions,
@@ -330,7 +332,7 @@ impl Generator {
             Ok(t)
         })?
         .map_err(runtime_err)?;
-        Ok(Generator { model: model.clip.clone(), cfg, text: Arc::new(Mutex::new(text)), opts })
+        Ok(Generator { model: model.clip.clone(), device: model.device_v, cfg, text: Arc::new(Mutex::new(text)), opts })
     }
 
     /// Maps of several images (`images[i]` with `labels[i]`, class names), batched by grid
@@ -409,14 +411,15 @@ impl Generator {
             )
         })?;
         let args = wrap.args;
-        let checked = clipmask::cli::generate::check(&args, Some((*self.cfg).clone())).map_err(|e| {
-            let not_found = !args.input.images.exists();
-            if not_found {
-                PyFileNotFoundError::new_err(clipmask::errors::format_error(&e))
-            } else {
-                value_err(e)
-            }
-        })?;
+        let checked =
+            clipmask::cli::generate::check(&args, Some((*self.cfg).clone()), Some(self.device)).map_err(|e| {
+                let not_found = !args.input.images.exists();
+                if not_found {
+                    PyFileNotFoundError::new_err(clipmask::errors::format_error(&e))
+                } else {
+                    value_err(e)
+                }
+            })?;
         let (model, text, opts) = (self.model.clone(), self.text.clone(), self.opts.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -474,6 +477,12 @@ impl Generator {
         let opts = clipmask::label_maps::CrfOptions {
             params: self.cfg.crf,
             image: image_v,
+            // As `generate --crf-device auto`: the GPU CRF when the model is on CUDA.
+            backend: if self.device.is_cuda() {
+                clipmask::crf::CrfBackend::Tensor(self.device)
+            } else {
+                clipmask::crf::CrfBackend::Cpu
+            },
             confidence,
             save_confidence: false,
             stop: Some(stop.clone()),
