@@ -11,6 +11,7 @@ mod docs;
 mod ecosystem;
 mod eval_compare;
 mod eval_metrics;
+mod eval_report;
 mod fp16_cli;
 mod fuzz_inputs;
 mod generate_cli;
