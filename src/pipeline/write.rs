@@ -35,7 +35,7 @@ pub(super) fn write_outputs(
         let archive = CamArchive { keys: keys.clone(), cams: refined()?.clone(), raw_cams: raw.clone() };
         let names: Vec<String> =
             keys.iter().map(|&k| class_names.get(k as usize).cloned().unwrap_or_default()).collect();
-        archive.write_named(&output_path(&opts.out, "cams", &item.id, "npz")?, Some(&names))?;
+        archive.write_stored(&output_path(&opts.out, "cams", &item.id, "npz")?, Some(&names), opts.cams_storage)?;
     }
     if opts.overlays {
         write_overlay(&output_path(&opts.out, "overlays", &item.id, "jpg")?, img, &labels, palette, 0.55)?;

@@ -5,6 +5,7 @@
 mod support;
 
 mod batching;
+mod cams_storage;
 mod crf_cli;
 mod crf_parity;
 mod docs;
