@@ -8,7 +8,7 @@ mod overlay;
 
 pub use cam_storage::{CamDtype, CamStorage, MAX_CAM_STRIDE};
 pub use npz::{CamArchive, MAP_TOLERANCE};
-pub use overlay::{blend_labels, write_overlay};
+pub use overlay::{blend_labels, classes_present, draw_legend, overlay_image, write_overlay, LegendLayout};
 
 use crate::files::write_atomic;
 use anyhow::{bail, Context, Result};

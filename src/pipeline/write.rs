@@ -38,7 +38,8 @@ pub(super) fn write_outputs(
         archive.write_stored(&output_path(&opts.out, "cams", &item.id, "npz")?, Some(&names), opts.cams_storage)?;
     }
     if opts.overlays {
-        write_overlay(&output_path(&opts.out, "overlays", &item.id, "jpg")?, img, &labels, palette, 0.55)?;
+        let path = output_path(&opts.out, "overlays", &item.id, "jpg")?;
+        write_overlay(&path, img, &labels, palette, 0.55, class_names)?;
     }
     let png_palette = (opts.mask_format == crate::outputs::MaskFormat::Palette).then_some(palette);
     write_label_png(&output_path(&opts.out, "masks", &item.id, "png")?, &labels, w, h, png_palette)

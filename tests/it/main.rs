@@ -22,6 +22,7 @@ mod json_schemas;
 mod label_parsers;
 mod messages;
 mod model_loading;
+mod overlays;
 mod parity;
 mod pickle_fuzz;
 mod planted_links;
