@@ -14,6 +14,9 @@ pub(super) const THUMB_SIDE: u32 = 160;
 /// (<= 640 px) are shown at their own size, larger ones downscaled.
 pub(super) const FULL_SIDE: u32 = 640;
 const GAP: u32 = 4;
+/// JPEG quality of the pictures with photos: at 75 a VOC image with six runs (eight panels)
+/// takes about 360 KB, so 100 pictured images stay well under 50 MB (README, "Evaluation").
+const JPEG_QUALITY: u8 = 75;
 
 /// What was drawn for one image: how many panels, and the size of each thumbnail.
 pub(super) struct Drawn {
@@ -66,7 +69,7 @@ fn side_by_side(panels: &[image::RgbImage]) -> image::RgbImage {
 fn save_image(path: &Path, img: &image::RgbImage, jpeg: bool) -> Result<()> {
     write_atomic(path, |w| {
         if jpeg {
-            image::codecs::jpeg::JpegEncoder::new_with_quality(w, 85).encode_image(img)?;
+            image::codecs::jpeg::JpegEncoder::new_with_quality(w, JPEG_QUALITY).encode_image(img)?;
         } else {
             img.write_to(w, image::ImageFormat::Png)?;
         }
