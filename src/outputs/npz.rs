@@ -155,10 +155,13 @@ impl CamArchive {
                 let stride = read_entry(&mut zip, "stride", path)?.int64s(0)?;
                 let stride = cam_storage::check_stride(stride[0]).map_err(|e| bad(format!("`stride`: {e}")))? as usize;
                 let size = read_entry(&mut zip, "size", path)?.int64s(1)?;
-                let [h, w] = size[..] else { return Err(bad(format!("`size` holds {} values, not [H, W]", size.len()))) };
+                let [h, w] = size[..] else {
+                    return Err(bad(format!("`size` holds {} values, not [H, W]", size.len())));
+                };
                 for (name, maps) in [("cams", &cams), ("raw_cams", &raw_cams)] {
                     let (_, ph, pw) = maps.dim();
-                    let fits = |full: i64, stored: usize| full > 0 && (full as u64).div_ceil(stride as u64) == stored as u64;
+                    let fits =
+                        |full: i64, stored: usize| full > 0 && (full as u64).div_ceil(stride as u64) == stored as u64;
                     if !(fits(h, ph) && fits(w, pw)) {
                         return Err(bad(format!(
                             "`{name}` is {ph}x{pw}, not the size {h}x{w} at stride {stride} (ceil(size / stride))"
@@ -241,7 +244,8 @@ impl Entry<'_> {
             return Err(self.bad(format!("has shape {:?}, expected {ndim} dimensions", self.header.shape)));
         }
         use ndarray_npy::ReadNpyExt;
-        let arr = ndarray::ArrayD::<i64>::read_npy(&self.bytes[..]).map_err(|e| self.bad(format!("cannot be read: {e}")))?;
+        let arr =
+            ndarray::ArrayD::<i64>::read_npy(&self.bytes[..]).map_err(|e| self.bad(format!("cannot be read: {e}")))?;
         Ok(arr.iter().copied().collect())
     }
 

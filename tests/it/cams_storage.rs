@@ -55,8 +55,14 @@ fn stored_maps_match_torch_pooling_and_bilinear_resize() {
     let orig = tmp.path().join("orig.npy");
     ndarray_npy::write_npy(&orig, &maps).unwrap();
     let archive = CamArchive { keys: vec![3, 7], cams: maps.clone(), raw_cams: maps.clone() };
-    let storages =
-        [(CamDtype::Float32, 1), (CamDtype::Float16, 1), (CamDtype::Float32, 2), (CamDtype::Float16, 4), (CamDtype::Float32, 8), (CamDtype::Float16, 16)];
+    let storages = [
+        (CamDtype::Float32, 1),
+        (CamDtype::Float16, 1),
+        (CamDtype::Float32, 2),
+        (CamDtype::Float16, 4),
+        (CamDtype::Float32, 8),
+        (CamDtype::Float16, 16),
+    ];
     let mut paths = Vec::new();
     for (dtype, stride) in storages {
         let p = tmp.path().join(format!("{dtype:?}-{stride}.npz"));

@@ -336,7 +336,10 @@ fn eval_report_index_matches_its_schema() {
     for (k, (miou, delta)) in [(1.0, 0.0), (0.75, -0.25), (1.0, 0.0)].into_iter().enumerate() {
         assert!(close(&y["miou"][k], miou) && close(&y["delta_miou"][k], delta), "{y}");
     }
-    assert_eq!((&y["rank"], &y["page"], &y["pictures"]), (&serde_json::json!(1), &serde_json::json!(1), &serde_json::json!(true)));
+    assert_eq!(
+        (&y["rank"], &y["page"], &y["pictures"]),
+        (&serde_json::json!(1), &serde_json::json!(1), &serde_json::json!(true))
+    );
     assert_eq!(v["runs"][2]["cam_key"], "cams");
     assert!(close(&v["runs"][2]["best_alpha"], 1.0));
     let with = |edit: &dyn Fn(&mut serde_json::Value)| {
@@ -344,7 +347,8 @@ fn eval_report_index_matches_its_schema() {
         edit(&mut v);
         v.to_string()
     };
-    let mut cases = vec![Case { name: "report index".into(), schema: "eval-report-index", text: text.clone(), valid: true }];
+    let mut cases =
+        vec![Case { name: "report index".into(), schema: "eval-report-index", text: text.clone(), valid: true }];
     for (name, text) in [
         ("report index: no schema version", with(&|v| drop(v.as_object_mut().unwrap().remove("schema")))),
         ("report index: no page count", with(&|v| drop(v.as_object_mut().unwrap().remove("pages")))),

@@ -47,7 +47,13 @@ fn pct(v: f64) -> String {
 fn delta_cell(d: Option<f64>) -> String {
     match d.filter(|d| d.is_finite()) {
         Some(d) => {
-            let class = if d < 0.0 { " class=\"neg\"" } else if d > 0.0 { " class=\"pos\"" } else { "" };
+            let class = if d < 0.0 {
+                " class=\"neg\""
+            } else if d > 0.0 {
+                " class=\"pos\""
+            } else {
+                ""
+            };
             format!("<td{class}>{:+.2}</td>", d * 100.0)
         }
         None => "<td>-</td>".to_string(),
@@ -120,7 +126,11 @@ pub(super) fn page(
             }
         }
     }
-    let _ = writeln!(s, "<th>pixel acc %{}</th><th class=\"l\">{layout}</th></tr>", if runs.len() > 1 { " #1" } else { "" });
+    let _ = writeln!(
+        s,
+        "<th>pixel acc %{}</th><th class=\"l\">{layout}</th></tr>",
+        if runs.len() > 1 { " #1" } else { "" }
+    );
     for (k, row) in rows.iter().enumerate() {
         let i = row.index;
         let _ = write!(s, "<tr><td>{}</td><td class=\"l\">{}</td>", start + k + 1, html_escape(row.id));
@@ -220,7 +230,8 @@ fn summary(s: &mut String, runs: &[&EvalReport], palette: &[u8]) {
             );
         }
     }
-    let _ = write!(s, "</table></div>\n<div class=\"scroll\"><h2>Per class</h2>\n<table>\n<tr><th class=\"l\">class</th>");
+    let _ =
+        write!(s, "</table></div>\n<div class=\"scroll\"><h2>Per class</h2>\n<table>\n<tr><th class=\"l\">class</th>");
     if several {
         for i in 0..runs.len() {
             let _ = write!(s, "<th>IoU % #{}</th>", i + 1);

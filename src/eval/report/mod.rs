@@ -37,8 +37,7 @@ fn finite(v: f64) -> Option<f64> {
 /// shown at its best variant.
 pub(super) fn write(dir: &Path, opts: &EvalOptions, reports: &[EvalReport]) -> Result<()> {
     let config = DatasetConfig::resolve(&opts.config)?;
-    let sources: Vec<Source> =
-        sources(opts)?.into_iter().zip(reports).map(|(s, r)| s.at_variant(r.best)).collect();
+    let sources: Vec<Source> = sources(opts)?.into_iter().zip(reports).map(|(s, r)| s.at_variant(r.best)).collect();
     let runs: Vec<&EvalReport> = reports.iter().collect();
     let Some(first) = runs.first() else { return Ok(()) };
     let palette = config.png_palette();

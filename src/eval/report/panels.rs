@@ -90,7 +90,14 @@ fn shrink(img: &image::RgbImage, side: u32) -> image::RgbImage {
 /// Draws image `id`: `images/<id>.<ext>` (the panels side by side, each at most
 /// [`FULL_SIDE`]) and `thumbs/<id>.<k>.<ext>` (panel k at most [`THUMB_SIDE`]). `runs`: each
 /// run's source at its best variant.
-pub(super) fn draw(dir: &Path, opts: &EvalOptions, runs: &[&Source], id: &str, n: usize, palette: &[u8]) -> Result<Drawn> {
+pub(super) fn draw(
+    dir: &Path,
+    opts: &EvalOptions,
+    runs: &[&Source],
+    id: &str,
+    n: usize,
+    palette: &[u8],
+) -> Result<Drawn> {
     let photos = opts.images.as_deref();
     let (jpeg, ext) = if photos.is_some() { (true, "jpg") } else { (false, "png") };
     // The ground truth once, each run's prediction (at its best variant) against it.
