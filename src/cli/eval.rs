@@ -8,7 +8,7 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, clap::Args)]
 #[command(after_help = "Compare runs: clipmask eval --pred A/masks --pred B/masks --gt GT \
 prints mIoU, per-class IoU and the ignored fraction of each run with the difference to the first; \
---json gives the same, --report DIR shows the images where the runs differ most first.")]
+--json gives the same, --report DIR shows the images worst first with the differences.")]
 // What is scored: label maps, saved maps or image-level labels; clap's error lists all three.
 #[command(group(clap::ArgGroup::new("scored").required(true).multiple(true).args(["pred", "cams", "labels_pred"])))]
 pub struct EvalArgs {
@@ -39,10 +39,16 @@ pub struct EvalArgs {
     /// ground-truth ids were left out.
     #[arg(long)]
     pub strict: bool,
-    /// Write an HTML report (index.html, side-by-side images; worst images first, or with
-    /// several runs the images where they differ most) to DIR.
+    /// Write an HTML report to DIR: index.html (summary, per-class IoU, differences to the
+    /// first run) and pages of 100 images, worst first (the first run's image mIoU; ties: the
+    /// largest difference between runs), with index.json (every image's page and scores).
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
+    /// How many images, worst first, get pictures in the report (photo, predictions and ground
+    /// truth side by side, each panel at most 640 px, and 160 px thumbnails); the others get
+    /// their row of scores only. Bounds the report's size: about 40 KB per panel with photos.
+    #[arg(long, value_name = "N", default_value_t = crate::eval::DEFAULT_REPORT_IMAGES, requires = "report")]
+    pub report_images: usize,
     /// Photos `<id>.jpg` / `<id>.png` for the report's overlays; without it the report shows
     /// the coloured label maps only.
     #[arg(long, value_name = "DIR", requires = "report")]
@@ -96,6 +102,7 @@ impl EvalArgs {
             strict: self.strict,
             report: self.report.clone(),
             images: self.images.clone(),
+            report_images: self.report_images,
             alpha: self.alpha.clone(),
             cam_key: self.cam_key,
             labels: LabelOptions {

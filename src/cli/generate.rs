@@ -15,7 +15,11 @@ use std::path::PathBuf;
   OUT/cams/<id>.npz      with --save-cams; numpy.load(p) gives `keys` (int64, 0-based class
                          indices of the image's labels, in label order), `cams` (float32, K x H x W,
                          CAA-refined maps at original resolution) and `raw_cams` (float32,
-                         K x H x W, GradCAM maps resized the same way).
+                         K x H x W, GradCAM maps resized the same way). --cams-dtype float16
+                         stores both as float16; --cams-stride N stores them at
+                         ceil(H/N) x ceil(W/N) (N x N blocks averaged) and adds `stride`
+                         (int64 N) and `size` (int64 [H, W]); crf and eval --cams resize them
+                         back (bilinear, align_corners=False) and read float32.
   OUT/overlays/<id>.jpg  with --overlays: the photo blended with its mask colours.
   OUT/failures.jsonl     one {\"id\", \"path\", \"reason\"} per image that failed (bad file,
                          unknown class, no labels, invalid id, over --max-pixels, not a regular
@@ -60,6 +64,16 @@ pub struct GenerateArgs {
     /// Also write OUT/cams/<id>.npz with the refined and raw maps.
     #[arg(long)]
     pub save_cams: bool,
+    /// With --save-cams: the maps' element type in the archives. float16 halves their size
+    /// (values in [0, 1] keep 11 significant bits); readers (crf, eval --cams) get float32.
+    #[arg(long, value_enum, default_value = "float32", value_name = "DTYPE", requires = "save_cams")]
+    pub cams_dtype: crate::outputs::CamDtype,
+    /// With --save-cams: store the maps at 1/N resolution (each N x N block averaged), N² times
+    /// fewer values; the archive records N and the original size, and readers (crf, eval
+    /// --cams) resize the maps back bilinearly. 1 (default): full resolution. At most 16.
+    #[arg(long, default_value_t = 1, value_name = "N", requires = "save_cams",
+          value_parser = clap::value_parser!(u32).range(1..=crate::outputs::MAX_CAM_STRIDE as i64))]
+    pub cams_stride: u32,
     /// Also write OUT/overlays/<id>.jpg (photo blended with the mask) for viewing.
     #[arg(long)]
     pub overlays: bool,
@@ -321,6 +335,7 @@ pub fn run_with(
         alpha: args.alpha,
         crf,
         save_cams: args.save_cams,
+        cams_storage: crate::outputs::CamStorage::new(args.cams_dtype, args.cams_stride)?,
         overlays: args.overlays,
         overwrite: args.overwrite,
         max_pixels: args.max_pixels,

@@ -29,6 +29,7 @@ pub use metrics::{ClassMetrics, ConfusionMatrix, LabelError, Metrics};
 pub use options::{CamKey, EvalOptions, LabelOptions};
 pub use output::comparison_table;
 pub use output::eval_json;
+pub use report::{DEFAULT_REPORT_IMAGES, PAGE_SIZE as REPORT_PAGE_SIZE};
 pub use results::{EvalReport, ImageScore, VariantResult};
 
 /// `clipmask eval`: evaluates, writes the report if asked, and returns the tables (or the

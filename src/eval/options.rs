@@ -61,6 +61,8 @@ pub struct EvalOptions {
     pub report: Option<PathBuf>,
     /// Photos for the report's overlays.
     pub images: Option<PathBuf>,
+    /// How many images (the worst first) get pictures in the report.
+    pub report_images: usize,
     /// Background exponents tried on CAM runs.
     pub alpha: Vec<f32>,
     /// Which maps of the archives to label.
@@ -82,6 +84,7 @@ impl EvalOptions {
             strict: false,
             report: None,
             images: None,
+            report_images: super::report::DEFAULT_REPORT_IMAGES,
             alpha: vec![1.0, 2.0],
             cam_key: CamKey::Cams,
             labels: LabelOptions::default(),

@@ -50,6 +50,8 @@ pub struct GenerateOptions {
     /// Dense CRF + confidence instead of the plain argmax.
     pub crf: Option<crate::label_maps::CrfOptions>,
     pub save_cams: bool,
+    /// How `--save-cams` stores the maps (dtype, stride).
+    pub cams_storage: crate::outputs::CamStorage,
     pub overlays: bool,
     pub overwrite: bool,
     /// Pixel budget: images whose header claims more are failures (`--max-pixels`).

@@ -35,10 +35,11 @@ pub(super) fn write_outputs(
         let archive = CamArchive { keys: keys.clone(), cams: refined()?.clone(), raw_cams: raw.clone() };
         let names: Vec<String> =
             keys.iter().map(|&k| class_names.get(k as usize).cloned().unwrap_or_default()).collect();
-        archive.write_named(&output_path(&opts.out, "cams", &item.id, "npz")?, Some(&names))?;
+        archive.write_stored(&output_path(&opts.out, "cams", &item.id, "npz")?, Some(&names), opts.cams_storage)?;
     }
     if opts.overlays {
-        write_overlay(&output_path(&opts.out, "overlays", &item.id, "jpg")?, img, &labels, palette, 0.55)?;
+        let path = output_path(&opts.out, "overlays", &item.id, "jpg")?;
+        write_overlay(&path, img, &labels, palette, 0.55, class_names)?;
     }
     let png_palette = (opts.mask_format == crate::outputs::MaskFormat::Palette).then_some(palette);
     write_label_png(&output_path(&opts.out, "masks", &item.id, "png")?, &labels, w, h, png_palette)

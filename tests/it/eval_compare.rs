@@ -95,13 +95,40 @@ fn the_comparison_report_shows_the_images_where_runs_differ_most_first() {
     let r = eval(tmp.path(), &["--report", report.to_str().unwrap()]);
     assert_eq!(r.code, Some(0), "{}", r.show());
     let html = std::fs::read_to_string(report.join("index.html")).unwrap();
-    // y_diff (runs at 1, 0.25 and 0.75) before x_same (all 1), though x_same sorts first by id.
-    let (y, x) = (html.find("thumbs/y_diff.png").unwrap(), html.find("thumbs/x_same.png").unwrap());
+    // The first run is exact on both: on that tie y_diff (runs at 1, 0.25 and 0.75) comes
+    // before x_same (all 1), though x_same sorts first by id.
+    let (y, x) = (html.find("thumbs/y_diff.0.png").unwrap(), html.find("thumbs/x_same.0.png").unwrap());
     assert!(y < x, "y_diff should come first");
     assert!(html.contains("largest difference"));
     // Each row: the three runs and the ground truth side by side (4 panels of 4 px + 3 gaps).
     let img = image::open(report.join("images/y_diff.png")).unwrap();
     assert_eq!(img.width(), 4 * 4 + 3 * 4);
+    // Differences to the first run, worked out by hand (see `fixture`): per image, y_diff's
+    // mIoU is 1 (A), 0.25 (B: background 0, class 1 8/16) and 0.75 (C: background 1, class 1
+    // 4/8); x_same is 1 everywhere.
+    let row = |id: &str| {
+        let start = html.find(&format!("<td class=\"l\">{id}</td>")).unwrap();
+        html[start..].split("</tr>").next().unwrap().to_string()
+    };
+    let cells = |id: &str| row(id).split("<td").skip(2).take(5).map(|c| c.to_string()).collect::<Vec<_>>().join("<td");
+    assert_eq!(
+        cells("y_diff"),
+        ">100.00</td><td>25.00</td><td class=\"neg\">-75.00</td><td>75.00</td><td class=\"neg\">-25.00</td>"
+    );
+    assert_eq!(cells("x_same"), ">100.00</td><td>100.00</td><td>+0.00</td><td>100.00</td><td>+0.00</td>");
+    // The summary's mIoU difference (B 0.5 - 1, C 2.5/3 - 1) and the per-class columns
+    // (aeroplane: A 1, B 0.5, C 0.5; background: A 1, B 0, C 1).
+    assert!(html.contains(
+        "<th class=\"l\">Δ mIoU vs #1</th><td>-</td><td class=\"neg\">-50.00</td><td class=\"neg\">-16.67</td>"
+    ));
+    assert!(html.contains(
+        "aeroplane</td><td>100.00</td><td>50.00</td><td class=\"neg\">-50.00</td><td>50.00</td><td class=\"neg\">-50.00</td>"
+    ));
+    assert!(html.contains(
+        "background</td><td>100.00</td><td>0.00</td><td class=\"neg\">-100.00</td><td>100.00</td><td>+0.00</td>"
+    ));
+    // Wide tables scroll in their own box; thumbnails wrap.
+    assert!(html.contains(".scroll{overflow-x:auto") && html.contains("flex-wrap:wrap"));
 }
 
 fn write_cams(dir: &Path, id: &str, key: i64, map: &[f32]) {

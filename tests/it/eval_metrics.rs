@@ -590,18 +590,21 @@ fn report_lists_images_worst_first() {
         assert!(pos.windows(2).all(|p| p[0] < p[1]), "not worst-first: {pos:?}");
         assert!(html.contains("person") && html.contains("background"), "per-class table");
         let ext = if photos { "jpg" } else { "png" };
+        // photo | prediction | GT, or prediction | GT.
+        let panels = if photos { 3 } else { 2 };
         for id in &worst_first {
-            for sub in ["images", "thumbs"] {
-                let rel = format!("{sub}/{id}.{ext}");
+            let rel = format!("images/{id}.{ext}");
+            assert!(html.contains(&format!("\"{rel}\"")), "relative link {rel}");
+            let img = image::open(report.join(&rel)).unwrap();
+            // The panels side by side with 4-pixel gaps.
+            assert_eq!((img.width(), img.height()), (panels * 64 + (panels - 1) * 4, 48));
+            // One thumbnail per panel (64x48 is under the 160 px cap: kept as is).
+            for k in 0..panels {
+                let rel = format!("thumbs/{id}.{k}.{ext}");
                 assert!(html.contains(&format!("\"{rel}\"")), "relative link {rel}");
-                let img = image::open(report.join(&rel)).unwrap();
-                if sub == "images" {
-                    // photo | prediction | GT, or prediction | GT, with 4-pixel gaps.
-                    let panels = if photos { 3 } else { 2 };
-                    assert_eq!(img.width(), panels * 64 + (panels - 1) * 4);
-                    assert_eq!(img.height(), 48);
-                }
+                assert_eq!(image::image_dimensions(report.join(&rel)).unwrap(), (64, 48), "{rel}");
             }
+            assert!(!report.join(format!("thumbs/{id}.{panels}.{ext}")).exists());
         }
         assert!(
             !html.contains("file://") && !html.contains(&dir.path().display().to_string()),

@@ -116,6 +116,7 @@ fn masks_cams_and_overlays_have_the_documented_formats() {
     let cfg = voc();
     let palette: Vec<u8> = cfg.palette.iter().flatten().copied().collect();
     assert_eq!(palette.len(), 21 * 3);
+    let mut swatches = 0;
     for (id, w, h) in sizes {
         let keys = idx(&labels[id]);
         let m = read_mask(&out.join(format!("masks/{id}.png")));
@@ -133,9 +134,22 @@ fn masks_cams_and_overlays_have_the_documented_formats() {
         assert_eq!(cams.raw_cams.dim(), (keys.len(), h as usize, w as usize));
         let relabel = clipmask::eval::label_map_from_cams(&cams.cams, &cams.keys, 1.0);
         assert!(relabel == m.values, "{id}: mask differs from label_map_from_cams(cams)");
-        let ov = image::open(out.join(format!("overlays/{id}.jpg"))).unwrap();
+        let ov = image::open(out.join(format!("overlays/{id}.jpg"))).unwrap().to_rgb8();
         assert_eq!((ov.width(), ov.height()), (w, h));
+        // The legend: row i's swatch centre has the palette colour of the i-th class present
+        // (within JPEG's error).
+        let present = clipmask::outputs::classes_present(&m.values);
+        swatches += present.len();
+        let layout = clipmask::outputs::LegendLayout::new(present.len(), 12, w.max(h));
+        for (i, &l) in present.iter().enumerate() {
+            let (x, y, side) = layout.swatch(i);
+            let got = ov.get_pixel(x + side / 2, y + side / 2).0;
+            let want = &palette[l as usize * 3..l as usize * 3 + 3];
+            assert!(got.iter().zip(want).all(|(g, w)| (*g as i32 - *w as i32).abs() <= 40), "{id}: class {l} {got:?}");
+        }
     }
+
+    assert!(swatches > 0, "no class in any mask: the legend was not checked");
 
     // numpy reads the archives as documented.
     let script = r#"

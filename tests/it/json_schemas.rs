@@ -3,9 +3,9 @@
 //! output the commands can print is produced here and validated against its schema, with its
 //! numbers checked against hand-made cases: `eval --json` in each mode (label PNGs, saved maps,
 //! several runs, skipped and left-out ids, nothing to average), `eval --labels-pred --json`,
-//! `classify --json`, `prompts rank --json` and `generate --summary-json`. The other tests that
-//! read a JSON output validate it too, through [`assert_valid`]. The schemas also reject the
-//! old shapes, so they are not vacuous.
+//! `classify --json`, `prompts rank --json`, `generate --summary-json` and `eval --report`'s
+//! index.json. The other tests that read a JSON output validate it too, through
+//! [`assert_valid`]. The schemas also reject the old shapes, so they are not vacuous.
 use crate::support::*;
 use std::path::Path;
 
@@ -313,6 +313,51 @@ fn model_command_outputs_match_their_schemas() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!((v["schema"].as_u64(), v["total"].as_u64(), v["done"].as_u64()), (Some(1), Some(2), Some(2)), "{v}");
     cases.push(Case { name: "generate summary".into(), schema: "generate-summary", text, valid: true });
+    check(&cases);
+}
+
+/// `eval --report DIR` writes DIR/index.json: label and CAM runs compared on the fixture.
+/// y_diff scores 1 (A), 0.75 (C: background 1, class 1 4/8) and 1 (camsD at alpha 1); x_same
+/// 1 everywhere. A ties, so y_diff (spread 0.25) comes first. The schema rejects other shapes.
+#[test]
+fn eval_report_index_matches_its_schema() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fixture(d);
+    let mut c = clipmask(&d.join("cache"));
+    c.current_dir(d).args(["eval", "--pred", "A", "--pred", "C", "--cams", "camsD", "--gt", "gt", "--report", "R"]);
+    let r = run(&mut c);
+    assert_eq!(r.code, Some(0), "{}", r.show());
+    let text = std::fs::read_to_string(d.join("R/index.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<&str> = v["images"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["y_diff", "x_same"]);
+    let y = &v["images"][0];
+    for (k, (miou, delta)) in [(1.0, 0.0), (0.75, -0.25), (1.0, 0.0)].into_iter().enumerate() {
+        assert!(close(&y["miou"][k], miou) && close(&y["delta_miou"][k], delta), "{y}");
+    }
+    assert_eq!(
+        (&y["rank"], &y["page"], &y["pictures"]),
+        (&serde_json::json!(1), &serde_json::json!(1), &serde_json::json!(true))
+    );
+    assert_eq!(v["runs"][2]["cam_key"], "cams");
+    assert!(close(&v["runs"][2]["best_alpha"], 1.0));
+    let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = v.clone();
+        edit(&mut v);
+        v.to_string()
+    };
+    let mut cases =
+        vec![Case { name: "report index".into(), schema: "eval-report-index", text: text.clone(), valid: true }];
+    for (name, text) in [
+        ("report index: no schema version", with(&|v| drop(v.as_object_mut().unwrap().remove("schema")))),
+        ("report index: no page count", with(&|v| drop(v.as_object_mut().unwrap().remove("pages")))),
+        ("report index: percent instead of a fraction", with(&|v| v["images"][0]["miou"][1] = serde_json::json!(75.0))),
+        ("report index: page 0", with(&|v| v["images"][0]["page"] = serde_json::json!(0))),
+        ("report index: an undocumented field", with(&|v| v["images"][0]["spread"] = serde_json::json!(0.25))),
+    ] {
+        cases.push(Case { name: name.into(), schema: "eval-report-index", text, valid: false });
+    }
     check(&cases);
 }
 

@@ -5,6 +5,7 @@
 mod support;
 
 mod batching;
+mod cams_storage;
 mod crf_cli;
 mod crf_parity;
 mod crf_tensor;
@@ -12,6 +13,7 @@ mod docs;
 mod ecosystem;
 mod eval_compare;
 mod eval_metrics;
+mod eval_report;
 mod formulations;
 mod fp16_cli;
 mod fuzz_inputs;
@@ -22,6 +24,7 @@ mod json_schemas;
 mod label_parsers;
 mod messages;
 mod model_loading;
+mod overlays;
 mod parity;
 mod pickle_fuzz;
 mod planted_links;
