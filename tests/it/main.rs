@@ -6,6 +6,7 @@ mod support;
 
 mod batching;
 mod crf_cli;
+mod crf_general;
 mod crf_parity;
 mod docs;
 mod ecosystem;
