@@ -109,7 +109,7 @@ pub(super) fn softmax_rows(q: &mut [f32], w: usize, l: usize) {
 /// start: two packet accumulators, then predux = (a0 + a2) + (a1 + a3), then the scalar tail.
 /// Over `l` values `v(0..l)`, each an array of P independent lanes (pixels).
 #[inline(always)]
-fn eigen_sum<const P: usize>(l: usize, v: impl Fn(usize) -> [f32; P]) -> [f32; P] {
+pub(super) fn eigen_sum<const P: usize>(l: usize, v: impl Fn(usize) -> [f32; P]) -> [f32; P] {
     let add = |a: [f32; P], b: [f32; P]| -> [f32; P] { std::array::from_fn(|p| a[p] + b[p]) };
     let ps = 4;
     let aligned = l / ps * ps;

@@ -10,6 +10,7 @@
 //! prefetch hint (which never faults) and the view of aligned rows as f32. Each carries its
 //! SAFETY argument. The rest of the module calls the safe entry points at the end of this file.
 
+use super::compat::PassCompat;
 use super::eigen::softmax_rows;
 use super::lattice::{Lattice, BLUR_AHEAD};
 use super::simplex::Elevator;
@@ -129,11 +130,15 @@ macro_rules! dispatch {
 }
 
 /// What one mean-field pixel pass does for one kernel: slice its blurred vertex values into
-/// the message, and (except after the last iteration) splat norm ⊙ Q into the next input.
+/// the message, and (except after the last iteration) splat pre ⊙ Q into the next input.
 pub(super) struct PassKernel<'a> {
     pub(super) lat: &'a Lattice,
-    pub(super) norm: &'a [f32],
-    pub(super) neg_w: f32,
+    /// Per pixel, the factor applied before the filter (`DenseKernel::filter`'s first
+    /// normalisation; all ones when it applies none: x · 1 = x exactly).
+    pub(super) pre: &'a [f32],
+    /// Per pixel, the factor applied after the filter (likewise).
+    pub(super) post: &'a [f32],
+    pub(super) compat: PassCompat<'a>,
     pub(super) blurred: &'a [f32],
     pub(super) next: Option<&'a mut [f32]>,
     /// Rows 1..=zeroed of `next` are known to be zero. `next` is cleared just ahead of the
@@ -147,7 +152,7 @@ impl PassKernel<'_> {
     /// once per pass, not per pixel): the buffers hold m + 1 rows and the lattice has n pixels.
     fn check(&self, w: usize, n: usize) {
         let rows = (self.lat.m() + 1) * w;
-        assert!(n <= self.lat.n() && self.norm.len() >= n);
+        assert!(n <= self.lat.n() && self.pre.len() >= n && self.post.len() >= n);
         assert!(self.blurred.is_empty() || self.blurred.len() >= rows);
         assert!(self.next.as_ref().is_none_or(|next| next.len() >= rows));
     }
@@ -165,12 +170,19 @@ impl PassKernel<'_> {
     }
 }
 
+/// What `update` records for `DenseCrf::step_inference`, rows of w: pydensecrf's tmp1 (the
+/// energies before the softmax) and tmp2 (the last kernel's message after its compatibility).
+pub(super) struct Capture<'a> {
+    pub(super) tmp1: &'a mut [f32],
+    pub(super) tmp2: &'a mut [f32],
+}
+
 /// Filter kernels over rows of w values, generic over W (= w when known at compile time, else 0).
 macro_rules! filter_kernels {
     ($($attr:meta)?) => {
         use super::{
-            prefetch_row, softmax_rows, Elevator, Lattice, PassKernel, SliceOrder, BLUR_AHEAD,
-            PIX_AHEAD,
+            prefetch_row, softmax_rows, Capture, Elevator, Lattice, PassCompat, PassKernel,
+            SliceOrder, BLUR_AHEAD, PIX_AHEAD,
         };
 
         /// `Elevator::simplex8_impl`, compiled for this instruction set.
@@ -290,11 +302,11 @@ macro_rules! filter_kernels {
                         prefetch_row(next.add(*ahead.add(r) as usize * w), w);
                     }
                 }
-                let s = *k.norm.get_unchecked(i);
+                let s = *k.pre.get_unchecked(i);
                 let offs = offs.as_ptr();
                 let ws = lat.bary().as_ptr().add(i * dp1);
                 for (l0, len) in lane_blocks(w) {
-                    // DenseKernel::filter: in = Q ⊙ norm.
+                    // DenseKernel::filter: in = Q ⊙ norm (or Q ⊙ 1).
                     let mut inp = [0f32; 8];
                     for t in 0..len {
                         inp[t] = qrow[l0 + t] * s;
@@ -311,8 +323,11 @@ macro_rules! filter_kernels {
         }
 
         /// One mean-field update over all pixels (pydensecrf `DenseCRF::inference`): slice each
-        /// kernel's blurred values, tmp = -unary - Σ_k w_k norm_k ⊙ K_k(norm_k ⊙ Q), Q =
+        /// kernel's blurred values, tmp = -unary - Σ_k compat_k(post_k ⊙ K_k(pre_k ⊙ Q)), Q =
         /// softmax(tmp) on the l real labels, then splat the new Q into each kernel's `next`.
+        /// With Potts kernels only (and nothing to capture) the lanes are sliced and updated
+        /// block by block; otherwise each kernel's whole message comes first (same numbers for
+        /// Potts: every lane is computed with the same operations).
         $(#[$attr])?
         pub fn update<const W: usize>(
             w: usize,
@@ -321,21 +336,37 @@ macro_rules! filter_kernels {
             neg_unary: &[f32],
             q: &mut [f32],
             kernels: &mut [PassKernel],
+            mut capture: Option<&mut Capture>,
         ) {
             let w = if W > 0 { W } else { w };
             let n = q.len() / w;
             assert!(neg_unary.len() >= n * w);
+            assert!(capture.as_ref().is_none_or(|c| c.tmp1.len() >= n * w && c.tmp2.len() >= n * w));
             for k in kernels.iter() {
                 k.check(w, n);
             }
+            let general =
+                capture.is_some() || kernels.iter().any(|k| !matches!(k.compat, PassCompat::Potts(_)));
+            let mut msg = vec![0f32; if general { w } else { 0 }];
             // Blocks of 8 pixels: slice each, softmax the block (vectorised across its pixels),
             // splat each. Splats stay in pixel order.
             for i0 in (0..n).step_by(8) {
                 let i1 = (i0 + 8).min(n);
                 for i in i0..i1 {
                     let qrow = &mut q[i * w..(i + 1) * w];
-                    // SAFETY: checked above.
-                    unsafe { slice_pixel::<W>(w, l, order, neg_unary, qrow, kernels, i) };
+                    if general {
+                        let last = capture.as_deref_mut().map(|c| &mut c.tmp2[i * w..i * w + l]);
+                        // SAFETY: checked above.
+                        unsafe {
+                            slice_pixel_general::<W>(w, l, order, neg_unary, qrow, kernels, i, &mut msg, last)
+                        };
+                    } else {
+                        // SAFETY: checked above.
+                        unsafe { slice_pixel::<W>(w, l, order, neg_unary, qrow, kernels, i) };
+                    }
+                }
+                if let Some(c) = capture.as_deref_mut() {
+                    c.tmp1[i0 * w..i1 * w].copy_from_slice(&q[i0 * w..i1 * w]);
                 }
                 softmax_rows(&mut q[i0 * w..i1 * w], w, l);
                 for i in i0..i1 {
@@ -350,22 +381,9 @@ macro_rules! filter_kernels {
             }
         }
 
-        /// Slice pixel i's messages from every kernel:
-        /// qrow = -unary - Σ_k w_k norm_k ⊙ (K_k (norm_k ⊙ Q))_i.
-        ///
-        /// # Safety
-        /// `k.check(w, n)` passed for every kernel of the pass, and i < n.
+        /// Prefetch the blurred rows pixel i + PIX_AHEAD will slice.
         #[inline(always)]
-        unsafe fn slice_pixel<const W: usize>(
-            w: usize,
-            l: usize,
-            order: SliceOrder,
-            neg_unary: &[f32],
-            qrow: &mut [f32],
-            kernels: &[PassKernel],
-            i: usize,
-        ) {
-            let w = if W > 0 { W } else { w };
+        fn prefetch_slices(w: usize, kernels: &[PassKernel], i: usize) {
             for k in kernels.iter() {
                 let lat = k.lat;
                 let dp1 = lat.d() + 1;
@@ -380,28 +398,97 @@ macro_rules! filter_kernels {
                     }
                 }
             }
+        }
+
+        /// Slice pixel i's messages from every Potts kernel:
+        /// qrow = -unary - Σ_k (-w_k) post_k ⊙ (K_k (pre_k ⊙ Q))_i.
+        ///
+        /// # Safety
+        /// `k.check(w, n)` passed for every kernel of the pass, and i < n.
+        #[inline(always)]
+        unsafe fn slice_pixel<const W: usize>(
+            w: usize,
+            l: usize,
+            order: SliceOrder,
+            neg_unary: &[f32],
+            qrow: &mut [f32],
+            kernels: &[PassKernel],
+            i: usize,
+        ) {
+            let w = if W > 0 { W } else { w };
+            prefetch_slices(w, kernels, i);
             for (l0, len) in lane_blocks(w) {
                 let mut tmp = [0f32; 8];
                 tmp[..len].copy_from_slice(&neg_unary[i * w + l0..i * w + l0 + len]);
                 for k in kernels.iter() {
+                    let PassCompat::Potts(neg_w) = k.compat else { continue };
                     // SAFETY: passed on from the caller.
-                    let acc = unsafe {
-                        match k.lat.d() + 1 {
-                            3 => slice_rows::<W, 3>(w, 3, k, i, l0, len, order),
-                            6 => slice_rows::<W, 6>(w, 6, k, i, l0, len, order),
-                            dp1 => slice_rows::<W, 0>(w, dp1, k, i, l0, len, order),
-                        }
-                    };
+                    let acc = unsafe { slice_any::<W>(w, k, i, l0, len, order) };
                     // out * norm, Potts: -w * out, tmp -= out.
-                    let s = k.norm[i];
+                    let s = k.post[i];
                     for t in 0..len {
-                        tmp[t] -= k.neg_w * (acc[t] * s);
+                        tmp[t] -= neg_w * (acc[t] * s);
                     }
                 }
                 qrow[l0..l0 + len].copy_from_slice(&tmp[..len]);
             }
             // Padding lanes stay 0 (their messages are 0: Q is 0 there).
             qrow[l..].fill(0.0);
+        }
+
+        /// `slice_pixel` for any compatibility: each kernel's whole message (post_k ⊙ K_k(..))
+        /// first, then tmp -= compat_k(message), kernel by kernel as `DenseCRF::inference`.
+        /// `last` receives the last kernel's compat(message). `msg` holds w values.
+        /// Same safety contract as `slice_pixel`.
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn slice_pixel_general<const W: usize>(
+            w: usize,
+            l: usize,
+            order: SliceOrder,
+            neg_unary: &[f32],
+            qrow: &mut [f32],
+            kernels: &[PassKernel],
+            i: usize,
+            msg: &mut [f32],
+            mut last: Option<&mut [f32]>,
+        ) {
+            let w = if W > 0 { W } else { w };
+            prefetch_slices(w, kernels, i);
+            qrow.copy_from_slice(&neg_unary[i * w..(i + 1) * w]);
+            for (ki, k) in kernels.iter().enumerate() {
+                let s = k.post[i];
+                for (l0, len) in lane_blocks(w) {
+                    // SAFETY: passed on from the caller.
+                    let acc = unsafe { slice_any::<W>(w, k, i, l0, len, order) };
+                    for t in 0..len {
+                        msg[l0 + t] = acc[t] * s;
+                    }
+                }
+                let out = if ki + 1 == kernels.len() { last.as_deref_mut() } else { None };
+                k.compat.subtract(&msg[..l], &mut qrow[..l], out);
+            }
+            qrow[l..].fill(0.0);
+        }
+
+        /// `slice_rows` with d + 1 dispatched to its specialisations. Same safety contract.
+        #[inline(always)]
+        unsafe fn slice_any<const W: usize>(
+            w: usize,
+            k: &PassKernel,
+            i: usize,
+            l0: usize,
+            len: usize,
+            order: SliceOrder,
+        ) -> [f32; 8] {
+            // SAFETY: passed on from the caller.
+            unsafe {
+                match k.lat.d() + 1 {
+                    3 => slice_rows::<W, 3>(w, 3, k, i, l0, len, order),
+                    6 => slice_rows::<W, 6>(w, 6, k, i, l0, len, order),
+                    dp1 => slice_rows::<W, 0>(w, dp1, k, i, l0, len, order),
+                }
+            }
         }
 
         /// One kernel's message at pixel i, lanes l0..l0 + len: Σ_r weight_r · blurred[offset_r],
@@ -486,6 +573,7 @@ pub(super) fn blur(isa: Isa, w: usize, lat: &Lattice, j: usize, src: &[f32], dst
 }
 
 /// `update` (rows of w values, l labels), compiled for `isa`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn update(
     isa: Isa,
     w: usize,
@@ -494,6 +582,7 @@ pub(super) fn update(
     neg_unary: &[f32],
     q: &mut [f32],
     kernels: &mut [PassKernel],
+    capture: Option<&mut Capture>,
 ) {
-    dispatch!(isa, w, update(l, order, neg_unary, q, kernels))
+    dispatch!(isa, w, update(l, order, neg_unary, q, kernels, capture))
 }

@@ -9,7 +9,7 @@
 //! rest on it.
 
 use super::kernels::{self, detect_isa, Isa};
-use super::keytable::{pack_key, unpack_key, KeyTable, MAX_D};
+use super::keytable::{KeyTable, LatticeKey, WideKey, MAX_D, NARROW_D};
 use super::simplex::Elevator;
 
 /// A permutohedral lattice built once for a feature set, with everything the filter needs as
@@ -50,11 +50,16 @@ impl Lattice {
                 return lattice;
             }
         }
-        Lattice::new_hashed(isa, features, d, n)
+        if d <= NARROW_D {
+            Lattice::new_hashed::<u128>(isa, features, d, n)
+        } else {
+            Lattice::new_hashed::<WideKey>(isa, features, d, n)
+        }
     }
 
-    /// The general lattice: vertices found through the hash table.
-    fn new_hashed(isa: Isa, features: &[f32], d: usize, n: usize) -> Lattice {
+    /// The general lattice: vertices found through the hash table, with keys of type K (wide
+    /// enough for d coordinates).
+    fn new_hashed<K: LatticeKey>(isa: Isa, features: &[f32], d: usize, n: usize) -> Lattice {
         let el = Elevator::new(d);
         let dp1 = d + 1;
         let mut bary = vec![0f32; n * dp1];
@@ -63,9 +68,9 @@ impl Lattice {
         // Vertex ids are given in order of first use; they never influence a number, only
         // memory order. Pixels are elevated a block at a time so that the table slots their
         // keys hash to (random reads) can be prefetched before they are inserted.
-        let mut table = KeyTable::new(n + n / 2);
+        let mut table = KeyTable::<K>::new(n + n / 2);
         const BLOCK: usize = 64;
-        let mut kbuf = [0u128; BLOCK * (MAX_D + 1)];
+        let mut kbuf = vec![K::default(); BLOCK * dp1];
         let mut hbuf = [0usize; BLOCK * (MAX_D + 1)];
         for start in (0..n).step_by(BLOCK) {
             let end = (start + BLOCK).min(n);
@@ -73,7 +78,7 @@ impl Lattice {
             let r = start * dp1..end * dp1;
             el.simplices(isa, &features[start * d..end * d], &mut kbuf[..len], &mut bary[r.clone()], &mut dirs[r]);
             for (h, &k) in hbuf[..len].iter_mut().zip(&kbuf[..len]) {
-                *h = KeyTable::hash(k);
+                *h = k.hash();
             }
             for &h in &hbuf[..len.min(2 * AHEAD)] {
                 table.prefetch(h);
@@ -85,7 +90,7 @@ impl Lattice {
                 offset[start * dp1 + t] = table.insert_hashed(kbuf[t], hbuf[t]) + 1;
             }
         }
-        for k in el.padding_keys(n) {
+        for k in el.padding_keys::<K>(n) {
             table.insert(k);
         }
         let m = table.keys.len();
@@ -127,7 +132,7 @@ impl Lattice {
         for &k in &keys {
             bound(k);
         }
-        let pad: Vec<u32> = el.padding_keys(n).into_iter().map(|k| k as u32).collect();
+        let pad: Vec<u32> = el.padding_keys::<u128>(n).into_iter().map(|k| k as u32).collect();
         for &k in &pad {
             bound(k);
         }
@@ -265,7 +270,7 @@ impl Lattice {
 /// rest only the n2 side is looked up, each hit filling both sides; the candidates are almost
 /// all absent and are answered by the cache-resident presence filter, and the few that pass
 /// it are probed with their slots prefetched.
-fn blur_neighbours(table: &KeyTable, d: usize, offset: &[u32], dirs: &[u8]) -> Vec<[u32; 2]> {
+fn blur_neighbours<K: LatticeKey>(table: &KeyTable<K>, d: usize, offset: &[u32], dirs: &[u8]) -> Vec<[u32; 2]> {
     const UNKNOWN: u32 = u32::MAX;
     let dp1 = d + 1;
     let m = table.keys.len();
@@ -287,8 +292,8 @@ fn blur_neighbours(table: &KeyTable, d: usize, offset: &[u32], dirs: &[u8]) -> V
     // presence filter's word, then (for those it lets through) the table slot.
     let dd = d as i16;
     let mut key = [0i16; MAX_D + 1];
-    let mut cands: Vec<(u32, u128, usize)> = Vec::new();
-    let mut queries: Vec<(u32, u128, usize)> = Vec::new();
+    let mut cands: Vec<(u32, K, usize)> = Vec::new();
+    let mut queries: Vec<(u32, K, usize)> = Vec::new();
     const BATCH: usize = 4096;
     for j in 0..dp1 {
         for start in (0..m).step_by(BATCH) {
@@ -297,15 +302,15 @@ fn blur_neighbours(table: &KeyTable, d: usize, offset: &[u32], dirs: &[u8]) -> V
                 if blur[j * m + v][1] != UNKNOWN {
                     continue;
                 }
-                unpack_key(table.keys[v], d, &mut key);
+                table.keys[v].unpack(d, &mut key);
                 for t in 0..d {
                     key[t] = key[t].wrapping_add(1);
                 }
                 if j < d {
                     key[j] = key[j].wrapping_sub(dd + 1);
                 }
-                let q = pack_key(&key[..d]);
-                cands.push((v as u32, q, KeyTable::hash(q)));
+                let q = K::pack(&key[..d]);
+                cands.push((v as u32, q, q.hash()));
             }
             queries.clear();
             for (t, &(v, q, h)) in cands.iter().enumerate() {
@@ -370,7 +375,7 @@ mod tests {
             let n = w * h;
             let f = gaussian_features(w, h, sxy);
             let dense = Lattice::new_dense2(detect_isa(), &f, n).expect("small box");
-            let hashed = Lattice::new_hashed(detect_isa(), &f, 2, n);
+            let hashed = Lattice::new_hashed::<u128>(detect_isa(), &f, 2, n);
             assert_eq!(dense.m, hashed.m);
             let mut rng = TestRng::new(5);
             let x: Vec<f32> = (0..n).map(|_| rng.next()).collect();

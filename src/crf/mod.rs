@@ -60,7 +60,9 @@
 // Index loops mirror the C++ being reproduced, which makes them easier to check against it.
 #![allow(clippy::needless_range_loop)]
 
+mod compat;
 mod eigen;
+pub mod general;
 mod kernels;
 mod keytable;
 mod lattice;
@@ -68,7 +70,8 @@ mod mean_field;
 mod simplex;
 pub mod tensor;
 
-use mean_field::{mean_field, Kernel};
+pub use general::{Compat, DenseCrf, InferenceState, KernelType, Normalization};
+use mean_field::{from_rows, initial_q, mean_field, neg_unary_from_probs, Kernel};
 
 /// Parameters of the dense CRF. Defaults are CLIP-ES's (docs/method.md §6).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -280,7 +283,7 @@ pub fn dense_crf_cancellable(
     if params.gaussian_weight != 0.0 {
         anyhow::ensure!(params.gaussian_sxy > 0.0, "dense_crf: gaussian_sxy must be > 0");
         let f = gaussian_features(width, height, params.gaussian_sxy);
-        kernels.push(Kernel::new(&f, 2, n, params.gaussian_weight));
+        kernels.push(Kernel::new(&f, 2, n, Compat::Potts(params.gaussian_weight), Normalization::Symmetric));
     }
     if params.bilateral_weight != 0.0 {
         anyhow::ensure!(
@@ -288,9 +291,12 @@ pub fn dense_crf_cancellable(
             "dense_crf: bilateral_sxy and bilateral_srgb must be > 0"
         );
         let f = bilateral_features(image, width, height, params.bilateral_sxy, params.bilateral_srgb);
-        kernels.push(Kernel::new(&f, 5, n, params.bilateral_weight));
+        kernels.push(Kernel::new(&f, 5, n, Compat::Potts(params.bilateral_weight), Normalization::Symmetric));
     }
-    mean_field(probs, n, n_labels, &kernels, params.iterations, stop).ok_or_else(|| Cancelled.into())
+    let neg_unary = neg_unary_from_probs(probs, n, n_labels);
+    let q0 = initial_q(&neg_unary, n_labels);
+    let q = mean_field(&neg_unary, q0, n_labels, &kernels, params.iterations, stop, None).ok_or(Cancelled)?;
+    Ok(from_rows(&q, n, n_labels))
 }
 
 /// Argmax of the marginals per pixel (first maximum on ties, like numpy and Eigen), mapped
@@ -321,26 +327,35 @@ pub fn labels_from_marginals(q: &[f32], n_labels: usize, ids: &[u8], confidence:
 // divided (not multiplied by the reciprocal) in f32, as the C++ does.
 
 fn gaussian_features(width: usize, height: usize, sxy: f32) -> Vec<f32> {
+    gaussian_features_xy(width, height, sxy, sxy)
+}
+
+fn gaussian_features_xy(width: usize, height: usize, sx: f32, sy: f32) -> Vec<f32> {
     let mut f = Vec::with_capacity(width * height * 2);
     for y in 0..height {
         for x in 0..width {
-            f.push(x as f32 / sxy);
-            f.push(y as f32 / sxy);
+            f.push(x as f32 / sx);
+            f.push(y as f32 / sy);
         }
     }
     f
 }
 
 fn bilateral_features(image: &[u8], width: usize, height: usize, sxy: f32, srgb: f32) -> Vec<f32> {
+    bilateral_features_xy(image, width, height, [sxy, sxy], [srgb; 3])
+}
+
+/// (x/sx, y/sy, c0/s0, c1/s1, c2/s2) per pixel.
+fn bilateral_features_xy(image: &[u8], width: usize, height: usize, sxy: [f32; 2], s: [f32; 3]) -> Vec<f32> {
     let mut f = Vec::with_capacity(width * height * 5);
     for y in 0..height {
         for x in 0..width {
             let p = &image[(y * width + x) * 3..(y * width + x) * 3 + 3];
-            f.push(x as f32 / sxy);
-            f.push(y as f32 / sxy);
-            f.push(p[0] as f32 / srgb);
-            f.push(p[1] as f32 / srgb);
-            f.push(p[2] as f32 / srgb);
+            f.push(x as f32 / sxy[0]);
+            f.push(y as f32 / sxy[1]);
+            f.push(p[0] as f32 / s[0]);
+            f.push(p[1] as f32 / s[1]);
+            f.push(p[2] as f32 / s[2]);
         }
     }
     f

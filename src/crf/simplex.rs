@@ -8,7 +8,7 @@
 //! vectorised one per instruction set. Safe code only.
 
 use super::kernels::{self, Isa};
-use super::keytable::{pack_key, MAX_D};
+use super::keytable::{LatticeKey, MAX_D, NARROW_D};
 
 /// Elevation and simplex of one feature vector, as one lane of pydensecrf's SSE `init`.
 pub(super) struct Elevator {
@@ -43,7 +43,7 @@ impl Elevator {
     /// the lattice direction of the simplex edge from vertex r to vertex (r+1) mod (d+1)
     /// (vertex r+1 is the `n2` neighbour of vertex r along that direction).
     #[inline]
-    pub(super) fn simplex(&self, f: &[f32], keys: &mut [u128], bary: &mut [f32], dirs: &mut [u8]) {
+    pub(super) fn simplex<K: LatticeKey>(&self, f: &[f32], keys: &mut [K], bary: &mut [f32], dirs: &mut [u8]) {
         let d = self.d;
         let inv_dp1 = 1.0f32 / (d as f32 + 1.0);
         let dp1 = d as f32 + 1.0;
@@ -101,7 +101,7 @@ impl Elevator {
             for i in 0..d {
                 key[i] = (rem0[i] + self.canonical[r][rank[i] as usize] as f32) as i16;
             }
-            keys[r] = pack_key(&key[..d]);
+            keys[r] = K::pack(&key[..d]);
             bary[r] = b[r];
             // canonical[r+1] - canonical[r] = 1 - (d+1) e_i for the coordinate i of rank d - r
             // (rank 0 for r = d, the wrap-around to the next remainder-0 point).
@@ -130,10 +130,38 @@ impl Elevator {
     /// `simplex` for every pixel of `features` (pixel-major, d per pixel), writing d+1 keys,
     /// weights and directions per pixel. Blocks of 8 pixels take the vectorised path for the
     /// dimensions the kernels use (2 and 5); results are identical to `simplex`.
-    pub(super) fn simplices(&self, isa: Isa, features: &[f32], keys: &mut [u128], bary: &mut [f32], dirs: &mut [u8]) {
+    pub(super) fn simplices<K: LatticeKey>(
+        &self,
+        isa: Isa,
+        features: &[f32],
+        keys: &mut [K],
+        bary: &mut [f32],
+        dirs: &mut [u8],
+    ) {
         let (d, dp1) = (self.d, self.d + 1);
         let n = features.len() / d;
-        let blocks = if d == 2 || d == 5 { n / SIMPLEX_LANES } else { 0 };
+        let mut blocks = 0;
+        if let Some(keys) = K::as_u128(keys).filter(|_| d == 2 || d == 5) {
+            blocks = n / SIMPLEX_LANES;
+            self.simplex8_blocks(isa, blocks, features, keys, bary, dirs);
+        }
+        for i in blocks * SIMPLEX_LANES..n {
+            let r = i * dp1..(i + 1) * dp1;
+            self.simplex(&features[i * d..(i + 1) * d], &mut keys[r.clone()], &mut bary[r.clone()], &mut dirs[r]);
+        }
+    }
+
+    /// The first `blocks` blocks of 8 pixels of `simplices`, vectorised (d = 2 or 5).
+    fn simplex8_blocks(
+        &self,
+        isa: Isa,
+        blocks: usize,
+        features: &[f32],
+        keys: &mut [u128],
+        bary: &mut [f32],
+        dirs: &mut [u8],
+    ) {
+        let (d, dp1) = (self.d, self.d + 1);
         for b in 0..blocks {
             let (p, v) = (b * SIMPLEX_LANES * d, b * SIMPLEX_LANES * dp1);
             let f = &features[p..p + SIMPLEX_LANES * d];
@@ -143,10 +171,6 @@ impl Elevator {
                 &mut dirs[v..v + SIMPLEX_LANES * dp1],
             );
             kernels::simplex8(isa, d, self, f, k, w, r);
-        }
-        for i in blocks * SIMPLEX_LANES..n {
-            let r = i * dp1..(i + 1) * dp1;
-            self.simplex(&features[i * d..(i + 1) * d], &mut keys[r.clone()], &mut bary[r.clone()], &mut dirs[r]);
         }
     }
 
@@ -161,17 +185,18 @@ impl Elevator {
         bary: &mut [f32],
         dirs: &mut [u8],
     ) {
+        const { assert!(D <= NARROW_D) };
         const L: usize = SIMPLEX_LANES;
         type V = [f32; L];
         let inv_dp1 = 1.0f32 / (D as f32 + 1.0);
         let dp1 = D as f32 + 1.0;
-        let mut ft = [[0f32; L]; MAX_D];
+        let mut ft = [[0f32; L]; NARROW_D];
         for l in 0..L {
             for c in 0..D {
                 ft[c][l] = f[l * D + c];
             }
         }
-        let mut elevated = [[0f32; L]; MAX_D + 1];
+        let mut elevated = [[0f32; L]; NARROW_D + 1];
         let mut sm: V = [0.0; L];
         for j in (1..=D).rev() {
             for l in 0..L {
@@ -181,7 +206,7 @@ impl Elevator {
             }
         }
         elevated[0] = sm;
-        let mut rem0 = [[0f32; L]; MAX_D + 1];
+        let mut rem0 = [[0f32; L]; NARROW_D + 1];
         let mut sum: V = [0.0; L];
         for i in 0..=D {
             for l in 0..L {
@@ -190,13 +215,13 @@ impl Elevator {
                 sum[l] += v;
             }
         }
-        let mut diff = [[0f32; L]; MAX_D + 1];
+        let mut diff = [[0f32; L]; NARROW_D + 1];
         for i in 0..=D {
             for l in 0..L {
                 diff[i][l] = elevated[i][l] - rem0[i][l];
             }
         }
-        let mut rank = [[0f32; L]; MAX_D + 1];
+        let mut rank = [[0f32; L]; NARROW_D + 1];
         for i in 0..D {
             for j in i + 1..=D {
                 for l in 0..L {
@@ -216,8 +241,8 @@ impl Elevator {
             }
         }
         // by_rank[r] = the coordinate of rank r, and its (elevated - rem0) / (d+1).
-        let mut by_rank = [[0f32; L]; MAX_D + 1];
-        let mut v_by_rank = [[0f32; L]; MAX_D + 1];
+        let mut by_rank = [[0f32; L]; NARROW_D + 1];
+        let mut v_by_rank = [[0f32; L]; NARROW_D + 1];
         for i in 0..=D {
             for l in 0..L {
                 let v = (elevated[i][l] - rem0[i][l]) * inv_dp1;
@@ -229,7 +254,7 @@ impl Elevator {
             }
         }
         // b[p] receives +v of rank d-p and -v of rank d-p+1; either order rounds the same.
-        let mut b = [[0f32; L]; MAX_D + 1];
+        let mut b = [[0f32; L]; NARROW_D + 1];
         for l in 0..L {
             b[0][l] = (0.0 + v_by_rank[D][l]) + (1.0 + (0.0 - v_by_rank[0][l]));
         }
@@ -239,7 +264,7 @@ impl Elevator {
             }
         }
         // Vertex r: rem0 + canonical[r][rank], canonical[r][k] = r for k <= d - r, else r - (d+1).
-        let mut key = [[[0f32; L]; MAX_D]; MAX_D + 1];
+        let mut key = [[[0f32; L]; NARROW_D]; NARROW_D + 1];
         for r in 0..=D {
             for i in 0..D {
                 for l in 0..L {
@@ -264,12 +289,12 @@ impl Elevator {
     /// pydensecrf's SSE init elevates 4 pixels at a time and pads the last block with the
     /// all-zero feature; those lanes' vertices are inserted in the lattice too (they are blur
     /// neighbours, so they change the result). Their keys, none when n is a multiple of 4.
-    pub(super) fn padding_keys(&self, n: usize) -> Vec<u128> {
+    pub(super) fn padding_keys<K: LatticeKey>(&self, n: usize) -> Vec<K> {
         if n.is_multiple_of(4) {
             return Vec::new();
         }
         let dp1 = self.d + 1;
-        let mut kk = [0u128; MAX_D + 1];
+        let mut kk = [K::default(); MAX_D + 1];
         let mut bb = [0f32; MAX_D + 1];
         let mut dd = [0u8; MAX_D + 1];
         self.simplex(&[0f32; MAX_D][..self.d], &mut kk[..dp1], &mut bb[..dp1], &mut dd[..dp1]);

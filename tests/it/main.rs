@@ -7,6 +7,7 @@ mod support;
 mod batching;
 mod cams_storage;
 mod crf_cli;
+mod crf_general;
 mod crf_parity;
 mod crf_tensor;
 mod docs;
