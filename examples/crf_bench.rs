@@ -7,10 +7,16 @@
 //!     (image_{L}.npy, probs_{L}.npy) so that pydensecrf can be timed on the same data.
 //! crf_bench throughput [--photos DIR] [--labels 21,3] [--repeats 3]
 //!     Images per second over all photos of DIR, rayon across images, all threads.
+//! crf_bench dims       [--photos DIR] [--labels 21,3] [--repeats 3] [--dims 2,3,5,6,16]
+//!     The general engine (`DenseCrf`, one thread) on one 500x375 photo with one
+//!     addPairwiseEnergy term of D dimensions: the bilateral features (x/67, y/67, r/3, g/3,
+//!     b/3), their first D when D < 5, zero columns after them when D > 5. Seconds to build
+//!     the term and per mean-field iteration, per D: 2 and 5 take the specialised paths
+//!     (vectorised simplex, fixed-size loops), the others the generic ones.
 //! Prints one JSON object.
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use clipmask::crf::{crf_image, dense_crf, CrfImage, CrfParams};
+use clipmask::crf::{crf_image, dense_crf, Compat, CrfImage, CrfParams, DenseCrf, KernelType, Normalization};
 use ndarray::ArrayView3;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -25,6 +31,8 @@ enum Mode {
     Single,
     /// Images per second over all photos, rayon across images.
     Throughput,
+    /// The general engine with features of several dimensions, one thread.
+    Dims,
 }
 
 #[derive(Parser)]
@@ -45,6 +53,9 @@ struct Args {
     /// single: write the timed inputs as image_{L}.npy and probs_{L}.npy into DIR.
     #[arg(long, value_name = "DIR")]
     dump: Option<PathBuf>,
+    /// dims: feature dimensions to time (1 to 16), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2,3,4,5,6,7,8,12,16")]
+    dims: Vec<usize>,
 }
 
 fn default_photos() -> PathBuf {
@@ -215,6 +226,67 @@ fn throughput(args: &Args, mut photos: Vec<Photo>, params: &CrfParams) -> Result
     Ok(ThroughputReport { mode: "throughput", threads: rayon::current_num_threads(), repeats, results })
 }
 
+#[derive(Serialize)]
+struct DimsResult {
+    labels: usize,
+    dim: usize,
+    build_s: f64,
+    iteration_s: f64,
+}
+
+#[derive(Serialize)]
+struct DimsReport {
+    mode: &'static str,
+    photo: String,
+    repeats: usize,
+    iterations: usize,
+    results: Vec<DimsResult>,
+}
+
+fn dims(args: &Args, mut photos: Vec<Photo>) -> Result<DimsReport> {
+    const ITERATIONS: usize = 10;
+    let repeats = args.repeats.unwrap_or(3).max(1);
+    let photo = match photos.iter().position(|p| p.w == 500 && p.h == 375) {
+        Some(i) => photos.swap_remove(i),
+        None => synthetic(500, 375),
+    };
+    let (w, h, n) = (photo.w, photo.h, photo.w * photo.h);
+    // The bilateral features, feature-major (D, N).
+    let mut base = vec![0f32; 5 * n];
+    for i in 0..n {
+        let (x, y) = ((i % w) as f32, (i / w) as f32);
+        let px = &photo.rgb[i * 3..i * 3 + 3];
+        for (k, v) in
+            [x / 67.0, y / 67.0, px[0] as f32 / 3.0, px[1] as f32 / 3.0, px[2] as f32 / 3.0].into_iter().enumerate()
+        {
+            base[k * n + i] = v;
+        }
+    }
+    let mut results = vec![];
+    for &l in &args.labels {
+        let p = probs(w, h, l, 1);
+        let unary: Vec<f32> = p.iter().map(|&v| -v.clamp(1e-5, 1.0).ln()).collect();
+        for &d in &args.dims {
+            let mut f = base[..d.min(5) * n].to_vec();
+            f.resize(d * n, 0.0);
+            let mut build = vec![];
+            let mut iter = vec![];
+            for _ in 0..repeats {
+                let mut crf = DenseCrf::new(n, l)?;
+                crf.set_unary_energy(&unary)?;
+                let t = Instant::now();
+                crf.add_pairwise_energy(&f, d, Compat::Potts(4.0), KernelType::Diag, Normalization::Symmetric)?;
+                build.push(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                std::hint::black_box(crf.inference(ITERATIONS, None)?);
+                iter.push(t.elapsed().as_secs_f64() / ITERATIONS as f64);
+            }
+            results.push(DimsResult { labels: l, dim: d, build_s: median(build), iteration_s: median(iter) });
+        }
+    }
+    Ok(DimsReport { mode: "dims", photo: photo.name, repeats, iterations: ITERATIONS, results })
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let params = CrfParams::default();
@@ -222,6 +294,7 @@ fn main() -> Result<()> {
     let json = match args.mode {
         Mode::Single => serde_json::to_string(&single(&args, photos, &params)?)?,
         Mode::Throughput => serde_json::to_string(&throughput(&args, photos, &params)?)?,
+        Mode::Dims => serde_json::to_string(&dims(&args, photos)?)?,
     };
     println!("{json}");
     Ok(())

@@ -133,12 +133,13 @@ macro_rules! dispatch {
 /// the message, and (except after the last iteration) splat pre ⊙ Q into the next input.
 pub(super) struct PassKernel<'a> {
     pub(super) lat: &'a Lattice,
-    /// Per pixel, the factor applied before the filter (`DenseKernel::filter`'s first
-    /// normalisation; all ones when it applies none: x · 1 = x exactly).
+    /// Per pixel, the factor before the filter (all ones when none: x · 1 = x exactly).
     pub(super) pre: &'a [f32],
-    /// Per pixel, the factor applied after the filter (likewise).
+    /// Per pixel, the factor after the filter (likewise).
     pub(super) post: &'a [f32],
     pub(super) compat: PassCompat<'a>,
+    /// -w when `compat` is Potts (what the Potts-only loop reads), else unused.
+    pub(super) neg_w: f32,
     pub(super) blurred: &'a [f32],
     pub(super) next: Option<&'a mut [f32]>,
     /// Rows 1..=zeroed of `next` are known to be zero. `next` is cleared just ahead of the
@@ -325,11 +326,70 @@ macro_rules! filter_kernels {
         /// One mean-field update over all pixels (pydensecrf `DenseCRF::inference`): slice each
         /// kernel's blurred values, tmp = -unary - Σ_k compat_k(post_k ⊙ K_k(pre_k ⊙ Q)), Q =
         /// softmax(tmp) on the l real labels, then splat the new Q into each kernel's `next`.
-        /// With Potts kernels only (and nothing to capture) the lanes are sliced and updated
-        /// block by block; otherwise each kernel's whole message comes first (same numbers for
-        /// Potts: every lane is computed with the same operations).
+        /// Potts-only passes slice lane block by lane block (same numbers as `update_general`).
         $(#[$attr])?
         pub fn update<const W: usize>(
+            w: usize,
+            l: usize,
+            order: SliceOrder,
+            neg_unary: &[f32],
+            q: &mut [f32],
+            kernels: &mut [PassKernel],
+            capture: Option<&mut Capture>,
+        ) {
+            let w = if W > 0 { W } else { w };
+            let n = q.len() / w;
+            assert!(neg_unary.len() >= n * w);
+            assert!(capture.as_ref().is_none_or(|c| c.tmp1.len() >= n * w && c.tmp2.len() >= n * w));
+            for k in kernels.iter() {
+                k.check(w, n);
+            }
+            if capture.is_some() || kernels.iter().any(|k| !matches!(k.compat, PassCompat::Potts(_))) {
+                // SAFETY: checked above.
+                unsafe { update_general::<W>(w, l, order, neg_unary, q, kernels, capture) };
+            } else {
+                // Blocks of 8 pixels: slice each, softmax the block (vectorised across its
+                // pixels), splat each. Splats stay in pixel order.
+                for i0 in (0..n).step_by(8) {
+                    let i1 = (i0 + 8).min(n);
+                    for i in i0..i1 {
+                        let qrow = &mut q[i * w..(i + 1) * w];
+                        // SAFETY: checked above.
+                        unsafe { slice_pixel::<W>(w, l, order, neg_unary, qrow, kernels, i) };
+                    }
+                    softmax_rows(&mut q[i0 * w..i1 * w], w, l);
+                    // SAFETY: checked above.
+                    unsafe { splat_block::<W>(w, kernels, q, i0, i1) };
+                }
+            }
+            for k in kernels.iter_mut() {
+                k.zero_rest(w);
+            }
+        }
+
+        /// Splat pixels i0..i1 of q into every kernel's `next`, in pixel order.
+        ///
+        /// # Safety
+        /// `k.check(w, n)` passed for every kernel of the pass, and i1 <= n.
+        #[inline(always)]
+        unsafe fn splat_block<const W: usize>(w: usize, kernels: &mut [PassKernel], q: &[f32], i0: usize, i1: usize) {
+            for i in i0..i1 {
+                for k in kernels.iter_mut() {
+                    // SAFETY: passed on from the caller.
+                    unsafe { splat_pixel::<W>(w, k, i, &q[i * w..(i + 1) * w]) };
+                }
+            }
+        }
+
+        /// `update`'s pixel loop for any compatibility, or with `capture` (a loop of its own,
+        /// so that the Potts-only loop compiles as it did without it). Per pixel, each
+        /// kernel's whole message post_k ⊙ (K_k(..))_i first, then tmp -= compat_k(message),
+        /// kernel by kernel as `DenseCRF::inference`; tmp2 receives the last one's.
+        ///
+        /// # Safety
+        /// `k.check(w, n)` passed for every kernel, and `capture` holds n rows of w.
+        #[inline(always)]
+        unsafe fn update_general<const W: usize>(
             w: usize,
             l: usize,
             order: SliceOrder,
@@ -340,44 +400,33 @@ macro_rules! filter_kernels {
         ) {
             let w = if W > 0 { W } else { w };
             let n = q.len() / w;
-            assert!(neg_unary.len() >= n * w);
-            assert!(capture.as_ref().is_none_or(|c| c.tmp1.len() >= n * w && c.tmp2.len() >= n * w));
-            for k in kernels.iter() {
-                k.check(w, n);
-            }
-            let general =
-                capture.is_some() || kernels.iter().any(|k| !matches!(k.compat, PassCompat::Potts(_)));
-            let mut msg = vec![0f32; if general { w } else { 0 }];
-            // Blocks of 8 pixels: slice each, softmax the block (vectorised across its pixels),
-            // splat each. Splats stay in pixel order.
+            let mut msg = vec![0f32; w];
             for i0 in (0..n).step_by(8) {
                 let i1 = (i0 + 8).min(n);
                 for i in i0..i1 {
+                    prefetch_slices(w, kernels, i);
                     let qrow = &mut q[i * w..(i + 1) * w];
-                    if general {
-                        let last = capture.as_deref_mut().map(|c| &mut c.tmp2[i * w..i * w + l]);
-                        // SAFETY: checked above.
-                        unsafe {
-                            slice_pixel_general::<W>(w, l, order, neg_unary, qrow, kernels, i, &mut msg, last)
-                        };
-                    } else {
-                        // SAFETY: checked above.
-                        unsafe { slice_pixel::<W>(w, l, order, neg_unary, qrow, kernels, i) };
+                    qrow.copy_from_slice(&neg_unary[i * w..(i + 1) * w]);
+                    for (ki, k) in kernels.iter().enumerate() {
+                        let s = k.post[i];
+                        for (l0, len) in lane_blocks(w) {
+                            // SAFETY: passed on from the caller.
+                            let acc = unsafe { slice_any::<W>(w, k, i, l0, len, order) };
+                            for t in 0..len {
+                                msg[l0 + t] = acc[t] * s;
+                            }
+                        }
+                        let last = capture.as_deref_mut().filter(|_| ki + 1 == kernels.len());
+                        k.compat.subtract(&msg[..l], &mut qrow[..l], last.map(|c| &mut c.tmp2[i * w..i * w + l]));
                     }
+                    qrow[l..].fill(0.0);
                 }
                 if let Some(c) = capture.as_deref_mut() {
                     c.tmp1[i0 * w..i1 * w].copy_from_slice(&q[i0 * w..i1 * w]);
                 }
                 softmax_rows(&mut q[i0 * w..i1 * w], w, l);
-                for i in i0..i1 {
-                    for k in kernels.iter_mut() {
-                        // SAFETY: checked above.
-                        unsafe { splat_pixel::<W>(w, k, i, &q[i * w..(i + 1) * w]) };
-                    }
-                }
-            }
-            for k in kernels.iter_mut() {
-                k.zero_rest(w);
+                // SAFETY: passed on from the caller.
+                unsafe { splat_block::<W>(w, kernels, q, i0, i1) };
             }
         }
 
@@ -421,53 +470,17 @@ macro_rules! filter_kernels {
                 let mut tmp = [0f32; 8];
                 tmp[..len].copy_from_slice(&neg_unary[i * w + l0..i * w + l0 + len]);
                 for k in kernels.iter() {
-                    let PassCompat::Potts(neg_w) = k.compat else { continue };
                     // SAFETY: passed on from the caller.
                     let acc = unsafe { slice_any::<W>(w, k, i, l0, len, order) };
                     // out * norm, Potts: -w * out, tmp -= out.
                     let s = k.post[i];
                     for t in 0..len {
-                        tmp[t] -= neg_w * (acc[t] * s);
+                        tmp[t] -= k.neg_w * (acc[t] * s);
                     }
                 }
                 qrow[l0..l0 + len].copy_from_slice(&tmp[..len]);
             }
             // Padding lanes stay 0 (their messages are 0: Q is 0 there).
-            qrow[l..].fill(0.0);
-        }
-
-        /// `slice_pixel` for any compatibility: each kernel's whole message (post_k ⊙ K_k(..))
-        /// first, then tmp -= compat_k(message), kernel by kernel as `DenseCRF::inference`.
-        /// `last` receives the last kernel's compat(message). `msg` holds w values.
-        /// Same safety contract as `slice_pixel`.
-        #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn slice_pixel_general<const W: usize>(
-            w: usize,
-            l: usize,
-            order: SliceOrder,
-            neg_unary: &[f32],
-            qrow: &mut [f32],
-            kernels: &[PassKernel],
-            i: usize,
-            msg: &mut [f32],
-            mut last: Option<&mut [f32]>,
-        ) {
-            let w = if W > 0 { W } else { w };
-            prefetch_slices(w, kernels, i);
-            qrow.copy_from_slice(&neg_unary[i * w..(i + 1) * w]);
-            for (ki, k) in kernels.iter().enumerate() {
-                let s = k.post[i];
-                for (l0, len) in lane_blocks(w) {
-                    // SAFETY: passed on from the caller.
-                    let acc = unsafe { slice_any::<W>(w, k, i, l0, len, order) };
-                    for t in 0..len {
-                        msg[l0 + t] = acc[t] * s;
-                    }
-                }
-                let out = if ki + 1 == kernels.len() { last.as_deref_mut() } else { None };
-                k.compat.subtract(&msg[..l], &mut qrow[..l], out);
-            }
             qrow[l..].fill(0.0);
         }
 

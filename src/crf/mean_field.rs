@@ -73,6 +73,14 @@ impl Kernel {
         }
     }
 
+    /// -w for a Potts kernel (0 otherwise: the Potts-only loop never runs then).
+    fn neg_w(&self) -> f32 {
+        match self.compat {
+            KernelCompat::Potts(neg_w) => neg_w,
+            _ => 0.0,
+        }
+    }
+
     fn pass_compat(&self) -> PassCompat<'_> {
         match &self.compat {
             KernelCompat::Potts(neg_w) => PassCompat::Potts(*neg_w),
@@ -165,6 +173,7 @@ pub(super) fn mean_field(
                 pre: k.pre(),
                 post: k.post(),
                 compat: k.pass_compat(),
+                neg_w: k.neg_w(),
                 blurred: &[],
                 next: Some(b.both().0),
                 zeroed: k.lattice.m(),
@@ -192,6 +201,7 @@ pub(super) fn mean_field(
                 pre: k.pre(),
                 post: k.post(),
                 compat: k.pass_compat(),
+                neg_w: k.neg_w(),
                 blurred: src,
                 next,
                 zeroed: 0,

@@ -43,7 +43,8 @@
 //! `generate --crf` with one CRF worker per core), which scales better than splitting an image.
 //!
 //! This module knows nothing about CLIP: it takes an image, per-label probabilities and
-//! parameters, and returns marginals.
+//! parameters, and returns marginals. The CLIP-ES case (Potts kernels, symmetric normalisation)
+//! keeps its own loop without the general compatibilities (`kernels::update`).
 //!
 //! The module is split by concern; this file holds the public API and the feature builders.
 //! - `keytable`: the open-addressing table from packed lattice keys to vertex ids;
@@ -53,9 +54,13 @@
 //! - `kernels`: the hot loops (splat, blur, slice), their instruction-set variants, and every
 //!   `unsafe` block that indexes lattice rows, each resting on the lattice's invariant;
 //! - `eigen`: Eigen's `pexp` and sum reduction, and the softmax built from them;
+//! - `compat`: the label compatibilities (Potts, diagonal, matrix) as the pixel pass applies them;
 //! - `mean_field`: the kernels with their normalisation, and the inference loop;
 //! - `tensor`: the same CRF from tch tensor operations, for the GPU (docs/method.md §6, "The CRF
-//!   as tensors"); [`CrfDevice`] and [`CrfBackend`] choose between the two.
+//!   as tensors"); [`CrfDevice`] and [`CrfBackend`] choose between the two;
+//! - `general`: [`DenseCrf`], pydensecrf's general `DenseCRF` / `DenseCRF2D` API (any unary,
+//!   features of 1 to 16 dimensions, every compatibility, normalisation and kernel type,
+//!   stepping and KL) on the same lattice, kernels and loop.
 
 // Index loops mirror the C++ being reproduced, which makes them easier to check against it.
 #![allow(clippy::needless_range_loop)]
