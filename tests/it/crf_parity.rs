@@ -119,8 +119,12 @@ fn params(k: Kernels) -> CrfParams {
 pub(crate) type Photo = (String, Vec<u8>, usize, usize);
 
 pub(crate) fn voc_photos() -> Option<Vec<Photo>> {
-    let dir = root().join("../shared/data/voc-sample/JPEGImages");
-    let mut names: Vec<_> = std::fs::read_dir(&dir).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    photos_in(&root().join("../shared/data/voc-sample/JPEGImages"))
+}
+
+/// The first 8 JPEG photos of `dir`, by name.
+pub(crate) fn photos_in(dir: &std::path::Path) -> Option<Vec<Photo>> {
+    let mut names: Vec<_> = std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
     names.retain(|p| p.extension().is_some_and(|e| e == "jpg"));
     names.sort();
     let photos: Vec<_> = names

@@ -24,7 +24,7 @@ const REFINED_MEAN_TOL: f64 = 1e-5;
 
 const FUSED: Formulation = Formulation { fused_attention: true, batched: false };
 
-/// Synthetic images of two grid sizes and a VOC photo when the sample is there.
+/// Synthetic images of two grid sizes and a VOC photo.
 fn images(dir: &std::path::Path) -> Vec<(Prepared, Vec<usize>)> {
     let mut out = Vec::new();
     for (i, (w, h, labels)) in
@@ -33,11 +33,10 @@ fn images(dir: &std::path::Path) -> Vec<(Prepared, Vec<usize>)> {
         let p = save_png(dir, &format!("f{i}"), w, h, 40 + i as u64);
         out.push((prepare(&load_rgb(&p).unwrap(), 16, None), labels));
     }
-    if let Some(voc) = voc_sample() {
-        let p = voc.join("JPEGImages/2011_000095.jpg");
-        if p.exists() {
-            out.push((prepare(&load_rgb(&p).unwrap(), 16, None), vec![0, 14]));
-        }
+    // The same photo is in voc-sample and in examples/images.
+    let p = crate::support::photos().0.join("2011_000095.jpg");
+    if p.exists() {
+        out.push((prepare(&load_rgb(&p).unwrap(), 16, None), vec![0, 14]));
     }
     out
 }

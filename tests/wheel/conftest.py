@@ -14,6 +14,9 @@ BIN = os.environ.get("CLIPMASK_BIN", str(ROOT / "target/release/clipmask"))
 MODEL = os.environ.get("CLIPMASK_TEST_MODEL", str(ROOT / "target/test-fixtures/tiny-seed0-ls10/model.safetensors"))
 VOC = Path(os.environ.get("CLIPMASK_VOC_SAMPLE", ROOT.parent / "shared/data/voc-sample"))
 N_IDS = 4
+# Copies of each photo in a tree made from examples/ (when voc-sample is absent), so that runs
+# are long enough to interrupt.
+COPIES = 10
 
 
 def pytest_configure(config):
@@ -25,25 +28,48 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def voc():
-    return VOC
+def voc(tmp_path_factory):
+    """A VOC-layout sample (JPEGImages, labels.json, SegmentationClass): voc-sample when
+    present, else one made from the VOC photos in examples/images, each also copied under
+    later ids, with the binary's masks as its ground truth."""
+    if (VOC / "JPEGImages").is_dir():
+        return VOC
+    import shutil
+
+    d = tmp_path_factory.mktemp("voc")
+    (d / "JPEGImages").mkdir()
+    src = json.loads((ROOT / "examples/labels.json").read_text())
+    labels = {}
+    for i, names in src.items():
+        for k in range(COPIES):
+            new = i if k == 0 else f"zz{k:02d}_{i}"
+            shutil.copy(ROOT / "examples/images" / f"{i}.jpg", d / "JPEGImages" / f"{new}.jpg")
+            labels[new] = names
+    (d / "labels.json").write_text(json.dumps(labels))
+    out = d / "gt-run"
+    run_bin("generate", "--model", MODEL, "--device", "cpu", "--images", d / "JPEGImages", "--labels",
+            d / "labels.json", "--out", out)
+    (out / "masks").rename(d / "SegmentationClass")
+    shutil.rmtree(out)
+    return d
 
 
 @pytest.fixture(scope="session")
-def ids():
-    labels = json.loads((VOC / "labels.json").read_text())
+def ids(voc):
+    labels = json.loads((voc / "labels.json").read_text())
     return sorted(labels)[:N_IDS]
 
 
 @pytest.fixture(scope="session")
-def labels(ids):
-    all_labels = json.loads((VOC / "labels.json").read_text())
+def labels(voc, ids):
+    all_labels = json.loads((voc / "labels.json").read_text())
     return {i: all_labels[i] for i in ids}
 
 
 @pytest.fixture(scope="session")
-def work(tmp_path_factory, ids, labels):
+def work(tmp_path_factory, voc, ids, labels):
     d = tmp_path_factory.mktemp("work")
+    (d / "images-dir").write_text(str(voc / "JPEGImages"))
     (d / "split.txt").write_text("\n".join(ids) + "\n")
     (d / "labels.json").write_text(json.dumps(labels))
     return d
@@ -57,7 +83,7 @@ def run_bin(*args, env=None, check=True):
 
 
 def generate_args(work, out, *extra):
-    return ["generate", "--model", MODEL, "--config", "voc12", "--device", "cpu", "--images", VOC / "JPEGImages",
+    return ["generate", "--model", MODEL, "--config", "voc12", "--device", "cpu", "--images", (work / "images-dir").read_text(),
             "--labels", work / "labels.json", "--split", work / "split.txt", "--out", out, *extra]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import clipmask
-from conftest import MODEL, VOC, image_path, run_bin
+from conftest import MODEL, image_path, run_bin
 
 
 def test_missing_files_are_file_not_found(gen, voc, ids, tmp_path):
@@ -136,7 +136,7 @@ SCRIPT = textwrap.dedent(
 def test_ctrl_c_raises_keyboard_interrupt(tmp_path, voc, ids, work, mode):
     script = tmp_path / "s.py"
     script.write_text(SCRIPT)
-    labels = {i: ["person"] for i in json.loads((VOC / "labels.json").read_text())}
+    labels = {i: ["person"] for i in json.loads((voc / "labels.json").read_text())}
     (tmp_path / "all.json").write_text(json.dumps(labels))
     out = tmp_path / "out"
     p = subprocess.Popen(

@@ -111,6 +111,16 @@ pub fn voc_sample() -> Option<PathBuf> {
     p.join("JPEGImages").is_dir().then_some(p)
 }
 
+/// Real photos for tests that need some: voc-sample's JPEGImages when present, else the four
+/// VOC photos shipped in examples/images (with examples/labels.json), so that a clone without
+/// ../shared still runs them.
+pub fn photos() -> (PathBuf, PathBuf) {
+    match voc_sample() {
+        Some(v) => (v.join("JPEGImages"), v.join("labels.json")),
+        None => (root().join("examples/images"), root().join("examples/labels.json")),
+    }
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
