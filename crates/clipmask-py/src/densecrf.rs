@@ -10,13 +10,24 @@ use pyo3::types::PyBytes;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-fn compat(kind: &str, values: Vec<f32>, labels: usize) -> PyResult<Compat> {
-    match kind {
-        "potts" if values.len() == 1 => Ok(Compat::Potts(values[0])),
-        "diagonal" => Ok(Compat::Diagonal(values)),
-        "matrix" => Ok(Compat::Matrix { labels, w: values }),
-        _ => Err(PyValueError::new_err(format!("unknown label compatibility {kind:?}"))),
-    }
+/// A pairwise term's label compatibility (as python/clipmask/densecrf encodes it), kernel type
+/// and normalisation (pydensecrf's enum values).
+fn term(
+    kind: &str,
+    values: Vec<f32>,
+    labels: usize,
+    kernel: i64,
+    normalization: i64,
+) -> PyResult<(Compat, KernelType, Normalization)> {
+    let compat = match kind {
+        "potts" if values.len() == 1 => Compat::Potts(values[0]),
+        "diagonal" => Compat::Diagonal(values),
+        "matrix" => Compat::Matrix { labels, w: values },
+        _ => return Err(PyValueError::new_err(format!("unknown label compatibility {kind:?}"))),
+    };
+    let k = KernelType::from_code(kernel).map_err(value_err)?;
+    let n = Normalization::from_code(normalization).map_err(value_err)?;
+    Ok((compat, k, n))
 }
 
 fn bytes<'py>(py: Python<'py>, v: &[f32]) -> Bound<'py, PyBytes> {
@@ -54,9 +65,7 @@ impl DenseCrf {
         kernel: i64,
         normalization: i64,
     ) -> PyResult<()> {
-        let c = compat(compat_kind, compat_values, compat_labels)?;
-        let k = KernelType::from_code(kernel).map_err(value_err)?;
-        let n = Normalization::from_code(normalization).map_err(value_err)?;
+        let (c, k, n) = term(compat_kind, compat_values, compat_labels, kernel, normalization)?;
         crate::lock(&self.engine).add_pairwise_energy(&f32s(features), dim, c, k, n).map_err(value_err)
     }
 
@@ -73,9 +82,7 @@ impl DenseCrf {
         kernel: i64,
         normalization: i64,
     ) -> PyResult<()> {
-        let c = compat(compat_kind, compat_values, compat_labels)?;
-        let k = KernelType::from_code(kernel).map_err(value_err)?;
-        let n = Normalization::from_code(normalization).map_err(value_err)?;
+        let (c, k, n) = term(compat_kind, compat_values, compat_labels, kernel, normalization)?;
         crate::lock(&self.engine).add_pairwise_gaussian_2d(width, height, sx, sy, c, k, n).map_err(value_err)
     }
 
@@ -96,9 +103,7 @@ impl DenseCrf {
         kernel: i64,
         normalization: i64,
     ) -> PyResult<()> {
-        let c = compat(compat_kind, compat_values, compat_labels)?;
-        let k = KernelType::from_code(kernel).map_err(value_err)?;
-        let n = Normalization::from_code(normalization).map_err(value_err)?;
+        let (c, k, n) = term(compat_kind, compat_values, compat_labels, kernel, normalization)?;
         crate::lock(&self.engine)
             .add_pairwise_bilateral_2d(width, height, sx, sy, sr, sg, sb, rgb, c, k, n)
             .map_err(value_err)

@@ -396,21 +396,7 @@ impl Generator {
     /// `generate` flags (without --model/--config/--cam/--scales/--flip/--box-threshold/
     /// --max-side). Returns the summary as JSON text (None when stopped while tagging).
     fn run(&self, py: Python<'_>, argv: Vec<String>) -> PyResult<Option<String>> {
-        #[derive(Parser)]
-        #[command(name = "clipmask generate")]
-        struct Wrap {
-            #[command(flatten)]
-            args: clipmask::cli::generate::GenerateArgs,
-        }
-        let mut full = vec!["clipmask generate".to_string()];
-        full.extend(argv);
-        let wrap = Wrap::try_parse_from(full).map_err(|e| {
-            let text = e.to_string();
-            PyValueError::new_err(
-                text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string(),
-            )
-        })?;
-        let args = wrap.args;
+        let args: clipmask::cli::generate::GenerateArgs = parse_flags("generate", argv)?;
         let checked =
             clipmask::cli::generate::check(&args, Some((*self.cfg).clone()), Some(self.device)).map_err(|e| {
                 let not_found = !args.input.images.exists();
@@ -520,6 +506,23 @@ fn crf_mode(name: &str) -> PyResult<clipmask::crf::CrfImage> {
     })
 }
 
+/// A subcommand's flags parsed as the command line parses them (defaults, checks, conflicts);
+/// a usage error is a ValueError with clap's first line.
+fn parse_flags<A: clap::Args>(command: &str, argv: Vec<String>) -> PyResult<A> {
+    #[derive(Parser)]
+    struct Wrap<A: clap::Args> {
+        #[command(flatten)]
+        args: A,
+    }
+    let full = std::iter::once(format!("clipmask {command}")).chain(argv);
+    Wrap::<A>::try_parse_from(full).map(|w| w.args).map_err(|e| {
+        let text = e.to_string();
+        PyValueError::new_err(
+            text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string(),
+        )
+    })
+}
+
 /// The label map of maps (`generate`'s rule without CRF, docs/method.md §6): `cams` float32
 /// (K, H, W) bytes, `keys` 0-based class indices. Returns H*W uint8 bytes.
 #[pyfunction]
@@ -602,21 +605,8 @@ fn crf<'py>(
 /// `eval` with `argv` as its flags (`--json` added): the JSON text it prints.
 #[pyfunction]
 fn evaluate(py: Python<'_>, argv: Vec<String>) -> PyResult<String> {
-    #[derive(Parser)]
-    #[command(name = "clipmask eval")]
-    struct Wrap {
-        #[command(flatten)]
-        args: clipmask::cli::eval::EvalArgs,
-    }
-    let mut full = vec!["clipmask eval".to_string()];
-    full.extend(argv);
-    let wrap = Wrap::try_parse_from(full).map_err(|e| {
-        let text = e.to_string();
-        PyValueError::new_err(
-            text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string(),
-        )
-    })?;
-    let opts = wrap.args.options();
+    let args: clipmask::cli::eval::EvalArgs = parse_flags("eval", argv)?;
+    let opts = args.options();
     let stop = Arc::new(AtomicBool::new(false));
     interruptible(py, stop, false, move || clipmask::eval::run(&opts, true))?.map_err(|e| {
         let missing =
