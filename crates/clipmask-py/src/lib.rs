@@ -248,6 +248,23 @@ fn load_image(arg: ImageArg, max_pixels: u64) -> Result<image::RgbImage> {
     }
 }
 
+/// Image `i` of a call, decoded, with the name its errors use (its path, or "image i").
+fn load_named(arg: ImageArg, i: usize, max_pixels: u64) -> Result<(image::RgbImage, String)> {
+    let what = match &arg {
+        ImageArg::Path(p) => p.display().to_string(),
+        ImageArg::Pixels(..) => format!("image {i}"),
+    };
+    let img = load_image(arg, max_pixels).with_context(|| format!("cannot read {what}"))?;
+    Ok((img, what))
+}
+
+/// An error of a call over images: one that could not be read is bad input (ValueError, or
+/// FileNotFoundError), any other a RuntimeError.
+fn images_err(e: anyhow::Error) -> PyErr {
+    let decode = format!("{e:#}").contains("cannot read");
+    py_err(e, decode)
+}
+
 /// Computes maps for images with their labels: text features once, the vision side per call.
 #[pyclass(frozen, module = "clipmask._native")]
 struct Generator {
@@ -364,11 +381,7 @@ impl Generator {
                 let (model, text) = (lock(&model), lock(&text));
                 let mut decoded = Vec::with_capacity(args.len());
                 for (i, a) in args.into_iter().enumerate() {
-                    let what = match &a {
-                        ImageArg::Path(p) => p.display().to_string(),
-                        ImageArg::Pixels(..) => format!("image {i}"),
-                    };
-                    let img = load_image(a, max_pixels).with_context(|| format!("cannot read {what}"))?;
+                    let (img, what) = load_named(a, i, max_pixels)?;
                     let variants = clipmask::pipeline::prepare_variants(&img, model.visual.patch, &opts);
                     decoded.push((img.width(), img.height(), variants, what));
                 }
@@ -385,10 +398,7 @@ impl Generator {
                     .map(|(d, m)| m.map(|m| (d.0, d.1, m)).map_err(|e| anyhow::anyhow!("{}: {e}", d.3)))
                     .collect()
             })?;
-        let results = results.map_err(|e| {
-            let decode = format!("{e:#}").contains("cannot read");
-            py_err(e, decode)
-        })?;
+        let results = results.map_err(images_err)?;
         results.iter().map(|(w, h, m)| maps_dict(py, m, *h, *w)).collect()
     }
 
@@ -630,20 +640,12 @@ fn classify(py: Python<'_>, model: &Model, config: &Config, images: Vec<Bound<'_
         let text = clipmask::prompts::text_features(&clip, &cfg)?;
         let mut out = Vec::new();
         for (i, a) in args.into_iter().enumerate() {
-            let what = match &a {
-                ImageArg::Path(p) => p.display().to_string(),
-                ImageArg::Pixels(..) => format!("image {i}"),
-            };
-            let img = load_image(a, clipmask::image_input::DEFAULT_MAX_PIXELS)
-                .with_context(|| format!("cannot read {what}"))?;
+            let (img, what) = load_named(a, i, clipmask::image_input::DEFAULT_MAX_PIXELS)?;
             out.push(clipmask::prompts::zero_shot_image(&clip, &text, &img).with_context(|| what)?);
         }
         Ok(out)
     })?
-    .map_err(|e| {
-        let decode = format!("{e:#}").contains("cannot read");
-        py_err(e, decode)
-    })
+    .map_err(images_err)
 }
 
 /// Image-level labels predicted by TagCLIP (`tag`): per image, (scores per class, chosen class
@@ -670,12 +672,7 @@ fn tag(
         let text = clipmask::tagclip::text_features(&clip, &cfg, false, None)?;
         let mut out = Vec::new();
         for (i, a) in args.into_iter().enumerate() {
-            let what = match &a {
-                ImageArg::Path(p) => p.display().to_string(),
-                ImageArg::Pixels(..) => format!("image {i}"),
-            };
-            let img = load_image(a, clipmask::image_input::DEFAULT_MAX_PIXELS)
-                .with_context(|| format!("cannot read {what}"))?;
+            let (img, what) = load_named(a, i, clipmask::image_input::DEFAULT_MAX_PIXELS)?;
             let p = clipmask::image_input::prepare(&img, clip.visual.patch, opts.max_side);
             let tags = clipmask::tagclip::tag_image(&clip, &text, &p, &opts).with_context(|| what)?;
             let chosen = clipmask::tagclip::select(&tags.scores, threshold);
@@ -683,10 +680,7 @@ fn tag(
         }
         Ok(out)
     })?
-    .map_err(|e| {
-        let decode = format!("{e:#}").contains("cannot read");
-        py_err(e, decode)
-    })
+    .map_err(images_err)
 }
 
 /// The version line of `clipmask --version`.
